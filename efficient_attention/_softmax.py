@@ -1,0 +1,152 @@
+"""Exact softmax attention: an XLA path, cuDNN through `jax.nn`, and the fp32/fp64 reference.
+
+Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
+heads, G = N / K query heads per key/value head, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attention import _checks
+from efficient_attention._masking import dense_mask
+
+# Large finite negative logit: masked entries get exactly zero weight without
+# creating inf - inf = NaN when a whole row is masked.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+  """Exact multi-head attention `softmax(q k^T * scale + bias) v`.
+
+  Args:
+    q: `[B, T, N, H]` queries.
+    k: `[B, S, K, H]` keys, `N % K == 0` (GQA when K < N).
+    v: `[B, S, K, Hv]` values.
+    bias: optional float `[B|1, N|1, T|1, S|1]`, added to the logits.
+    mask: optional bool `[B|1, N|1, T|1, S|1]`, True = attend.
+    is_causal: query t attends keys s <= t (top-left aligned).
+    segment_ids: int `[B, T]` (when T == S) or a (`[B, T]`, `[B, S]`) pair; attend
+      only within equal ids.
+    scale: logit scale, default `H**-0.5`.
+    implementation: None (best available), "xla", "cudnn" (GPU only).
+
+  Returns:
+    `[B, T, N, Hv]` in the input dtype; rows with nothing to attend to are 0
+    (and have 0 gradient). Accumulation is in float32 for narrower inputs.
+  """
+  dims = _checks.check_qkv(q, k, v)
+  _checks.check_implementation(implementation, ("xla", "cudnn"), family="softmax_attention")
+  mask = _checks.check_mask(mask, dims)
+  bias = _checks.check_bias(bias, dims)
+  ids = _checks.check_segment_ids(segment_ids, dims)
+  scale = _checks.check_scale(scale, dims)
+  _checks.check_causal(is_causal, dims, family="softmax_attention")
+  if implementation is None:
+    implementation = _default_implementation(q.dtype, dims)
+  if implementation == "cudnn":
+    return _cudnn(q, k, v, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
+  full_mask = dense_mask(dims.q_len, dims.kv_len, is_causal=is_causal, mask=mask, segment_ids=ids)
+  return _xla(q, k, v, bias=bias, mask=full_mask, scale=scale, dims=dims)
+
+
+def _default_implementation(dtype, dims: _checks.Dims) -> str:
+  del dims
+  if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def _split_heads(x: jax.Array | None, dims: _checks.Dims) -> jax.Array | None:
+  """`[B|1, N|1, T, S]` -> `[B|1, K|1, G|1, T, S]`."""
+  if x is None:
+    return None
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], dims.num_kv_heads, dims.group, *x.shape[2:])
+
+
+def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  # [B, T, K, G, H]
+  qg = q.reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.group, dims.head_dim)
+  # [B, K, G, T, S]
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=acc) * scale
+  if bias is not None:
+    logits = logits + _split_heads(bias.astype(acc), dims)
+  if mask is not None:
+    mask = _split_heads(mask, dims)
+    logits = jnp.where(mask, logits, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if mask is not None:
+    # A row with no live key: softmax gave uniform weights over masked keys; zero them.
+    weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+  # [B, T, K, G, Hv]
+  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(acc), preferred_element_type=acc)
+  return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.v_head_dim).astype(q.dtype)
+
+
+def _cudnn(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"implementation='cudnn' needs a GPU; the default backend is {jax.default_backend()!r}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise TypeError(f"implementation='cudnn' needs bfloat16 or float16 inputs, got {q.dtype=}")
+  full_mask = dense_mask(dims.q_len, dims.kv_len, mask=mask, segment_ids=ids)
+  out = jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
+  )
+  live = dense_mask(dims.q_len, dims.kv_len, is_causal=is_causal, mask=mask, segment_ids=ids)
+  if live is not None:
+    # [B|1, N|1, T] -> [B|1, T, N|1, 1]: zero rows with nothing to attend to.
+    row_live = jnp.any(live, axis=-1).transpose(0, 2, 1)[..., None]
+    out = jnp.where(row_live, out, jnp.zeros((), out.dtype))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "scale"))
+def softmax_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+  """Dense reference in the inputs' precision (use float64 inputs under `jax.enable_x64`).
+
+  Heads are repeated for GQA and the whole `[B, N, T, S]` matrix is built.
+  """
+  n, kh = q.shape[2], k.shape[2]
+  k = jnp.repeat(k, n // kh, axis=2)
+  v = jnp.repeat(v, n // kh, axis=2)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if segment_ids is not None and not isinstance(segment_ids, (tuple, list)):
+    segment_ids = (segment_ids, segment_ids)
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+  if bias is not None:
+    logits = logits + bias
+  live = dense_mask(q.shape[1], k.shape[1], is_causal=is_causal, mask=mask, segment_ids=segment_ids)
+  if live is None:
+    live = jnp.ones((1, 1) + logits.shape[-2:], bool)
+  logits = jnp.where(live, logits, -jnp.inf)
+  row_live = jnp.any(live, axis=-1, keepdims=True)
+  logits = jnp.where(row_live, logits, 0.0)
+  weights = jnp.where(live, jax.nn.softmax(logits, axis=-1), 0.0)
+  return jnp.einsum("bnts,bsnh->btnh", weights, v)

@@ -1,0 +1,93 @@
+"""Helpers shared by the tests: fresh random inputs, float64 references, tolerances.
+
+Dimensions are distinct primes where they can be (B=2, T=7/13, N=6 with K=3 or 2,
+H=5/8) so that an axis mix-up changes a shape or a value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_counter = itertools.count()
+
+# Tolerances against a float64 reference, by input dtype.
+TOL = {
+    jnp.float32: dict(rtol=2e-5, atol=2e-5),
+    jnp.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    jnp.float16: dict(rtol=5e-3, atol=5e-3),
+}
+
+
+def fresh_key() -> jax.Array:
+  """A new PRNG key per call: tests never reuse inputs (and never use zeros)."""
+  return jax.random.key(next(_counter) * 7919 + 17)
+
+
+def normal(shape, dtype=jnp.float32, scale: float = 1.0, key=None) -> jax.Array:
+  key = fresh_key() if key is None else key
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def qkv(b=2, t=7, s=None, n=6, kh=3, h=8, hv=None, dtype=jnp.float32, scale=1.0):
+  """Random q `[B, T, N, H]`, k `[B, S, K, H]`, v `[B, S, K, Hv]`."""
+  s = t if s is None else s
+  hv = h if hv is None else hv
+  return (normal((b, t, n, h), dtype, scale), normal((b, s, kh, h), dtype, scale),
+          normal((b, s, kh, hv), dtype))
+
+
+def packed_segment_ids(b: int, t: int, num_segments: int = 3) -> jax.Array:
+  """int32 `[B, T]` of contiguous runs (packed sequences) with random boundaries."""
+  cuts = jax.random.randint(fresh_key(), (b, num_segments - 1), 1, max(t, 2))
+  pos = jnp.arange(t)
+  return jnp.sum(pos[None, :, None] >= cuts[:, None, :], axis=-1).astype(jnp.int32)
+
+
+def padding_mask(b: int, s: int, *, fully_masked_batch: int | None = None) -> jax.Array:
+  """bool `[B, 1, 1, S]` key-padding mask: each row keeps a random prefix of length >= 1."""
+  lengths = jax.random.randint(fresh_key(), (b,), 1, s + 1)
+  if fully_masked_batch is not None:
+    lengths = lengths.at[fully_masked_batch].set(0)
+  return (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def f64(tree):
+  """Casts floating leaves to float64 numpy arrays (call inside `jax.enable_x64`)."""
+  def cast(x):
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.asarray(np.asarray(x, np.float64))
+    return x
+  return jax.tree.map(cast, tree)
+
+
+def in_f64(fn: Callable, *args, **kwargs):
+  """Runs `fn` on float64 copies of its floating array arguments; returns numpy float64."""
+  with jax.enable_x64(True):
+    out = fn(*f64(args), **f64(kwargs))
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+
+
+def check_against_f64(fn: Callable, ref: Callable, args: tuple, *, rtol, atol, argnums=(0, 1, 2)):
+  """Value and gradient of `fn` (input dtype) against `ref` run in float64 on the same inputs."""
+  out = fn(*args)
+  chex.assert_tree_all_finite(out)
+  w = normal(out.shape, jnp.float32)
+
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w), argnums=argnums)(*args)
+  with jax.enable_x64(True):
+    a64 = f64(args)
+    w64 = jnp.asarray(np.asarray(w, np.float64))
+    ref_out = np.asarray(ref(*a64))
+    ref_grads = jax.grad(lambda *a: jnp.sum(ref(*a) * w64), argnums=argnums)(*a64)
+    ref_grads = jax.tree.map(lambda x: np.asarray(x, np.float64), ref_grads)
+  chex.assert_trees_all_close(np.asarray(out, np.float64), ref_out, rtol=rtol, atol=atol)
+  grads = jax.tree.map(lambda x: np.asarray(x, np.float64), grads)
+  chex.assert_tree_all_finite(grads)
+  chex.assert_trees_all_close(grads, ref_grads, rtol=rtol, atol=atol)
+  return out, grads
