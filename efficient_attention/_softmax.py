@@ -65,8 +65,9 @@ def softmax_attention(
 
 
 def _default_implementation(dtype, dims: _checks.Dims) -> str:
-  del dims
-  if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+  head = -(-max(dims.head_dim, dims.v_head_dim) // 8) * 8
+  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+      and head <= _CUDNN_MAX_HEAD_DIM):
     return "cudnn"
   return "xla"
 
@@ -100,15 +101,42 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
   return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.v_head_dim).astype(q.dtype)
 
 
+# cuDNN's fused kernel: head dim a multiple of 8 and at most 256 (Hopper, cuDNN >= 9.5);
+# its backward needs even T and S whenever a mask or bias is present.
+_CUDNN_MAX_HEAD_DIM = 256
+
+
 def _cudnn(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
   if jax.default_backend() != "gpu":
     raise ValueError(f"implementation='cudnn' needs a GPU; the default backend is {jax.default_backend()!r}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise TypeError(f"implementation='cudnn' needs bfloat16 or float16 inputs, got {q.dtype=}")
-  full_mask = dense_mask(dims.q_len, dims.kv_len, mask=mask, segment_ids=ids)
+  head = -(-max(dims.head_dim, dims.v_head_dim) // 8) * 8
+  if head > _CUDNN_MAX_HEAD_DIM:
+    raise ValueError(f"implementation='cudnn' takes head dims up to {_CUDNN_MAX_HEAD_DIM}, got "
+                     f"{dims.head_dim=}, {dims.v_head_dim=}")
+  pad_t, pad_s = dims.q_len % 2, dims.kv_len % 2
+  t, s = dims.q_len + pad_t, dims.kv_len + pad_s
+
+  def pad(x, time, hd):
+    return jnp.pad(x, ((0, 0), (0, time), (0, 0), (0, head - hd)))
+
+  # Zero head-dim padding leaves q.k unchanged; the padded value columns are sliced off.
+  q_p, k_p, v_p = pad(q, pad_t, dims.head_dim), pad(k, pad_s, dims.head_dim), pad(v, pad_s, dims.v_head_dim)
+  user_mask = dense_mask(dims.q_len, dims.kv_len, mask=mask, segment_ids=ids)
+  kv_lengths = None
+  if user_mask is not None:
+    # The padded key is never live; the padded query row is sliced off.
+    user_mask = jnp.pad(user_mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
+  elif pad_s:
+    kv_lengths = jnp.full((dims.batch,), dims.kv_len, jnp.int32)
+  if bias is not None:
+    bias = jnp.pad(bias, [(0, 0), (0, 0), (0, pad_t if bias.shape[2] > 1 else 0),
+                          (0, pad_s if bias.shape[3] > 1 else 0)])
   out = jax.nn.dot_product_attention(
-      q, k, v, bias=bias, mask=full_mask, scale=scale, is_causal=is_causal, implementation="cudnn"
-  )
+      q_p, k_p, v_p, bias=bias, mask=user_mask, scale=scale, is_causal=is_causal,
+      key_value_seq_lengths=kv_lengths, implementation="cudnn")
+  out = out[:, :dims.q_len, :, :dims.v_head_dim]
   live = dense_mask(dims.q_len, dims.kv_len, is_causal=is_causal, mask=mask, segment_ids=ids)
   if live is not None:
     # [B|1, N|1, T] -> [B|1, T, N|1, 1]: zero rows with nothing to attend to.

@@ -101,3 +101,31 @@ class SoftmaxErrorsTest(chex.TestCase):
     q, k, v = util.qkv(1, 4, 4, 2, 2, 8, dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="needs a GPU"):
       ea.softmax_attention(q, k, v, implementation="cudnn")
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("t,s,masked,causal", [(200, 200, True, True), (77, 77, True, False),
+                                               (77, 53, False, False), (64, 33, False, True)])
+@pytest.mark.parametrize("implementation", ["cudnn", None])
+def test_cudnn_value_and_grad(dtype, t, s, masked, causal, implementation):
+  """Odd lengths are padded for cuDNN's backward; rows with nothing to attend to stay 0."""
+  b, n, kh, h = 2, 8, 2, 40
+  q, k, v = util.qkv(b, t, s, n, kh, h, dtype=dtype)
+  mask = util.padding_mask(b, s, fully_masked_batch=1) if masked else None
+  ids = util.packed_segment_ids(b, t, 3) if masked and t == s else None
+
+  def fn(q, k, v):
+    return ea.softmax_attention(q, k, v, mask=mask, segment_ids=ids, is_causal=causal,
+                                implementation=implementation)
+
+  def ref(q, k, v):
+    return ea.softmax_attention_reference(q, k, v, mask=mask, segment_ids=ids, is_causal=causal)
+
+  out, grads = util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype])
+  if masked:
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    for g in grads:
+      np.testing.assert_array_equal(g[1], 0.0)

@@ -1,0 +1,489 @@
+"""Linear attention, its recurrent decoding step, and the chunked core shared with FAVOR+.
+
+Kernelised attention replaces `softmax(q k^T)` by `phi(q) phi(k)^T` for a feature
+map `phi: [..., H] -> [..., M]` (Katharopoulos et al. 2020, sec. 3.2):
+
+  out_t = sum_s w_ts (phi(q_t) . phi(k_s)) v_s / sum_s w_ts (phi(q_t) . phi(k_s))
+
+with `w_ts` in {0, 1} saying whether query t may attend key s (`is_causal`, `mask`,
+`segment_ids`). Associativity, `(phi(q) phi(k)^T) v = phi(q) (phi(k)^T v)`, makes
+the cost linear in the sequence length. How each option is honoured:
+
+- No option: `KV = sum_s phi(k_s) v_s^T` `[B, K, M, Hv]`, `z = sum_s phi(k_s)`.
+- Key-padding mask (T axis of size 1, `[B|1, N|1, 1, S|1]`): masked keys' features
+  are zeroed, i.e. removed from the sums; still linear. When the mask differs
+  between the query heads of one GQA group, the key features are expanded to the N
+  query heads.
+- General mask (T axis of size T): the masked quadratic form
+  `(phi(q) phi(k)^T * mask) v`, combined with `is_causal` and `segment_ids`. This
+  costs O(T * S) memory.
+- `is_causal` (T == S): the chunkwise parallel form (Yang et al. 2024, GLA,
+  sec. 2.2): a masked quadratic form inside each chunk of `chunk_size` steps plus a
+  state `[B, K, M, Hv]` carried across chunks by a prefix scan over the per-chunk
+  sums. Memory is O(T * M + (T / chunk_size) * M * Hv) per head.
+- `segment_ids` (one int `[B, T]`, T == S): a segment is a maximal run of equal
+  ids, so an id that recurs after a different id starts a new segment (packed
+  sequences). Causal: the prefix sums restart at each run start. Non-causal: the
+  causal (inclusive) sums plus the same sums over the time-reversed sequence,
+  excluding the diagonal; still linear.
+
+A query row whose denominator is exactly 0 (nothing to attend to, or features
+that vanish, as `relu` can) returns 0 with 0 gradient. Sums are float32.
+
+Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
+heads, G = N / K query heads per key/value head, M features, H head dim (of the
+values too), U chunks, C query position in a chunk, D key position in a chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from efficient_attention import _checks
+from efficient_attention._masking import dense_mask, segment_starts
+
+
+def elu_plus_one(x: jax.Array) -> jax.Array:
+  """`elu(x) + 1`, positive (Katharopoulos et al. 2020, sec. 3.2.1)."""
+  return jax.nn.elu(x) + 1.0
+
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "elu+1": elu_plus_one,
+    "relu": jax.nn.relu,
+}
+
+
+class LinearState(NamedTuple):
+  """Recurrent state of linear attention and FAVOR+ for decoding.
+
+  The sums are stored divided by `exp(stabiliser)` (FAVOR+ keys); linear
+  attention leaves the stabiliser at its initial value.
+  """
+
+  kv: jax.Array  # float32 [B, K, M, Hv]: sum_s phi(k_s) v_s^T
+  z: jax.Array  # float32 [B, K, M]: sum_s phi(k_s)
+  stabiliser: jax.Array  # float32 [B, K]: running key stabiliser; -inf before the first key
+
+
+def init_state(batch: int, num_kv_heads: int, num_features: int, v_head_dim: int) -> LinearState:
+  """Empty recurrent state: zero sums `kv [B, K, M, Hv]`, `z [B, K, M]`, stabiliser `[B, K]`.
+
+  `num_features` is the width M of `phi(k)`: the head dim for the "elu+1" and
+  "relu" feature maps, M for FAVOR+ "softmax" and "relu" kernels, 2 * M for "trig".
+  """
+  sizes = dict(batch=batch, num_kv_heads=num_kv_heads, num_features=num_features, v_head_dim=v_head_dim)
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+      raise ValueError(f"init_state: {name} must be a positive int, got {name}={size!r}")
+  return LinearState(
+      kv=jnp.zeros((batch, num_kv_heads, num_features, v_head_dim), jnp.float32),
+      z=jnp.zeros((batch, num_kv_heads, num_features), jnp.float32),
+      stabiliser=jnp.full((batch, num_kv_heads), -jnp.inf, jnp.float32),
+  )
+
+
+def linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1",
+    is_causal: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+  """Linear attention `phi(q) (phi(k)^T v)`, normalised by `phi(q) sum_s phi(k_s)`.
+
+  Args:
+    q: `[B, T, N, H]` queries.
+    k: `[B, S, K, H]` keys, `N % K == 0` (GQA when K < N).
+    v: `[B, S, K, Hv]` values.
+    feature_map: "elu+1", "relu", or a callable `[..., H] -> [..., M]` applied to
+      float32 queries and keys (it must be hashable to be a static option).
+    is_causal: query t attends keys s <= t; needs T == S. Chunked, linear memory.
+    mask: optional bool `[B|1, N|1, T|1, S|1]`, True = attend. A T axis of size 1
+      is a key-padding mask (linear memory); a T axis of size T is honoured exactly
+      through an O(T * S) masked quadratic form.
+    segment_ids: optional int `[B, T]` (T == S), shared by queries and keys;
+      attend within maximal runs of equal ids (an id recurring after another id
+      starts a new segment).
+    chunk_size: time steps per chunk of the causal / segmented form (static);
+      any T works (padded internally).
+    scale: not meaningful for linear attention (the feature map fixes the
+      kernel); must be None.
+    bias: not supported; must be None.
+    implementation: None or "xla".
+
+  Returns:
+    `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0
+    (with 0 gradient).
+  """
+  family = "linear_attention"
+  dims = _checks.check_qkv(q, k, v)
+  _checks.check_implementation(implementation, ("xla",), family=family)
+  _checks.reject(family, bias=bias)
+  if scale is not None:
+    raise ValueError(
+        f"{family} has no logit scale (the feature map defines the kernel), got {scale=}; leave it unset"
+    )
+  fmap = feature_map_fn(feature_map)
+  mask = _checks.check_mask(mask, dims)
+  ids = check_shared_segment_ids(segment_ids, dims, family=family)
+  _checks.check_causal(is_causal, dims, family=family, need_square=True)
+  chunk_size = check_chunk_size(chunk_size)
+  phi_q = apply_feature_map(fmap, q.astype(jnp.float32), "q")
+  phi_k = apply_feature_map(fmap, k.astype(jnp.float32), "k")
+  if phi_q.shape[-1] != phi_k.shape[-1]:
+    raise ValueError(f"feature_map gave {phi_q.shape=} and {phi_k.shape=}, which differ in features")
+  plan = plan_masks(mask, ids, is_causal, dims)
+  out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
+  return out.astype(q.dtype)
+
+
+def linear_attention_step(
+    state: LinearState,
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    *,
+    feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1",
+) -> tuple[LinearState, jax.Array]:
+  """One causal decoding step in O(1) memory (Katharopoulos et al. 2020, sec. 3.4).
+
+  Adds key `k_t` and value `v_t` to the state, then attends query `q_t` to every
+  key so far; stepping through a sequence equals `linear_attention(...,
+  is_causal=True)`.
+
+  Args:
+    state: from `init_state(B, K, M, Hv)` or a previous step.
+    q_t: `[B, N, H]` query of this step.
+    k_t: `[B, K, H]` key of this step.
+    v_t: `[B, K, Hv]` value of this step.
+    feature_map: as in `linear_attention`.
+
+  Returns:
+    The new state and the output `[B, N, Hv]` in the input dtype.
+  """
+  dims = check_step_inputs(q_t, k_t, v_t, family="linear_attention_step")
+  fmap = feature_map_fn(feature_map)
+  phi_q = apply_feature_map(fmap, q_t.astype(jnp.float32), "q_t")
+  phi_k = apply_feature_map(fmap, k_t.astype(jnp.float32), "k_t")
+  check_state(state, dims, phi_k.shape[-1], family="linear_attention_step")
+  state, out = recurrent_update(state, phi_q, phi_k, v_t, state.stabiliser)
+  return state, out.astype(q_t.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("feature_map", "is_causal"))
+def linear_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1",
+    is_causal: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+  """Dense reference in the inputs' precision (use float64 inputs under `jax.enable_x64`).
+
+  Builds the whole `[B, N, T, S]` matrix `phi(q) phi(k)^T`; heads are repeated for GQA.
+  """
+  fmap = feature_map_fn(feature_map)
+  return kernel_attention_reference(
+      fmap(q), fmap(k), v, is_causal=is_causal, mask=mask, segment_ids=segment_ids
+  )
+
+
+def kernel_attention_reference(phi_q, phi_k, v, *, is_causal, mask, segment_ids) -> jax.Array:
+  """Dense `[B, T, N, Hv]` from features `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`."""
+  n, kh = phi_q.shape[2], phi_k.shape[2]
+  phi_k = jnp.repeat(phi_k, n // kh, axis=2)
+  v = jnp.repeat(v, n // kh, axis=2)
+  runs = None if segment_ids is None else run_labels(segment_ids)
+  live = dense_mask(
+      phi_q.shape[1], phi_k.shape[1], is_causal=is_causal, mask=mask,
+      segment_ids=None if runs is None else (runs, runs),
+  )
+  scores = jnp.einsum("btnm,bsnm->bnts", phi_q, phi_k)
+  if live is not None:
+    scores = jnp.where(live, scores, 0.0)
+  num = jnp.einsum("bnts,bsnh->btnh", scores, v)
+  den = jnp.sum(scores, axis=-1).transpose(0, 2, 1)[..., None]
+  return _safe_divide(num, den)
+
+
+# Pieces shared with FAVOR+ (efficient_attention/_favor.py).
+
+
+def feature_map_fn(feature_map: Any) -> Callable[[jax.Array], jax.Array]:
+  if isinstance(feature_map, str):
+    if feature_map not in FEATURE_MAPS:
+      raise ValueError(f"unknown {feature_map=}; valid: {', '.join(map(repr, FEATURE_MAPS))} or a callable")
+    return FEATURE_MAPS[feature_map]
+  if not callable(feature_map):
+    raise TypeError(f"feature_map must be a name or a callable, got {feature_map!r}")
+  return feature_map
+
+
+def apply_feature_map(fmap: Callable[[jax.Array], jax.Array], x: jax.Array, name: str) -> jax.Array:
+  """`[..., H] -> [..., M]`, checked to keep the leading axes and be floating point."""
+  phi = fmap(x)
+  if not hasattr(phi, "shape") or phi.shape[:-1] != x.shape[:-1]:
+    raise ValueError(
+        f"feature_map must map [..., H] -> [..., M]; {name}.shape={x.shape} gave {getattr(phi, 'shape', phi)}"
+    )
+  if not jnp.issubdtype(phi.dtype, jnp.floating):
+    raise TypeError(f"feature_map must return floating point, got {phi.dtype} for {name}")
+  return phi.astype(jnp.float32)
+
+
+def check_shared_segment_ids(segment_ids: Any, dims: _checks.Dims, *, family: str) -> jax.Array | None:
+  """One int `[B, T]` array shared by queries and keys (T == S), or None."""
+  if segment_ids is None:
+    return None
+  if isinstance(segment_ids, (tuple, list)):
+    raise ValueError(
+        f"{family} takes one segment_ids array [B, T] shared by queries and keys, got a "
+        f"{type(segment_ids).__name__} of {len(segment_ids)}: its prefix sums restart where the "
+        "run of ids changes, which needs a single sequence of ids (packed sequences)"
+    )
+  if dims.q_len != dims.kv_len:
+    raise ValueError(f"{family}: segment_ids need as many queries as keys, got T={dims.q_len}, S={dims.kv_len}")
+  return _checks.check_segment_ids(segment_ids, dims)[0]
+
+
+def check_chunk_size(chunk_size: Any) -> int:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int (it is static), got {chunk_size=}")
+  return chunk_size
+
+
+def check_step_inputs(q_t: Any, k_t: Any, v_t: Any, *, family: str) -> _checks.Dims:
+  """Checks q_t `[B, N, H]`, k_t `[B, K, H]`, v_t `[B, K, Hv]` of one decoding step."""
+  for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+    if hasattr(x, "ndim") and x.ndim != 3:
+      raise ValueError(f"{family}: {name} must have rank 3 [B, N, H], got {name}.shape={x.shape}")
+  return _checks.check_qkv(*(x if not hasattr(x, "ndim") else x[:, None] for x in (q_t, k_t, v_t)))
+
+
+def check_state(state: Any, dims: _checks.Dims, num_features: int, *, family: str) -> None:
+  want = LinearState(
+      kv=(dims.batch, dims.num_kv_heads, num_features, dims.v_head_dim),
+      z=(dims.batch, dims.num_kv_heads, num_features),
+      stabiliser=(dims.batch, dims.num_kv_heads),
+  )
+  if not isinstance(state, LinearState):
+    raise TypeError(f"{family}: state must be a LinearState from init_state, got {type(state).__name__}")
+  for name, shape in want._asdict().items():
+    got = getattr(state, name)
+    if got.shape != shape or got.dtype != jnp.float32:
+      raise ValueError(
+          f"{family}: state.{name} is {got.dtype}{list(got.shape)}, expected float32{list(shape)} "
+          f"for [B, K, M, Hv]=({dims.batch}, {dims.num_kv_heads}, {num_features}, {dims.v_head_dim})"
+      )
+
+
+class MaskPlan(NamedTuple):
+  """How `mask` / `segment_ids` / `is_causal` reach the linear core."""
+
+  keys: jax.Array | None  # bool [B|1, N|1, S]: key-padding mask, removed from the feature sums
+  dense: jax.Array | None  # bool [B|1, N|1, T, S]: every rule combined, for the quadratic form
+  ids: jax.Array | None  # int [B, T]: segment ids, for the chunked form
+
+
+def plan_masks(mask: jax.Array | None, ids: jax.Array | None, is_causal: bool, dims: _checks.Dims) -> MaskPlan:
+  """Splits the options into a key-padding mask (linear cost) or a dense mask (quadratic)."""
+  if mask is not None and mask.shape[2] != 1:
+    runs = None if ids is None else run_labels(ids)
+    dense = dense_mask(
+        dims.q_len, dims.kv_len, is_causal=is_causal, mask=mask,
+        segment_ids=None if runs is None else (runs, runs),
+    )
+    return MaskPlan(keys=None, dense=dense, ids=None)
+  keys = None if mask is None else jnp.broadcast_to(mask[:, :, 0, :], mask.shape[:2] + (dims.kv_len,))
+  return MaskPlan(keys=keys, dense=None, ids=ids)
+
+
+def live_keys(plan: MaskPlan, dims: _checks.Dims) -> jax.Array | None:
+  """bool `[B|1, S, K|1]`: keys some query head of the group attends (None: all of them)."""
+  # [B|1, N|1, S]
+  live = plan.keys if plan.dense is None else jnp.any(plan.dense, axis=2)
+  if live is None:
+    return None
+  if live.shape[1] != 1:
+    live = jnp.any(live.reshape(live.shape[0], dims.num_kv_heads, dims.group, dims.kv_len), axis=2)
+  return live.transpose(0, 2, 1)
+
+
+def run_labels(ids: jax.Array) -> jax.Array:
+  """int `[B, T]`: the index of each position's run of equal ids (a new label per run)."""
+  return jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
+
+
+def attend(
+    phi_q: jax.Array,
+    phi_k: jax.Array,
+    v: jax.Array,
+    plan: MaskPlan,
+    *,
+    is_causal: bool,
+    chunk_size: int,
+    dims: _checks.Dims,
+) -> jax.Array:
+  """The shared core: float32 `[B, T, N, Hv]` from `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`."""
+  b, t, n, m = phi_q.shape
+  kh, g = dims.num_kv_heads, dims.group
+  v = v.astype(jnp.float32)
+  # [B, S, K, Hv + 1]: a column of ones carries the denominator sum_s phi(k_s) along the numerator.
+  v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), jnp.float32)], axis=-1)
+  if plan.dense is not None:
+    out = _quadratic(phi_q.reshape(b, t, kh, g, m), phi_k, v1, _split_heads(plan.dense, dims))
+    return _normalise(out).reshape(b, t, n, dims.v_head_dim)
+  if plan.keys is not None and plan.keys.shape[1] != 1 and g > 1:
+    # Key sets differ within a GQA group: give each query head its own key features.
+    phi_k, v1 = (jnp.broadcast_to(x[:, :, :, None], x.shape[:3] + (g,) + x.shape[3:]) for x in (phi_k, v1))
+    phi_k, v1 = (x.reshape(x.shape[:2] + (n,) + x.shape[4:]) for x in (phi_k, v1))
+    kh, g = n, 1
+  phi_q = phi_q.reshape(b, t, kh, g, m)
+  if plan.keys is not None:
+    # [B|1, S, K|1, 1]
+    phi_k = jnp.where(plan.keys.transpose(0, 2, 1)[..., None], phi_k, 0.0)
+  if plan.ids is not None:
+    out = _chunked(phi_q, phi_k, v1, segment_starts(plan.ids), chunk_size=chunk_size, diagonal=True)
+    if not is_causal:
+      # All keys of the run = keys up to t (inclusive) + keys after t: the same
+      # causal form over the reversed sequence, without the diagonal.
+      flip = functools.partial(jnp.flip, axis=1)
+      after = _chunked(
+          flip(phi_q), flip(phi_k), flip(v1), segment_starts(flip(plan.ids)), chunk_size=chunk_size, diagonal=False
+      )
+      out = out + flip(after)
+  elif is_causal:
+    starts = segment_starts(jnp.zeros((1, t), jnp.int32))
+    out = _chunked(phi_q, phi_k, v1, starts, chunk_size=chunk_size, diagonal=True)
+  else:
+    # [B, K, M, Hv + 1]
+    kv = jnp.einsum("bskm,bskh->bkmh", phi_k, v1)
+    # [B, T, K, G, Hv + 1]
+    out = jnp.einsum("btkgm,bkmh->btkgh", phi_q, kv)
+  return _normalise(out).reshape(b, t, n, dims.v_head_dim)
+
+
+def recurrent_update(
+    state: LinearState, phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, stabiliser: jax.Array
+) -> tuple[LinearState, jax.Array]:
+  """Adds one key to the state and attends one query: float32 output `[B, N, Hv]`.
+
+  `phi_q [B, N, M]`; `phi_k [B, K, M]` are the key features divided by
+  `exp(stabiliser [B, K])`, with `stabiliser >= state.stabiliser`.
+  """
+  # Bring the carried sums to the new stabiliser, as online softmax rescales its
+  # running sum (Milakov & Gimelshein 2018, sec. 3); an equal stabiliser (also
+  # -inf == -inf before the first key) leaves them unchanged.
+  same = stabiliser == state.stabiliser
+  decay = jnp.exp(jnp.where(same, 0.0, state.stabiliser - stabiliser))
+  # [B, K, M, Hv]
+  kv = state.kv * decay[..., None, None] + jnp.einsum("bkm,bkh->bkmh", phi_k, v.astype(jnp.float32))
+  z = state.z * decay[..., None] + phi_k
+  b, n, m = phi_q.shape
+  kh = kv.shape[1]
+  # [B, K, G, M]
+  qg = phi_q.reshape(b, kh, n // kh, m)
+  num = jnp.einsum("bkgm,bkmh->bkgh", qg, kv)
+  den = jnp.einsum("bkgm,bkm->bkg", qg, z)[..., None]
+  out = _safe_divide(num, den).reshape(b, n, kv.shape[-1])
+  return LinearState(kv=kv, z=z, stabiliser=stabiliser), out
+
+
+def _split_heads(x: jax.Array, dims: _checks.Dims) -> jax.Array:
+  """`[B|1, N|1, T, S]` -> `[B|1, K|1, G|1, T, S]`."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], dims.num_kv_heads, dims.group, *x.shape[2:])
+
+
+def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+  """`num / den`, and 0 with 0 gradient where `den == 0` (a `where` on both sides)."""
+  empty = den == 0
+  return jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den))
+
+
+def _normalise(out: jax.Array) -> jax.Array:
+  """`[..., Hv + 1]` numerator and denominator -> `[..., Hv]`."""
+  return _safe_divide(out[..., :-1], out[..., -1:])
+
+
+def _quadratic(phi_q: jax.Array, phi_k: jax.Array, v1: jax.Array, live: jax.Array) -> jax.Array:
+  """Masked quadratic form: `[B, T, K, G, Hv + 1]` from `live [B|1, K|1, G|1, T, S]`."""
+  # [B, K, G, T, S]
+  scores = jnp.einsum("btkgm,bskm->bkgts", phi_q, phi_k)
+  scores = jnp.where(live, scores, 0.0)
+  # [B, T, K, G, Hv + 1]
+  return jnp.einsum("bkgts,bskh->btkgh", scores, v1)
+
+
+def _chunked(
+    phi_q: jax.Array, phi_k: jax.Array, v1: jax.Array, starts: jax.Array, *, chunk_size: int, diagonal: bool
+) -> jax.Array:
+  """Causal sums within runs, chunk by chunk: `[B, T, K, G, Hv + 1]`.
+
+  Args:
+    phi_q: `[B, T, K, G, M]` query features.
+    phi_k: `[B, T, K, M]` key features (masked keys already zeroed).
+    v1: `[B, T, K, Hv + 1]` values with the column of ones.
+    starts: bool `[B|1, T]`, True where a run of equal segment ids begins
+      (always at t = 0); sums restart there.
+    chunk_size: steps per chunk; T is zero-padded to a multiple.
+    diagonal: whether query t attends key t.
+  """
+  b, t, kh, g, m = phi_q.shape
+  c = min(chunk_size, t)
+  u = -(-t // c)
+
+  def chunks(x):
+    """`[B, T, ...]` -> `[B, U, C, ...]`, zero-padded at the end."""
+    x = jnp.pad(x, [(0, 0), (0, u * c - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(x.shape[0], u, c, *x.shape[2:])
+
+  qc, kc, vc = chunks(phi_q), chunks(phi_k), chunks(v1)
+  # [B|1, U, C]: run starts so far within the chunk; equal counts = same run.
+  local = jnp.cumsum(chunks(starts).astype(jnp.int32), axis=2)
+
+  pos = jnp.arange(c)
+  order = pos[:, None] >= pos[None, :] if diagonal else pos[:, None] > pos[None, :]
+  # [B|1, U, C, D]
+  intra = jnp.logical_and(local[..., :, None] == local[..., None, :], order[None, None])
+  # [B, U, K, G, C, D]
+  scores = jnp.einsum("buckgm,budkm->bukgcd", qc, kc)
+  scores = jnp.where(intra[:, :, None, None], scores, 0.0)
+  # [B, U, C, K, G, Hv + 1]
+  out = jnp.einsum("bukgcd,budkh->buckgh", scores, vc)
+
+  # [B|1, U, 1]: run starts in the whole chunk.
+  last = local[:, :, -1:]
+  # Keys after the chunk's last run start are carried to later chunks.
+  # [B, U, K, M, Hv + 1]
+  chunk_kv = jnp.einsum("buckm,buckh->bukmh", jnp.where((local == last)[..., None, None], kc, 0.0), vc)
+  # A chunk containing a run start drops the state carried into it.
+  keep = jnp.broadcast_to((last == 0).astype(jnp.float32)[..., None, None], (b, u, 1, 1, 1))
+  # Linear recurrence state_u = keep_u * state_{u-1} + chunk_kv_u as an associative
+  # scan over (keep, chunk_kv) pairs (Blelloch 1990, sec. 1.4).
+  _, state = jax.lax.associative_scan(
+      lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1]), (keep, chunk_kv), axis=1
+  )
+  # State entering chunk u: [B, U, K, M, Hv + 1]
+  state = jnp.concatenate([jnp.zeros_like(state[:, :1]), state[:, :-1]], axis=1)
+  # Queries before the first run start in their chunk see the carried state.
+  sees = (local == 0)[..., None, None, None]
+  # [B, U, C, K, G, Hv + 1]
+  out = out + jnp.einsum("buckgm,bukmh->buckgh", jnp.where(sees, qc, 0.0), state)
+  return out.reshape(b, u * c, kh, g, -1)[:, :t]
