@@ -43,8 +43,11 @@ def block_sparse_attention(
 
   Cost: with L the most live key blocks of any query-block row (after the
   causal cut), logits are `[B, N, nq, L, bq, bk]`, about `B * N * T * L * bk`
-  entries; with a layout shared by every head, key/value blocks are gathered
-  once per key/value head (`[B, K, nq, L, bk, H]`), never repeated for GQA.
+  entries. Shorter rows are padded to L, so work follows the longest row:
+  nothing is wasted for banded layouts (local, strided, BigBird), while a causal
+  dense layout costs the full square. With a layout shared by every head,
+  key/value blocks are gathered once per key/value head (`[B, K, nq, L, bk, H]`),
+  never repeated for GQA; a per-head layout gathers them per query head.
 
   Args:
     q: `[B, T, N, H]` queries.

@@ -42,9 +42,9 @@ def linformer_attention(
   query shares `E K` and `F V`: O(P * H) memory per head and O(S * P * H) work.
   A general mask (T-axis T) or `segment_ids` give each query its own key set,
   honoured exactly by the per-query projection `K'_t = sum_s E[:, s] m_ts K_s`
-  (V'_t likewise): O(T * P * H) memory per head (plus an `[S, P, H]`
-  intermediate) and O(T * S * P * H) work. Either way a query whose key set is
-  empty returns 0 with 0 gradient.
+  (V'_t likewise): O(T * P * H) memory per head (plus the `[T, S]` boolean
+  mask and an `[S, P, H]` intermediate) and O(T * S * P * H) work. Either way
+  a query whose key set is empty returns 0 with 0 gradient.
 
   Args:
     q: `[B, T, N, H]` queries.
@@ -110,7 +110,9 @@ def _check_projections(e_proj, f_proj, dims: _checks.Dims) -> None:
           f"per-head {name}.shape={proj.shape} must have K={dims.num_kv_heads} key/value heads on axis 0"
       )
     if proj.shape[-1] < dims.kv_len:
-      raise ValueError(f"key length S={dims.kv_len} exceeds the projection's T_max={proj.shape[-1]} ({name}.shape={proj.shape})")
+      raise ValueError(
+          f"key length S={dims.kv_len} exceeds the projection's T_max={proj.shape[-1]} ({name}.shape={proj.shape})"
+      )
   if e_proj.shape != f_proj.shape:
     raise ValueError(f"e_proj and f_proj must have the same shape, got {e_proj.shape=} and {f_proj.shape=}")
 

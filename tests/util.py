@@ -52,8 +52,11 @@ def packed_segment_ids(b: int, t: int, num_segments: int = 3) -> jax.Array:
 
 
 def padding_mask(b: int, s: int, *, fully_masked_batch: int | None = None) -> jax.Array:
-  """bool `[B, 1, 1, S]` key-padding mask: each row keeps a random prefix of length >= 1."""
-  lengths = jax.random.randint(fresh_key(), (b,), 1, s + 1)
+  """bool `[B, 1, 1, S]` key-padding mask: each row keeps a random prefix of length >= 2.
+
+  (With one live key the output is that key's value whatever q is, so dq would be 0.)
+  """
+  lengths = jax.random.randint(fresh_key(), (b,), min(2, s), s + 1)
   if fully_masked_batch is not None:
     lengths = lengths.at[fully_masked_batch].set(0)
   return (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
