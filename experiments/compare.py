@@ -38,6 +38,7 @@ class Config:
   num_kv_heads: int = 4
   head_dim: int = 64
   causal: bool = False
+  qk_std: float = 1.0  # std of the entries of q and k: logit scale, where FAVOR+ variance grows fast
   num_features: int = 256
   linformer_k: int = 128
   block_size: int = 64
@@ -55,7 +56,7 @@ def parse_args() -> Config:
     if field.type == "bool":
       parser.add_argument(flag, action="store_true", default=field.default)
     else:
-      kind = {"int": int, "str": str}[field.type]
+      kind = {"int": int, "str": str, "float": float}[field.type]
       parser.add_argument(flag, type=kind, default=field.default)
   return Config(**vars(parser.parse_args()))
 
@@ -66,8 +67,8 @@ def families(cfg: Config, key: jax.Array) -> dict[str, tuple[Callable, jax.Array
   k_feat, k_lin, k_bb = jax.random.split(key, 3)
   features = ea.orthogonal_random_features(k_feat, cfg.num_features, cfg.head_dim)
   e_proj, f_proj = jax.random.normal(k_lin, (2, cfg.linformer_k, t)) / np.sqrt(cfg.linformer_k)
-  local = ea.local(t, window=cfg.window, block_size=cfg.block_size)
-  bigbird = ea.bigbird(k_bb, t, block_size=cfg.block_size)
+  local = ea.layouts.local(t, window=cfg.window, block_size=cfg.block_size)
+  bigbird = ea.layouts.bigbird(k_bb, t, block_size=cfg.block_size)
   causal = cfg.causal
   out = {
       "softmax (xla)": (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=causal, implementation="xla"), None),
@@ -112,8 +113,8 @@ def main(cfg: Config) -> list[dict]:
   key_q, key_k, key_v, key_fam = jax.random.split(jax.random.key(cfg.seed), 4)
   shape_q = (cfg.batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
   shape_kv = (cfg.batch, cfg.seq_len, cfg.num_kv_heads, cfg.head_dim)
-  q = jax.random.normal(key_q, shape_q)
-  k = jax.random.normal(key_k, shape_kv)
+  q = cfg.qk_std * jax.random.normal(key_q, shape_q)
+  k = cfg.qk_std * jax.random.normal(key_k, shape_kv)
   v = jax.random.normal(key_v, shape_kv)
   exact = exact64(q, k, v, causal=cfg.causal)
   rows = []
@@ -136,7 +137,7 @@ def main(cfg: Config) -> list[dict]:
 
 def to_markdown(cfg: Config, rows: list[dict]) -> str:
   head = (f"B={cfg.batch} T={cfg.seq_len} N={cfg.num_heads} K={cfg.num_kv_heads} H={cfg.head_dim} "
-          f"causal={cfg.causal} on {jax.devices()[0].device_kind} (jax {jax.__version__})\n\n")
+          f"causal={cfg.causal} qk_std={cfg.qk_std} on {jax.devices()[0].device_kind} (jax {jax.__version__})\n\n")
   lines = ["| family | dtype | median ms | × softmax (xla) | rel. err vs exact | rel. err vs exact, same mask |",
            "|---|---|---:|---:|---:|---:|"]
   for r in rows:
