@@ -14,7 +14,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings, strategies as st
 
 import efficient_attention as ea
-from efficient_attention import layouts
+from efficient_attention import _block_sparse, layouts
 from tests import util
 
 B, T, N, K, H, HV = 2, 37, 6, 3, 5, 3
@@ -68,6 +68,14 @@ BUILDERS = (  # (name, kv_len, build)
     ("random_boolean_8x4", T, lambda: random_layout((5, 10), 8, 4)),
 )
 
+MULTI_BUCKET = (  # (name, build, is_causal): global rows put the 10 query-block rows in several buckets.
+    ("longformer", lambda: layouts.longformer(T, window=4, num_global=5, block_size=4), False),
+    ("bigbird", lambda: layouts.bigbird(jax.random.key(3), T, block_size=4), False),
+    ("bigbird_causal", lambda: layouts.bigbird(jax.random.key(3), T, block_size=4), True),
+    ("bigbird_per_head", lambda: layouts.bigbird(jax.random.key(4), T, block_size=4, num_random_blocks=2, num_heads=N),
+     False),
+)
+
 
 class BlockSparseTest(chex.TestCase):
 
@@ -79,6 +87,22 @@ class BlockSparseTest(chex.TestCase):
 
   def test_all_options_per_head_gqa(self):
     check(*all_options_case(), argnums=(0, 1, 2, 3))
+
+  @parameterized.named_parameters(*MULTI_BUCKET)
+  def test_several_buckets_value_and_grad(self, build, is_causal):
+    layout = build()
+    assert len(_block_sparse._plan(layout, is_causal, T).buckets) >= 2
+    check(layout, qkv(B, T, T, N, K, H, hv=HV), dict(is_causal=is_causal))
+
+  def test_several_buckets_all_options_per_head_gqa(self):
+    s = 29
+    layout = (layouts.random(jax.random.key(5), T, num_random_blocks=3, block_size=4, kv_len=s, num_heads=N)
+              | layouts.global_tokens(T, num_global=4, block_size=4, kv_len=s))
+    assert len(_block_sparse._plan(layout, True, T).buckets) >= 2
+    q, k, v = qkv(B, T, s, N, K, H, hv=HV)
+    options = dict(is_causal=True, mask=bernoulli(0.8, (B, 1, T, s)),
+                   segment_ids=(util.packed_segment_ids(B, T, 2), util.packed_segment_ids(B, s, 2)))
+    check(layout, (q, k, v, normal((1, N, T, s))), options, argnums=(0, 1, 2, 3))
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_jit_and_eager_values(self):
@@ -153,6 +177,51 @@ class BlockSparseTest(chex.TestCase):
     assert _largest_value(jaxpr) == 2 * t * 64
     dense_jaxpr = jax.make_jaxpr(lambda q, k, v: ea.block_sparse_attention(q, k, v, full))(q, k, v).jaxpr
     assert _largest_value(dense_jaxpr) == 2 * t * t
+
+  def test_work_follows_live_blocks_with_global_rows(self):
+    t = 1024
+    # One global row of 16 blocks, the others 3 or 4: 74 of 256 blocks live.
+    sparse, full = layouts.longformer(t, window=64, num_global=64, block_size=64), layouts.dense(t, block_size=64)
+    live = int(sparse.blocks.sum())
+    plan = _block_sparse._plan(sparse, False, t)
+    padded = sum(len(bucket.rows) * bucket.idx.shape[-1] for bucket in plan.buckets)
+    assert padded <= 2 * live, (padded, live)
+    q, k, v = qkv(1, t, t, 2, 1, 8)
+
+    def flops(layout):
+      fn = jax.jit(lambda q, k, v: ea.block_sparse_attention(q, k, v, layout))
+      return fn.lower(q, k, v).compile().cost_analysis()["flops"]
+
+    ratio = flops(sparse) / flops(full)
+    assert ratio <= 2.5 * live / full.blocks.size, (ratio, live)
+
+  def test_plan_buckets_cover_each_row_once(self):
+    # Rows of widths 1, 2, 4, .., 32, as many rows of each width as leaves the same work to each.
+    widths = np.repeat(2 ** np.arange(6), 2 ** np.arange(6)[::-1])
+    staircase = ea.BlockLayout(np.arange(32)[None, :] < widths[:, None], 64, 64)
+    cases = (  # (layout, is_causal)
+        (layouts.longformer(1024, window=64, num_global=64, block_size=64), False),
+        (layouts.bigbird(jax.random.key(0), 1024, block_size=64, num_heads=4), False),
+        (layouts.dense(1024, block_size=64), True),  # 16 distinct widths
+        (staircase, False),  # within 1.25x of the live blocks only with 5 buckets, more than allowed
+    )
+    for layout, is_causal in cases:
+      nq = layout.grid[0]
+      plan = _block_sparse._plan(layout, is_causal, nq * layout.block_q)
+      blocks = layout.blocks if layout.num_heads is not None else layout.blocks[None]
+      if is_causal:
+        blocks = blocks & np.tri(nq, dtype=bool)
+      assert 2 <= len(plan.buckets) <= _block_sparse._MAX_BUCKETS, len(plan.buckets)
+      rows = np.concatenate([bucket.rows for bucket in plan.buckets])
+      np.testing.assert_array_equal(rows[plan.inverse], np.arange(nq))
+      rebuilt = np.zeros_like(blocks)
+      for bucket in plan.buckets:
+        head, row, slot = np.nonzero(bucket.valid)
+        rebuilt[head, bucket.rows[row], bucket.idx[head, row, slot]] = True
+      np.testing.assert_array_equal(rebuilt, blocks)
+      padded = sum(len(bucket.rows) * bucket.idx.shape[-1] for bucket in plan.buckets)
+      widths = blocks.sum(-1).max(0)
+      assert padded <= 2 * widths.sum(), (padded, widths)
 
   @settings(max_examples=3, deadline=None)
   @given(t=st.integers(1, 19), s=st.integers(1, 19), bq=st.sampled_from([2, 4, 8]), bk=st.sampled_from([2, 4, 8]),
