@@ -20,7 +20,8 @@ the cost linear in the sequence length. How each option is honoured:
 - `is_causal` (T == S): the chunkwise parallel form (Yang et al. 2024, GLA,
   sec. 2.2): a masked quadratic form inside each chunk of `chunk_size` steps plus a
   state `[B, K, M, Hv]` carried across chunks by a prefix scan over the per-chunk
-  sums. Memory is O(T * M + (T / chunk_size) * M * Hv) per head.
+  sums. Memory is O(T * (M + chunk_size) + (T / chunk_size) * M * Hv) per head;
+  no `[T, M, Hv]` prefix sum is built.
 - `segment_ids` (one int `[B, T]`, T == S): a segment is a maximal run of equal
   ids, so an id that recurs after a different id starts a new segment (packed
   sequences). Causal: the prefix sums restart at each run start. Non-causal: the
@@ -28,7 +29,8 @@ the cost linear in the sequence length. How each option is honoured:
   excluding the diagonal; still linear.
 
 A query row whose denominator is exactly 0 (nothing to attend to, or features
-that vanish, as `relu` can) returns 0 with 0 gradient. Sums are float32.
+that vanish, as `relu` can) returns 0 with 0 gradient. Sums are float32 for
+narrower inputs (float64 inputs stay float64); the decoding state is float32.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K query heads per key/value head, M features, H head dim (of the
@@ -108,7 +110,8 @@ def linear_attention(
     k: `[B, S, K, H]` keys, `N % K == 0` (GQA when K < N).
     v: `[B, S, K, Hv]` values.
     feature_map: "elu+1", "relu", or a callable `[..., H] -> [..., M]` applied to
-      float32 queries and keys (it must be hashable to be a static option).
+      queries and keys in float32 (float64 inputs stay float64); it must be hashable,
+      as it is a static option.
     is_causal: query t attends keys s <= t; needs T == S. Chunked, linear memory.
     mask: optional bool `[B|1, N|1, T|1, S|1]`, True = attend. A T axis of size 1
       is a key-padding mask (linear memory); a T axis of size T is honoured exactly
@@ -140,8 +143,15 @@ def linear_attention(
   ids = check_shared_segment_ids(segment_ids, dims, family=family)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = check_chunk_size(chunk_size)
-  phi_q = apply_feature_map(fmap, q.astype(jnp.float32), "q")
-  phi_k = apply_feature_map(fmap, k.astype(jnp.float32), "k")
+  return _linear_attention(q, k, v, mask, ids, fmap=fmap, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
+
+
+# Options are static and checked by the caller; eager calls compile once per shape.
+@functools.partial(jax.jit, static_argnames=("fmap", "is_causal", "chunk_size", "dims"))
+def _linear_attention(q, k, v, mask, ids, *, fmap, is_causal, chunk_size, dims):
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  phi_q = apply_feature_map(fmap, q.astype(acc), "q")
+  phi_k = apply_feature_map(fmap, k.astype(acc), "k")
   if phi_q.shape[-1] != phi_k.shape[-1]:
     raise ValueError(f"feature_map gave {phi_q.shape=} and {phi_k.shape=}, which differ in features")
   plan = plan_masks(mask, ids, is_causal, dims)
@@ -174,7 +184,11 @@ def linear_attention_step(
     The new state and the output `[B, N, Hv]` in the input dtype.
   """
   dims = check_step_inputs(q_t, k_t, v_t, family="linear_attention_step")
-  fmap = feature_map_fn(feature_map)
+  return _linear_attention_step(state, q_t, k_t, v_t, fmap=feature_map_fn(feature_map), dims=dims)
+
+
+@functools.partial(jax.jit, static_argnames=("fmap", "dims"))
+def _linear_attention_step(state, q_t, k_t, v_t, *, fmap, dims):
   phi_q = apply_feature_map(fmap, q_t.astype(jnp.float32), "q_t")
   phi_k = apply_feature_map(fmap, k_t.astype(jnp.float32), "k_t")
   check_state(state, dims, phi_k.shape[-1], family="linear_attention_step")
@@ -182,7 +196,6 @@ def linear_attention_step(
   return state, out.astype(q_t.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("feature_map", "is_causal"))
 def linear_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -235,7 +248,7 @@ def feature_map_fn(feature_map: Any) -> Callable[[jax.Array], jax.Array]:
 
 
 def apply_feature_map(fmap: Callable[[jax.Array], jax.Array], x: jax.Array, name: str) -> jax.Array:
-  """`[..., H] -> [..., M]`, checked to keep the leading axes and be floating point."""
+  """`[..., H] -> [..., M]` in the dtype of x, checked to keep the leading axes."""
   phi = fmap(x)
   if not hasattr(phi, "shape") or phi.shape[:-1] != x.shape[:-1]:
     raise ValueError(
@@ -243,7 +256,7 @@ def apply_feature_map(fmap: Callable[[jax.Array], jax.Array], x: jax.Array, name
     )
   if not jnp.issubdtype(phi.dtype, jnp.floating):
     raise TypeError(f"feature_map must return floating point, got {phi.dtype} for {name}")
-  return phi.astype(jnp.float32)
+  return phi.astype(x.dtype)
 
 
 def check_shared_segment_ids(segment_ids: Any, dims: _checks.Dims, *, family: str) -> jax.Array | None:
@@ -271,7 +284,7 @@ def check_step_inputs(q_t: Any, k_t: Any, v_t: Any, *, family: str) -> _checks.D
   """Checks q_t `[B, N, H]`, k_t `[B, K, H]`, v_t `[B, K, Hv]` of one decoding step."""
   for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
     if hasattr(x, "ndim") and x.ndim != 3:
-      raise ValueError(f"{family}: {name} must have rank 3 [B, N, H], got {name}.shape={x.shape}")
+      raise ValueError(f"{family}: {name} must have rank 3 [B, heads, dim] (one step), got {name}.shape={x.shape}")
   return _checks.check_qkv(*(x if not hasattr(x, "ndim") else x[:, None] for x in (q_t, k_t, v_t)))
 
 
@@ -339,12 +352,15 @@ def attend(
     chunk_size: int,
     dims: _checks.Dims,
 ) -> jax.Array:
-  """The shared core: float32 `[B, T, N, Hv]` from `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`."""
+  """The shared core: `[B, T, N, Hv]` from `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`.
+
+  Computes in the features' dtype (float32 or float64).
+  """
   b, t, n, m = phi_q.shape
   kh, g = dims.num_kv_heads, dims.group
-  v = v.astype(jnp.float32)
+  v = v.astype(phi_q.dtype)
   # [B, S, K, Hv + 1]: a column of ones carries the denominator sum_s phi(k_s) along the numerator.
-  v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), jnp.float32)], axis=-1)
+  v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
   if plan.dense is not None:
     out = _quadratic(phi_q.reshape(b, t, kh, g, m), phi_k, v1, _split_heads(plan.dense, dims))
     return _normalise(out).reshape(b, t, n, dims.v_head_dim)
@@ -392,7 +408,7 @@ def recurrent_update(
   same = stabiliser == state.stabiliser
   decay = jnp.exp(jnp.where(same, 0.0, state.stabiliser - stabiliser))
   # [B, K, M, Hv]
-  kv = state.kv * decay[..., None, None] + jnp.einsum("bkm,bkh->bkmh", phi_k, v.astype(jnp.float32))
+  kv = state.kv * decay[..., None, None] + jnp.einsum("bkm,bkh->bkmh", phi_k, v.astype(state.kv.dtype))
   z = state.z * decay[..., None] + phi_k
   b, n, m = phi_q.shape
   kh = kv.shape[1]
@@ -446,6 +462,8 @@ def _chunked(
     diagonal: whether query t attends key t.
   """
   b, t, kh, g, m = phi_q.shape
+  if t == 0:
+    return jnp.zeros((b, 0, kh, g, v1.shape[-1]), v1.dtype)
   c = min(chunk_size, t)
   u = -(-t // c)
 
@@ -474,9 +492,9 @@ def _chunked(
   # [B, U, K, M, Hv + 1]
   chunk_kv = jnp.einsum("buckm,buckh->bukmh", jnp.where((local == last)[..., None, None], kc, 0.0), vc)
   # A chunk containing a run start drops the state carried into it.
-  keep = jnp.broadcast_to((last == 0).astype(jnp.float32)[..., None, None], (b, u, 1, 1, 1))
+  keep = jnp.broadcast_to((last == 0).astype(chunk_kv.dtype)[..., None, None], (b, u, 1, 1, 1))
   # Linear recurrence state_u = keep_u * state_{u-1} + chunk_kv_u as an associative
-  # scan over (keep, chunk_kv) pairs (Blelloch 1990, sec. 1.4).
+  # scan over (keep, chunk_kv) pairs (Blelloch 1990, "Prefix sums and their applications").
   _, state = jax.lax.associative_scan(
       lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1]), (keep, chunk_kv), axis=1
   )
