@@ -11,6 +11,7 @@ from typing import Callable
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,3 +111,27 @@ def relative_error(got, want) -> float:
   got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
   denom = np.linalg.norm(want)
   return float(np.linalg.norm(got - want) / denom) if denom > 0 else float(np.linalg.norm(got))
+
+
+def matmul_flops(fn: Callable, *args) -> int:
+  """FLOPs of every `dot_general` in `fn`'s jaxpr (nested jaxprs included).
+
+  Backend-independent (compiled cost analyses differ by platform, and GPU
+  lowerings report none): 2 * output size * contracted size per product.
+  """
+  def walk(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            total += walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            total += walk(sub)
+    return total
+
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
