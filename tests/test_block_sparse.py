@@ -172,10 +172,8 @@ class BlockSparseTest(chex.TestCase):
     assert 7.0 < ratio < 9.0, ratio
     # Nothing of dense [T, S] size is built, forward or backward (the sparse logits are 2 * T * 64).
     loss = lambda q, k, v: jnp.sum(ea.block_sparse_attention(q, k, v, sparse))
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    assert _largest_value(jaxpr) == 2 * t * 64
-    dense_jaxpr = jax.make_jaxpr(lambda q, k, v: ea.block_sparse_attention(q, k, v, full))(q, k, v).jaxpr
-    assert _largest_value(dense_jaxpr) == 2 * t * t
+    assert util.largest_value(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v) == 2 * t * 64
+    assert util.largest_value(lambda q, k, v: ea.block_sparse_attention(q, k, v, full), q, k, v) == 2 * t * t
 
   def test_work_follows_live_blocks_with_global_rows(self):
     t = 1024
@@ -249,18 +247,6 @@ def all_options_case():
 
 def layout_local():
   return layouts.local(T, window=5, block_size=8)
-
-
-def _largest_value(jaxpr) -> int:
-  """Most elements of any value computed in `jaxpr`, inner jaxprs included."""
-  sizes = [0]
-  for eqn in jaxpr.eqns:
-    sizes += [int(np.prod(var.aval.shape)) for var in eqn.outvars]
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        sizes.append(_largest_value(inner))
-  return max(sizes)
 
 
 class LayoutTest(chex.TestCase):

@@ -181,8 +181,11 @@ class FavorTest(chex.TestCase):
     grad = jax.grad(lambda q, k, v, w: jnp.sum(fn(q, k, v, w)), argnums=(0, 1, 2))
     cumsum_bytes = t * m * h * 4
     for f in (fn, grad):
-      temp = jax.jit(f).lower(x, x, x, w).compile().memory_analysis().temp_size_in_bytes
-      assert temp < cumsum_bytes / 4, (temp, cumsum_bytes)
+      # No value, forward or backward, is a quarter the size of the cumulative sum.
+      assert util.largest_value(f, x, x, x, w) < cumsum_bytes / 4 / 4
+      if jax.default_backend() == "cpu":  # A GPU's temp also counts the cuBLAS workspace.
+        temp = jax.jit(f).lower(x, x, x, w).compile().memory_analysis().temp_size_in_bytes
+        assert temp < cumsum_bytes / 4, (temp, cumsum_bytes)
 
 
 class FavorErrorsTest(chex.TestCase):

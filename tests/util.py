@@ -113,25 +113,38 @@ def relative_error(got, want) -> float:
   return float(np.linalg.norm(got - want) / denom) if denom > 0 else float(np.linalg.norm(got))
 
 
+def _equations(jaxpr):
+  """Every equation of `jaxpr`, those of nested jaxprs (jit, scan, custom_vjp, ...) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
 def matmul_flops(fn: Callable, *args) -> int:
-  """FLOPs of every `dot_general` in `fn`'s jaxpr (nested jaxprs included).
+  """FLOPs of every `dot_general` in `fn`'s jaxpr: 2 * output size * contracted size each.
 
   Backend-independent (compiled cost analyses differ by platform, and GPU
-  lowerings report none): 2 * output size * contracted size per product.
+  lowerings report none).
   """
-  def walk(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            total += walk(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            total += walk(sub)
-    return total
+  total = 0
+  for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lhs_contract]))
+  return total
 
-  return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+def largest_value(fn: Callable, *args) -> int:
+  """Most elements of any value `fn` computes (its jaxpr, nested jaxprs included).
+
+  A structural memory check that holds on every backend: compiled temp sizes
+  also count library workspaces (e.g. cuBLAS's on a GPU).
+  """
+  return max(int(np.prod(v.aval.shape)) for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr)
+             for v in eqn.outvars)
