@@ -58,15 +58,20 @@ def parse_args() -> Config:
     else:
       kind = {"int": int, "str": str, "float": float}[field.type]
       parser.add_argument(flag, type=kind, default=field.default)
-  return Config(**vars(parser.parse_args()))
+  cfg = Config(**vars(parser.parse_args()))
+  if not 0 < cfg.linformer_k <= cfg.seq_len:
+    parser.error(f"--linformer-k must be in [1, --seq-len]: got {cfg.linformer_k=}, {cfg.seq_len=}")
+  return cfg
 
 
 def families(cfg: Config, key: jax.Array) -> dict[str, tuple[Callable, jax.Array | None]]:
   """name -> (attention fn of (q, k, v), dense mask it restricts to or None)."""
   t = cfg.seq_len
-  k_feat, k_lin, k_bb = jax.random.split(key, 3)
+  k_feat, k_bb = jax.random.split(key)
   features = ea.orthogonal_random_features(k_feat, cfg.num_features, cfg.head_dim)
-  e_proj, f_proj = jax.random.normal(k_lin, (2, cfg.linformer_k, t)) / np.sqrt(cfg.linformer_k)
+  # Untrained Linformer: E = F = average pooling of k contiguous spans (random
+  # projections would not approximate softmax attention at all before training).
+  pool = pooling_projection(cfg.linformer_k, t)
   local = ea.layouts.local(t, window=cfg.window, block_size=cfg.block_size)
   bigbird = ea.layouts.bigbird(k_bb, t, block_size=cfg.block_size)
   causal = cfg.causal
@@ -81,11 +86,18 @@ def families(cfg: Config, key: jax.Array) -> dict[str, tuple[Callable, jax.Array
           lambda q, k, v: ea.block_sparse_attention(q, k, v, bigbird, is_causal=causal), ea.layout_mask(bigbird, t, t)),
   }
   if not causal:  # Linformer has no causal form.
-    out[f"linformer (k={cfg.linformer_k})"] = (lambda q, k, v: ea.linformer_attention(q, k, v, e_proj, f_proj), None)
+    out[f"linformer (k={cfg.linformer_k}, pooling)"] = (lambda q, k, v: ea.linformer_attention(q, k, v, pool, pool), None)
   if jax.default_backend() == "gpu":
     out["softmax (cudnn)"] = (
         lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=causal, implementation="cudnn"), None)
   return out
+
+
+def pooling_projection(k: int, t: int) -> jax.Array:
+  """`[k, T]`: row i averages positions [i * T / k, (i + 1) * T / k)."""
+  span = np.floor(np.arange(t) * k / t).astype(int)
+  pool = (span[None, :] == np.arange(k)[:, None]).astype(np.float32)
+  return jnp.asarray(pool / pool.sum(axis=1, keepdims=True))
 
 
 def exact64(q, k, v, *, causal: bool, mask=None) -> np.ndarray:

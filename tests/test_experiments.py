@@ -1,0 +1,41 @@
+"""Smoke test of the README's main job on a shrunk configuration."""
+
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, _ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_runs_every_family_and_writes_a_table():
+  compare = _load("compare")
+  for causal in (False, True):
+    cfg = compare.Config(seq_len=96, num_heads=2, num_kv_heads=1, head_dim=8, num_features=16,
+                         linformer_k=12, block_size=16, window=16, repeats=1, causal=causal)
+    rows = compare.main(cfg)
+    names = [r["family"] for r in rows]
+    assert names[0] == "softmax (xla)" and any(n.startswith("favor+") for n in names)
+    assert any(n.startswith("linformer") for n in names) == (not causal)
+    for row in rows:
+      assert np.isfinite(row["ms"]) and row["ms"] > 0 and np.isfinite(row["rel_err_vs_exact"])
+      if "rel_err_vs_exact_same_mask" in row:  # block-sparse equals exact attention under its layout
+        assert row["rel_err_vs_exact_same_mask"] < 1e-5, row
+    assert rows[0]["rel_err_vs_exact"] < 1e-5
+    table = compare.to_markdown(cfg, rows)
+    assert table.count("\n|") == len(rows) + 2
+
+
+def test_pooling_projection_rows_average_contiguous_spans():
+  pool = np.asarray(_load("compare").pooling_projection(4, 10))
+  np.testing.assert_allclose(pool.sum(axis=1), 1.0, rtol=1e-6)
+  assert (np.count_nonzero(pool, axis=0) == 1).all()  # every position in exactly one span
