@@ -19,28 +19,13 @@ from tests import util
 
 B, T, N, K, H, HV = 2, 37, 6, 3, 5, 3
 
-_RNG = np.random.default_rng(2020)
-
-
-def normal(shape, dtype=jnp.float32, scale=1.0):
-  """Fresh normal inputs drawn by numpy (`jax.random` would compile a kernel per new shape)."""
-  return jnp.asarray(scale * _RNG.standard_normal(shape), jnp.float32).astype(dtype)
-
-
-def qkv(b, t, s, n, kh, h, hv=None, dtype=jnp.float32):
-  """Fresh q `[B, T, N, H]`, k `[B, S, K, H]`, v `[B, S, K, Hv]` (Hv = H by default)."""
-  hv = h if hv is None else hv
-  return normal((b, t, n, h), dtype), normal((b, s, kh, h), dtype), normal((b, s, kh, hv), dtype)
-
-
-def bernoulli(p, shape):
-  return jnp.asarray(_RNG.random(shape) < p)
+normal, qkv, bernoulli = util.normal, util.qkv, util.bernoulli
 
 
 def random_layout(grid, block_q, block_k, *, num_heads=None, p=0.4):
   """A random boolean `BlockLayout` (per head when `num_heads` is given)."""
   shape = grid if num_heads is None else (num_heads,) + grid
-  return ea.BlockLayout(_RNG.random(shape) < p, block_q, block_k)
+  return ea.BlockLayout(np.asarray(bernoulli(p, shape)), block_q, block_k)
 
 
 def check(layout, args, options=None, *, dtype=jnp.float32, argnums=(0, 1, 2)):

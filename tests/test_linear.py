@@ -23,11 +23,7 @@ CASES = ("noncausal_gqa_t_ne_s_per_head_padding", "causal_odd_t_segments_padded"
          "general_mask_causal_segments")
 
 _seeds = itertools.count(1)
-
-
-def bernoulli(p, shape):
-  """A fresh random bool mask (numpy: no compilation per shape)."""
-  return jnp.asarray(np.random.default_rng(next(_seeds)).random(shape) < p)
+bernoulli = util.bernoulli
 
 
 def long_padding(b, s):

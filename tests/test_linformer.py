@@ -13,22 +13,7 @@ from tests import util
 
 ALL_ARGS = (0, 1, 2, 3, 4)  # q, k, v, e_proj, f_proj
 
-_RNG = np.random.default_rng(2020)
-
-
-def normal(shape, dtype=jnp.float32, scale=1.0):
-  """Fresh normal inputs drawn by numpy (`jax.random` would compile a kernel per new shape)."""
-  return jnp.asarray(scale * _RNG.standard_normal(shape), jnp.float32).astype(dtype)
-
-
-def qkv(b, t, s, n, kh, h, hv=None, dtype=jnp.float32):
-  """Fresh q `[B, T, N, H]`, k `[B, S, K, H]`, v `[B, S, K, Hv]` (Hv = H by default)."""
-  hv = h if hv is None else hv
-  return normal((b, t, n, h), dtype), normal((b, s, kh, h), dtype), normal((b, s, kh, hv), dtype)
-
-
-def bernoulli(p, shape):
-  return jnp.asarray(_RNG.random(shape) < p)
+normal, qkv, bernoulli = util.normal, util.qkv, util.bernoulli
 
 
 def projections(p, t_max, kh=None, dtype=jnp.float32):

@@ -27,14 +27,28 @@ TOL = {
 NORM_TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
+_rng = np.random.default_rng(20261124)
+
+
 def fresh_key() -> jax.Array:
   """A new PRNG key per call: tests never reuse inputs (and never use zeros)."""
   return jax.random.key(next(_counter) * 7919 + 17)
 
 
 def normal(shape, dtype=jnp.float32, scale: float = 1.0, key=None) -> jax.Array:
-  key = fresh_key() if key is None else key
-  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  """Fresh standard-normal inputs times `scale`.
+
+  Drawn by numpy (`jax.random` would compile a kernel per new shape), or from
+  `key` with `jax.random` when a test needs a fixed draw.
+  """
+  if key is not None:
+    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  return jnp.asarray(scale * _rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def bernoulli(p: float, shape) -> jax.Array:
+  """A fresh random bool array, True with probability `p`."""
+  return jnp.asarray(_rng.random(shape) < p)
 
 
 def qkv(b=2, t=7, s=None, n=6, kh=3, h=8, hv=None, dtype=jnp.float32, scale=1.0):
