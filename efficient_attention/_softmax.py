@@ -65,9 +65,8 @@ def softmax_attention(
 
 
 def _default_implementation(dtype, dims: _checks.Dims) -> str:
-  head = -(-max(dims.head_dim, dims.v_head_dim) // 8) * 8
   if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-      and head <= _CUDNN_MAX_HEAD_DIM):
+      and _cudnn_head_dim(dims) <= _CUDNN_MAX_HEAD_DIM):
     return "cudnn"
   return "xla"
 
@@ -106,17 +105,21 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
 _CUDNN_MAX_HEAD_DIM = 256
 
 
+def _cudnn_head_dim(dims: _checks.Dims) -> int:
+  """The head dim cuDNN runs at: the larger of q/k's and v's, padded to a multiple of 8."""
+  return -(-max(dims.head_dim, dims.v_head_dim) // 8) * 8
+
+
 def _cudnn(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
   if jax.default_backend() != "gpu":
     raise ValueError(f"implementation='cudnn' needs a GPU; the default backend is {jax.default_backend()!r}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise TypeError(f"implementation='cudnn' needs bfloat16 or float16 inputs, got {q.dtype=}")
-  head = -(-max(dims.head_dim, dims.v_head_dim) // 8) * 8
+  head = _cudnn_head_dim(dims)
   if head > _CUDNN_MAX_HEAD_DIM:
     raise ValueError(f"implementation='cudnn' takes head dims up to {_CUDNN_MAX_HEAD_DIM}, got "
                      f"{dims.head_dim=}, {dims.v_head_dim=}")
   pad_t, pad_s = dims.q_len % 2, dims.kv_len % 2
-  t, s = dims.q_len + pad_t, dims.kv_len + pad_s
 
   def pad(x, time, hd):
     return jnp.pad(x, ((0, 0), (0, time), (0, 0), (0, head - hd)))

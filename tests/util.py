@@ -162,3 +162,23 @@ def largest_value(fn: Callable, *args) -> int:
   """
   return max(int(np.prod(v.aval.shape)) for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr)
              for v in eqn.outvars)
+
+
+def check_dead_rows(fn: Callable, q, k, v, *, dead, padded_batch: int | None = None):
+  """Rows `out[dead]` (rows with nothing to attend to; `dead` an index or a list) are 0, as is their dq.
+
+  With `padded_batch` (a batch whose keys are all masked), that batch's dk and dv
+  are 0 too. Everything stays finite. Returns the output and (dq, dk, dv) of a
+  loss that is not linear in the output, for the caller's checks of live rows.
+  """
+  out = fn(q, k, v)
+  chex.assert_tree_all_finite(out)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a) ** 2 + fn(*a)), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_tree_all_finite(grads)
+  for index in dead if isinstance(dead, list) else [dead]:
+    np.testing.assert_array_equal(np.asarray(out[index]), 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[0][index]), 0.0)
+  if padded_batch is not None:
+    for g in grads[1:]:
+      np.testing.assert_array_equal(np.asarray(g[padded_batch]), 0.0)
+  return out, grads
