@@ -22,7 +22,8 @@ import numpy as np
 
 from efficient_attention import _checks
 from efficient_attention._layouts import BlockLayout, check_grid, layout_mask
-from efficient_attention._softmax import _MASKED, _split_heads, softmax_attention_reference
+from efficient_attention._masking import split_heads
+from efficient_attention._softmax import _MASKED, softmax_attention_reference
 
 # Row buckets: at most this many (each is a separate pair of einsums), and no
 # more than needed to keep the padded work within this factor of the live blocks.
@@ -232,7 +233,7 @@ def _kv_blocks(x: jax.Array, nk: int, bk: int) -> jax.Array:
 def _blocked(x: jax.Array, dims: _checks.Dims, layout: BlockLayout, *, fill) -> jax.Array:
   """A mask or bias `[B|1, N|1, T|1, S|1]` -> blocks `[B|1, K|1, G|1, nq|1, nk|1, bq|1, bk|1]`."""
   nq, nk = layout.grid
-  x = _split_heads(x, dims)
+  x = split_heads(x, dims.num_kv_heads, dims.group)
   t_blocks = (nq, layout.block_q) if x.shape[3] > 1 else (1, 1)
   s_blocks = (nk, layout.block_k) if x.shape[4] > 1 else (1, 1)
   x = _pad(_pad(x, 3, t_blocks[0] * t_blocks[1], fill), 4, s_blocks[0] * s_blocks[1], fill)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, segment_starts
+from efficient_attention._masking import dense_mask, segment_starts, split_heads
 
 
 def elu_plus_one(x: jax.Array) -> jax.Array:
@@ -362,7 +362,8 @@ def attend(
   # [B, S, K, Hv + 1]: a column of ones carries the denominator sum_s phi(k_s) along the numerator.
   v1 = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
   if plan.dense is not None:
-    out = _quadratic(phi_q.reshape(b, t, kh, g, m), phi_k, v1, _split_heads(plan.dense, dims))
+    live = split_heads(plan.dense, dims.num_kv_heads, dims.group)
+    out = _quadratic(phi_q.reshape(b, t, kh, g, m), phi_k, v1, live)
     return _normalise(out).reshape(b, t, n, dims.v_head_dim)
   if plan.keys is not None and plan.keys.shape[1] != 1 and g > 1:
     # Key sets differ within a GQA group: give each query head its own key features.
@@ -418,13 +419,6 @@ def recurrent_update(
   den = jnp.einsum("bkgm,bkm->bkg", qg, z)[..., None]
   out = _safe_divide(num, den).reshape(b, n, kv.shape[-1])
   return LinearState(kv=kv, z=z, stabiliser=stabiliser), out
-
-
-def _split_heads(x: jax.Array, dims: _checks.Dims) -> jax.Array:
-  """`[B|1, N|1, T, S]` -> `[B|1, K|1, G|1, T, S]`."""
-  if x.shape[1] == 1:
-    return x[:, :, None]
-  return x.reshape(x.shape[0], dims.num_kv_heads, dims.group, *x.shape[2:])
 
 
 def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask
-from efficient_attention._softmax import _split_heads
+from efficient_attention._masking import dense_mask, split_heads
 
 
 def linformer_attention(
@@ -78,8 +77,8 @@ def linformer_attention(
   acc = functools.reduce(jnp.promote_types, (q.dtype, e_proj.dtype, f_proj.dtype, jnp.float32))
   per_query = ids is not None or (mask is not None and mask.shape[2] > 1)
   live = dense_mask(dims.q_len if per_query else 1, dims.kv_len, mask=mask, segment_ids=ids)
-  # [B|1, K|1, G|1, T|1, S]
-  live = _split_heads(live, dims)
+  # [B|1, K|1, G|1, T|1, S], or None when every key is live
+  live = None if live is None else split_heads(live, dims.num_kv_heads, dims.group)
   kp = _project(_per_kv_head(e_proj, dims.kv_len).astype(acc), k.astype(acc), live)
   vp = _project(_per_kv_head(f_proj, dims.kv_len).astype(acc), v.astype(acc), live)
   # [B, T, K, G, H]

@@ -46,3 +46,10 @@ def segment_starts(segment_ids: jax.Array) -> jax.Array:
   """bool `[B, T]`: True where a new run of equal ids begins (always at t = 0)."""
   first = jnp.ones(segment_ids.shape[:1] + (1,), bool)
   return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
+def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
+  """A mask or bias `[B|1, N|1, T, S]` -> `[B|1, K|1, G|1, T, S]` (N = K * G query heads)."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], num_kv_heads, group, *x.shape[2:])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask
+from efficient_attention._masking import dense_mask, split_heads
 
 # Large finite negative logit: masked entries get exactly zero weight without
 # creating inf - inf = NaN when a whole row is masked.
@@ -71,15 +71,6 @@ def _default_implementation(dtype, dims: _checks.Dims) -> str:
   return "xla"
 
 
-def _split_heads(x: jax.Array | None, dims: _checks.Dims) -> jax.Array | None:
-  """`[B|1, N|1, T, S]` -> `[B|1, K|1, G|1, T, S]`."""
-  if x is None:
-    return None
-  if x.shape[1] == 1:
-    return x[:, :, None]
-  return x.reshape(x.shape[0], dims.num_kv_heads, dims.group, *x.shape[2:])
-
-
 def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
   acc = jnp.promote_types(q.dtype, jnp.float32)
   # [B, T, K, G, H]
@@ -87,9 +78,9 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
   # [B, K, G, T, S]
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=acc) * scale
   if bias is not None:
-    logits = logits + _split_heads(bias.astype(acc), dims)
+    logits = logits + split_heads(bias.astype(acc), dims.num_kv_heads, dims.group)
   if mask is not None:
-    mask = _split_heads(mask, dims)
+    mask = split_heads(mask, dims.num_kv_heads, dims.group)
     logits = jnp.where(mask, logits, _MASKED)
   weights = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
