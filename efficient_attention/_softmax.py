@@ -43,14 +43,16 @@ def softmax_attention(
     segment_ids: int `[B, T]` (when T == S) or a (`[B, T]`, `[B, S]`) pair; attend
       only within equal ids.
     scale: logit scale, default `H**-0.5`.
-    implementation: None (best available), "xla", "cudnn" (GPU only).
+    implementation: None (best available), "xla", "pallas" (the tiled flash
+      kernel in `pallas.flash_attention`; honours is_causal, segment_ids and
+      key-padding masks `[B|1, 1, 1, S]`, not bias or other masks), "cudnn" (GPU only).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows with nothing to attend to are 0
     (and have 0 gradient). Accumulation is in float32 for narrower inputs.
   """
   dims = _checks.check_qkv(q, k, v)
-  _checks.check_implementation(implementation, ("xla", "cudnn"), family="softmax_attention")
+  _checks.check_implementation(implementation, ("xla", "pallas", "cudnn"), family="softmax_attention")
   mask = _checks.check_mask(mask, dims)
   bias = _checks.check_bias(bias, dims)
   ids = _checks.check_segment_ids(segment_ids, dims)
@@ -58,6 +60,8 @@ def softmax_attention(
   _checks.check_causal(is_causal, dims, family="softmax_attention")
   if implementation is None:
     implementation = _default_implementation(q.dtype, dims)
+  if implementation == "pallas":
+    return _pallas(q, k, v, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
   if implementation == "cudnn":
     return _cudnn(q, k, v, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
   full_mask = dense_mask(dims.q_len, dims.kv_len, is_causal=is_causal, mask=mask, segment_ids=ids)
@@ -89,6 +93,26 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
   # [B, T, K, G, Hv]
   out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(acc), preferred_element_type=acc)
   return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.v_head_dim).astype(q.dtype)
+
+
+def _pallas(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
+  from pallas.flash_attention import flash_attention
+
+  if bias is not None:
+    raise ValueError("implementation='pallas' takes no bias; use 'xla' or 'cudnn'")
+  if mask is not None:
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+      raise ValueError(
+          f"implementation='pallas' honours key-padding masks [B|1, 1, 1, S] (and is_causal, "
+          f"segment_ids); got {mask.shape=}; use 'xla' or 'cudnn' for per-head or per-query masks")
+    # A padded key gets a segment id no query has.
+    live = jnp.broadcast_to(mask[:, 0, 0, :], (dims.batch, dims.kv_len))
+    if ids is None:
+      ids = (jnp.zeros((dims.batch, dims.q_len), jnp.int32), jnp.zeros((dims.batch, dims.kv_len), jnp.int32))
+    q_ids, kv_ids = ids[0].astype(jnp.int32), ids[1].astype(jnp.int32)
+    outside = jnp.minimum(jnp.min(q_ids), jnp.min(kv_ids)) - 1
+    ids = (q_ids, jnp.where(live, kv_ids, outside))
+  return flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, scale=scale)
 
 
 # cuDNN's fused kernel: head dim a multiple of 8 and at most 256 (Hopper, cuDNN >= 9.5);
