@@ -43,7 +43,9 @@ class BlockSizes:
 
   `block_q`/`block_k` tile the forward (and the dQ kernel); `block_q_dkv`/
   `block_k_dkv` tile the dK/dV kernel. `num_warps`/`num_stages` are Triton
-  launch settings (ignored elsewhere).
+  launch settings (ignored elsewhere, except that the mosaic_gpu forward takes
+  `block_q` as 64 query rows per consumer warpgroup and `num_stages` as the
+  depth of its K/V shared-memory ring).
   """
 
   block_q: int = 128
@@ -68,10 +70,19 @@ class BlockSizes:
     """Per-backend defaults (Triton ones tuned on an H100, see pallas/NOTES.md)."""
     if backend == "triton":
       if head_dim <= 64:
-        return cls(block_q=128, block_k=64, block_q_dq=64, block_k_dq=64, block_q_dkv=64,
-                   block_k_dkv=64, num_warps=4, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
-      return cls(block_q=128, block_k=64, block_q_dq=64, block_k_dq=64, block_q_dkv=64,
-                 block_k_dkv=64, num_warps=8, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)
+        return cls(block_q=64, block_k=128, block_q_dq=64, block_k_dq=64, block_q_dkv=64,
+                   block_k_dkv=64, num_warps=4, num_stages=2, num_warps_bwd=4, num_stages_bwd=2)
+      return cls(block_q=128, block_k=128, block_q_dq=64, block_k_dq=64, block_q_dkv=64,
+                 block_k_dkv=64, num_warps=8, num_stages=3, num_warps_bwd=4, num_stages_bwd=2)
+    if backend == "mosaic_tpu":
+      # (8, 128) tiling: 128-multiples keep every block legal (see _flash_tpu.py); untuned.
+      return cls(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=128,
+                 block_k_dkv=128)
+    if backend == "mosaic_gpu":
+      # Forward: two consumer warpgroups of 64 rows, 128-key steps, 2-deep K/V
+      # ring (see pallas/NOTES_mosaic_gpu.md); backward: the Triton kernels.
+      triton = cls.get_default("triton", head_dim)
+      return dataclasses.replace(triton, block_q=128, block_k=128, num_stages=2)
     return cls()
 
   def clamp(self, q_len: int, kv_len: int) -> BlockSizes:
@@ -250,6 +261,11 @@ def _params(static: _Static, *, backward: bool):
   return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=stages)}
 
 
+def _query_block(program, num_programs, static: _Static):
+  """Causal query blocks run longest first (the last block sees every key): less tail idle."""
+  return num_programs - 1 - program if static.is_causal else program
+
+
 def _kv_ranges(q_block, *, block_q: int, block_k: int, static: _Static):
   """Key blocks query block `q_block` visits: unmasked `[0, full)`, masked `[full, end)`."""
   kv_len = static.kv_len
@@ -321,7 +337,7 @@ def _dot_tn(a, b, static: _Static):
 
 def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *, static: _Static):
   bq, bk = static.blocks.block_q, static.blocks.block_k
-  i = pl.program_id(0)
+  i = _query_block(pl.program_id(0), pl.num_programs(0), static)
   q = q_ref[...]  # [bq, H]
   q_ids = q_ids_ref[...] if static.has_segments else None
 
@@ -360,15 +376,17 @@ def _forward(q, k, v, q_ids, kv_ids, static: _Static):
   s_pad, v_dim = k.shape[1], v.shape[3]
   bq = static.blocks.block_q
   group = static.group
-  grid = (t_pad // bq, batch, num_heads)
+  nq = t_pad // bq
+  grid = (nq, batch, num_heads)
+  qb = lambda i: _query_block(i, nq, static)  # noqa: E731
   in_specs = [
-      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
+      pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, qb(i), n, 0)),
       pl.BlockSpec((None, s_pad, None, head_dim), lambda i, b, n: (b, 0, n // group, 0)),
       pl.BlockSpec((None, s_pad, None, v_dim), lambda i, b, n: (b, 0, n // group, 0)),
   ]
   args = [q, k, v]
   if static.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, qb(i))),
                  pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     args += [q_ids, kv_ids]
   kernel = _with_optional_ids(_forward_kernel, static, num_inputs=3)
@@ -377,8 +395,8 @@ def _forward(q, k, v, q_ids, kv_ids, static: _Static):
       grid=grid,
       in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, bq, None, v_dim), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+          pl.BlockSpec((None, bq, None, v_dim), lambda i, b, n: (b, qb(i), n, 0)),
+          pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_dim), q.dtype),
@@ -409,7 +427,7 @@ def _with_optional_ids(kernel, static: _Static, *, num_inputs: int):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref, *,
                static: _Static):
   bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
-  i = pl.program_id(0)
+  i = _query_block(pl.program_id(0), pl.num_programs(0), static)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_ids = q_ids_ref[...] if static.has_segments else None
@@ -437,24 +455,26 @@ def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, static: _Static):
   s_pad, v_dim = k.shape[1], v.shape[3]
   bq = static.blocks.block_q_dq
   group = static.group
-  q_block = lambda i, b, n: (b, i, n, 0)  # noqa: E731
+  nq = t_pad // bq
+  qb = lambda i: _query_block(i, nq, static)  # noqa: E731
+  q_block = lambda i, b, n: (b, qb(i), n, 0)  # noqa: E731
   kv_full = lambda i, b, n: (b, 0, n // group, 0)  # noqa: E731
   in_specs = [
       pl.BlockSpec((None, bq, None, head_dim), q_block),
       pl.BlockSpec((None, s_pad, None, head_dim), kv_full),
       pl.BlockSpec((None, s_pad, None, v_dim), kv_full),
       pl.BlockSpec((None, bq, None, v_dim), q_block),
-      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
-      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
+      pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
   ]
   args = [q, k, v, d_out, lse, delta]
   if static.has_segments:
-    in_specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
+    in_specs += [pl.BlockSpec((None, bq), lambda i, b, n: (b, qb(i))),
                  pl.BlockSpec((None, s_pad), lambda i, b, n: (b, 0))]
     args += [q_ids, kv_ids]
   return pl.pallas_call(
       _with_optional_ids(_dq_kernel, static, num_inputs=6),
-      grid=(t_pad // bq, batch, num_heads),
+      grid=(nq, batch, num_heads),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((None, bq, None, head_dim), q_block),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
