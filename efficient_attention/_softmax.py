@@ -69,9 +69,15 @@ def softmax_attention(
 
 
 def _default_implementation(dtype, dims: _checks.Dims) -> str:
-  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  """The fastest measured choice per platform (H100 figures in results/h100/flash/flash.md):
+  cuDNN on a GPU for bf16/f16 (ahead of the Pallas kernel there), the Pallas kernel on TPU
+  (no cuDNN, and XLA materialises [T, S]), XLA elsewhere."""
+  backend = jax.default_backend()
+  if (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
       and _cudnn_head_dim(dims) <= _CUDNN_MAX_HEAD_DIM):
     return "cudnn"
+  if backend == "tpu":
+    return "pallas"
   return "xla"
 
 
