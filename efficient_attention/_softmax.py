@@ -59,7 +59,7 @@ def softmax_attention(
   scale = _checks.check_scale(scale, dims)
   _checks.check_causal(is_causal, dims, family="softmax_attention")
   if implementation is None:
-    implementation = _default_implementation(q.dtype, dims)
+    implementation = _default_implementation(q.dtype, dims, bias=bias, mask=mask)
   if implementation == "pallas":
     return _pallas(q, k, v, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
   if implementation == "cudnn":
@@ -68,7 +68,7 @@ def softmax_attention(
   return _xla(q, k, v, bias=bias, mask=full_mask, scale=scale, dims=dims)
 
 
-def _default_implementation(dtype, dims: _checks.Dims) -> str:
+def _default_implementation(dtype, dims: _checks.Dims, *, bias, mask) -> str:
   """The fastest measured choice per platform (H100 figures in results/h100/flash/flash.md):
   cuDNN on a GPU for bf16/f16 (ahead of the Pallas kernel there), the Pallas kernel on TPU
   (no cuDNN, and XLA materialises [T, S]), XLA elsewhere."""
@@ -76,7 +76,8 @@ def _default_implementation(dtype, dims: _checks.Dims) -> str:
   if (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
       and _cudnn_head_dim(dims) <= _CUDNN_MAX_HEAD_DIM):
     return "cudnn"
-  if backend == "tpu":
+  key_padding = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
+  if backend == "tpu" and bias is None and key_padding:
     return "pallas"
   return "xla"
 
