@@ -16,8 +16,15 @@ of forward+backward at long T (B1 N8 H128), from the compiled executable.
     python experiments/bench_attention.py --run h100_flash           # full GPU run
     python experiments/bench_attention.py --smoke                    # tiny, any machine
     python experiments/bench_attention.py --tune --seq-lens 8192     # Triton block sizes
+    python experiments/bench_attention.py --suite families           # every family, T up to 128k
 
-Writes `results/<run>/flash.{json,md,png}`.
+Writes `results/<run>/flash.{json,md,png}`. `--suite families` times every family
+(exact through XLA / cuDNN / Pallas, FAVOR+, linear, Linformer, block-sparse local),
+causal where the family has a causal form (Linformer: non-causal), B1 N8 H64, T from 512 to
+128k, forward and forward+backward, with the peak memory of forward+backward; a family that
+runs out of memory is recorded as OOM and not run at longer T. It writes
+`results/<run>/families.{json,md,png}`, the PNG showing time vs T (log-log): where each
+approximate family overtakes exact attention.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class Config:
   repeats: int = 20
   warmup: int = 3
   tune: bool = False
+  suite: str = "flash"  # or "families"
+  family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
   smoke: bool = False
   seed: int = 0
   run: str = "bench"
@@ -70,6 +79,8 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--repeats", type=int, default=Config.repeats)
   parser.add_argument("--warmup", type=int, default=Config.warmup)
   parser.add_argument("--tune", action="store_true", help="sweep Triton block sizes instead")
+  parser.add_argument("--suite", choices=("flash", "families"), default=Config.suite)
+  parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds on a CPU")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--run", default=Config.run)
@@ -77,8 +88,8 @@ def parse_args(argv=None) -> Config:
   args = parser.parse_args(argv)
   cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
   if cfg.smoke:
-    cfg = dataclasses.replace(cfg, seq_lens=(64, 128), head_dims=(16,), tokens=128, width=32,
-                              memory_seq_lens=(256,), repeats=2, warmup=1)
+    cfg = dataclasses.replace(cfg, seq_lens=(64,), head_dims=(16,), tokens=128, width=32,
+                              memory_seq_lens=(128,), family_seq_lens=(64, 128), repeats=2, warmup=1)
   return cfg
 
 
@@ -258,6 +269,128 @@ def tune(cfg: Config) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- #
+# every family
+# --------------------------------------------------------------------------- #
+
+FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "linear", "linformer", "local")
+
+
+def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, bool] | None:
+  """(fn(q, k, v) -> out, is_causal) for family `name` at length t, or None when unavailable."""
+  import efficient_attention as ea
+
+  if name == "softmax-xla":
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="xla")), True
+  if name == "softmax-cudnn":
+    if not on_gpu:
+      return None
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")), True
+  if name == "softmax-pallas":
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="pallas")), True
+  if name == "favor":
+    features = ea.orthogonal_random_features(jax.random.key(1), 256, h)
+    return (lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=True)), True
+  if name == "linear":
+    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True)), True
+  if name == "linformer":
+    proj = jax.random.normal(jax.random.key(2), (256, t), jnp.float32) / 16.0
+    return (lambda q, k, v: ea.linformer_attention(q, k, v, proj.astype(q.dtype), proj.astype(q.dtype))), False
+  if name == "local":
+    layout = ea.layouts.local(t, window=256, block_size=128 if t >= 128 else 16)
+    return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True)), True
+  raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
+
+
+def _is_oom(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def families(cfg: Config) -> list[dict]:
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  n, h = (8, 64) if not cfg.smoke else (2, 16)
+  rows, stopped = [], {}
+  key = jax.random.key(cfg.seed + 2)
+  for t in tqdm(cfg.family_seq_lens, desc="families"):
+    q, k, v, do = inputs(key, 1, t, n, h, dtype)
+    for name in FAMILIES:
+      row = dict(family=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name)
+      if name in stopped:
+        rows.append(dict(row, status=stopped[name]))
+        continue
+      made = family_fn(name, t, h, on_gpu=on_gpu)
+      if made is None:
+        continue
+      fn, is_causal = made
+      row["is_causal"] = is_causal
+      try:
+        fwd = jax.jit(fn)
+        fwd_bwd = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
+        row["peak_bytes"] = peak_bytes(fwd_bwd, (q, k, v, do))
+        row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup)
+        row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup)
+        row["status"] = "ok"
+      except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result here
+        row["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
+      rows.append(row)
+  return rows
+
+
+def families_markdown(rows: list[dict], header: str) -> str:
+  names = [f for f in FAMILIES if any(r["family"] == f for r in rows)]
+  lens = sorted({r["seq_len"] for r in rows})
+  lines = [header, ""]
+  for key, title in (("fwd_bwd_ms", "forward+backward (ms)"), ("fwd_ms", "forward (ms)"),
+                     ("peak_bytes", "peak memory of forward+backward (MiB)")):
+    lines += [f"{title}", "", "| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in lens:
+      cells = []
+      for name in names:
+        r = next((r for r in rows if r["family"] == name and r["seq_len"] == t), None)
+        if r is None:
+          cells.append("–")
+        elif r["status"] != "ok":
+          cells.append("OOM" if r["status"] == "OOM" else "–")
+        elif key == "peak_bytes":
+          cells.append("–" if r[key] is None else f"{r[key] / 2**20:.0f}")
+        else:
+          cells.append(f"{r[key]:.3g}")
+      lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def families_plot(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for ax, (key, title) in zip(axes, (("fwd_bwd_ms", "forward+backward"), ("fwd_ms", "forward"),
+                                     ("peak_bytes", "peak memory, forward+backward"))):
+    for name in FAMILIES:
+      pts = [(r["seq_len"], r[key] / (2**20 if key == "peak_bytes" else 1)) for r in rows
+             if r["family"] == name and r["status"] == "ok" and r.get(key) is not None]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name)
+      oom = [r["seq_len"] for r in rows if r["family"] == name and r["status"] == "OOM"]
+      if oom and pts:
+        ax.annotate("OOM", (oom[0], pts[-1][1]), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel("MiB" if key == "peak_bytes" else "ms")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
 # report
 # --------------------------------------------------------------------------- #
 
@@ -335,6 +468,17 @@ def main(argv=None) -> pathlib.Path:
   if cfg.tune:
     rows = tune(cfg)
     (out / "tune.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    return out
+  if cfg.suite == "families":
+    rows = families(cfg)
+    r0 = rows[0]
+    header = (f"# Every family — {env['device']}, JAX {env['jax']}, {r0['dtype']}, B1 N{r0['num_heads']} "
+              f"H{r0['head_dim']}, causal (Linformer: non-causal), median of {cfg.repeats}")
+    table = families_markdown(rows, header)
+    (out / "families.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    (out / "families.md").write_text(table)
+    families_plot(rows, out / "families.png")
+    print(table)
     return out
   speed_rows = speed(cfg)
   memory_rows = memory(cfg) if cfg.memory_seq_lens else []
