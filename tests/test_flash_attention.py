@@ -118,3 +118,20 @@ def test_errors_name_the_values():
     ea.softmax_attention(q, k, v, bias=util.normal((1, 2, 8, 8)), implementation="pallas")
   with pytest.raises(ValueError, match=r"mask.shape=\(1, 1, 8, 8\)"):
     ea.softmax_attention(q, k, v, mask=jnp.ones((1, 1, 8, 8), bool), implementation="pallas")
+
+
+def _hopper() -> bool:
+  from pallas import _flash_mosaic_gpu
+  return jax.default_backend() == "gpu" and _flash_mosaic_gpu._on_hopper()
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Mosaic GPU forward needs a Hopper GPU")
+@pytest.mark.parametrize("h, is_causal, segments", [(64, True, True), (128, False, False), (128, True, False),
+                                                    (64, False, True)])
+def test_mosaic_gpu_value_and_grad(h, is_causal, segments):
+  b, t = 2, 333  # odd: padded to whole tiles, tail masked
+  q, k, v = util.qkv(b, t, t, 4, 2, h, dtype=jnp.bfloat16)
+  ids = util.packed_segment_ids(b, t, 3) if segments else None
+  fn = lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, backend="mosaic_gpu")  # noqa: E731
+  out, _ = util.check_against_f64(fn, _ref(is_causal, ids), (q, k, v), **util.TOL[jnp.bfloat16])
+  assert out.dtype == jnp.bfloat16
