@@ -1,7 +1,9 @@
 """efficient-attention: exact, FAVOR+, linear, Linformer and block-sparse attention for JAX.
 
 Every function takes `[B, T, N, H]` queries/keys/values and the same keyword
-options (`is_causal`, `mask`, `segment_ids`, `scale`, `implementation`).
+options (`is_causal`, `mask`, `segment_ids`, `scale`, `implementation`). The
+Flax nnx modules project `[B, T, D]` inputs and call them; `efficient_attention.lm`
+holds a small decoder-only language model built from them.
 """
 
 from efficient_attention import _layouts as layouts
@@ -22,11 +24,37 @@ from efficient_attention._linear import (
     linear_attention_step,
 )
 from efficient_attention._linformer import linformer_attention, linformer_attention_reference
+from efficient_attention._module_base import AttentionModule
+from efficient_attention._modules import (
+    ATTENTION_FAMILIES,
+    BlockSparseAttention,
+    FavorAttention,
+    LinearAttention,
+    LinformerAttention,
+    LocalAttention,
+    MultiHeadAttention,
+    RandomFeatures,
+    SoftmaxAttention,
+    attention_options,
+)
+from efficient_attention._rope import apply_rope
 from efficient_attention._softmax import softmax_attention, softmax_attention_reference
 
 __all__ = [
+    "ATTENTION_FAMILIES",
+    "AttentionModule",
     "BlockLayout",
+    "BlockSparseAttention",
+    "FavorAttention",
+    "LinearAttention",
     "LinearState",
+    "LinformerAttention",
+    "LocalAttention",
+    "MultiHeadAttention",
+    "RandomFeatures",
+    "SoftmaxAttention",
+    "apply_rope",
+    "attention_options",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "favor_attention",

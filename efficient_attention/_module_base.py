@@ -1,0 +1,243 @@
+"""What every attention module shares: projections, input checks, RoPE and the decoding cache protocol.
+
+A module holds the q/k/v/out projections and calls one pure attention function;
+the math stays in the functions. Each family says how it attends (`attend`) and,
+where it can, how it decodes from a cache (`_init_cache`, `_decode`).
+
+Decoding follows `nnx.MultiHeadAttention`: `init_cache(input_shape)` creates
+`nnx.Cache` variables, then `module(x, decode=True)` takes the next tokens
+(one or more) and appends them. `cache_index` counts the tokens seen so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention._rope import apply_rope
+
+_KERNEL_INIT = nnx.initializers.lecun_normal()
+_BIAS_INIT = nnx.initializers.zeros_init()
+
+
+class AttentionModule(nnx.Module):
+  """Base of the attention modules: `[B, T, in_features] -> [B, T, out_features]`.
+
+  Args:
+    num_heads: N, query heads.
+    in_features: D, the feature size of x.
+    qkv_features: N * H, default D; H = qkv_features // N is the head dim.
+    out_features: feature size of the output, default D.
+    num_kv_heads: K, key/value heads (GQA when K < N), default N.
+    is_causal: token t attends tokens s <= t. Needed for decoding.
+    rope_base: rotary position embedding of q and k with this base (see
+      `apply_rope`); None for none.
+    use_bias: biases in the projections.
+    dtype: computation dtype of the projections (None: inferred from x and the
+      parameters, as in `nnx.Linear`).
+    param_dtype: parameter dtype.
+    kernel_init, bias_init: initialisers of the projections.
+    rngs: `nnx.Rngs` for the parameters (and a family's random streams).
+  """
+
+  family: ClassVar[str] = "attention"
+
+  def __init__(
+      self,
+      num_heads: int,
+      in_features: int,
+      qkv_features: int | None = None,
+      *,
+      out_features: int | None = None,
+      num_kv_heads: int | None = None,
+      is_causal: bool = False,
+      rope_base: float | None = None,
+      use_bias: bool = True,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      kernel_init: nnx.Initializer = _KERNEL_INIT,
+      bias_init: nnx.Initializer = _BIAS_INIT,
+      rngs: nnx.Rngs,
+  ):
+    qkv_features = in_features if qkv_features is None else qkv_features
+    out_features = in_features if out_features is None else out_features
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    _check_positive(num_heads=num_heads, in_features=in_features, qkv_features=qkv_features,
+                    out_features=out_features, num_kv_heads=num_kv_heads)
+    if qkv_features % num_heads:
+      raise ValueError(f"qkv_features must be a multiple of num_heads, got {qkv_features=}, {num_heads=}")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads must be a multiple of num_kv_heads (GQA), got {num_heads=}, {num_kv_heads=}")
+    if not isinstance(is_causal, bool):
+      raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    head_dim = qkv_features // num_heads
+    if rope_base is not None and head_dim % 2:
+      raise ValueError(f"rope_base needs an even head dim, got head_dim={head_dim} "
+                       f"(qkv_features={qkv_features} / num_heads={num_heads})")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.in_features, self.out_features = in_features, out_features
+    self.is_causal, self.rope_base = is_causal, rope_base
+    self.dtype, self.param_dtype = dtype, param_dtype
+    linear = functools.partial(nnx.LinearGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                               kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+    self.query = linear(in_features, (num_heads, head_dim))
+    self.key = linear(in_features, (num_kv_heads, head_dim))
+    self.value = linear(in_features, (num_kv_heads, head_dim))
+    self.out = linear((num_heads, head_dim), out_features, axis=(-2, -1))
+    self.cache_index: nnx.Cache | None = nnx.data(None)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      mask: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      decode: bool = False,
+  ) -> jax.Array:
+    """Self-attention over x.
+
+    Args:
+      x: `[B, T, in_features]`.
+      mask: optional bool `[B|1, N|1, T|1, T|1]`, True = attend (as in the functions).
+      segment_ids: optional int `[B, T]`: attend only within equal ids.
+      decode: take x as the next T tokens after those in the cache (see
+        `init_cache`); mask and segment_ids must then be None.
+
+    Returns:
+      `[B, T, out_features]`.
+    """
+    self._check_input(x)
+    t = x.shape[1]
+    if not decode:
+      q, k, v = self.project(x)
+      return self.out(self.attend(q, k, v, mask=mask, segment_ids=segment_ids))
+    self._check_decodable()
+    if mask is not None or segment_ids is not None:
+      raise ValueError(f"{self.family}: decode=True takes no mask or segment_ids (the cache decides what each "
+                       f"new token attends to), got mask={_short(mask)}, segment_ids={_short(segment_ids)}")
+    if self.cache_index is None:
+      raise ValueError(f"{self.family}: no cache; call init_cache(input_shape) before decode=True")
+    index = self.cache_index[...]
+    check_capacity(index, t, self._capacity(), name=self.family)
+    q, k, v = self.project(x, index + jnp.arange(t))
+    out = self._decode(q, k, v, index)
+    self.cache_index[...] = index + t
+    return self.out(out)
+
+  def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`.
+
+    q and k are rotated when `rope_base` is set, at `positions` (int `[T]`,
+    default `0..T-1`).
+    """
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    if self.rope_base is not None:
+      positions = jnp.arange(x.shape[1]) if positions is None else positions
+      q = apply_rope(q, positions, base=self.rope_base)
+      k = apply_rope(k, positions, base=self.rope_base)
+    return q, k, v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, segment_ids=None) -> jax.Array:
+    """The family's pure function on projected q `[B, T, N, H]`, k, v `[B, S, K, H]`: `[B, T, N, H]`."""
+    raise NotImplementedError
+
+  def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+    """Creates an empty decoding cache for inputs x of shape `input_shape = (B, L, in_features)`.
+
+    L is the most tokens the cache must hold; `dtype` (default `dtype`, else
+    float32) is the dtype of cached keys and values.
+    """
+    self._check_decodable()
+    if len(input_shape) != 3 or input_shape[-1] != self.in_features:
+      raise ValueError(f"input_shape must be (B, L, in_features={self.in_features}), got {input_shape=}")
+    batch, length = input_shape[:2]
+    _check_positive(batch=batch, length=length)
+    if dtype is None:
+      dtype = jnp.float32 if self.dtype is None else self.dtype
+    self._init_cache(batch, length, dtype)
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  # Decoding, by family.
+
+  def _check_decodable(self) -> None:
+    if not self.is_causal:
+      raise ValueError(f"{self.family}: decoding is causal; build the module with is_causal=True")
+
+  def _init_cache(self, batch: int, length: int, dtype: Any) -> None:
+    raise NotImplementedError
+
+  def _capacity(self) -> int | None:
+    """Most tokens the cache holds; None when it never fills (a ring buffer or a recurrent state)."""
+    return None
+
+  def _decode(self, q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
+    """Attends the new tokens (`[B, T, N|K, H]`, positions `index + 0..T-1`) to the cache and updates it."""
+    raise NotImplementedError
+
+  def _check_input(self, x: Any) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{self.family}: x must be an array [B, T, in_features], got {type(x).__name__}")
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(f"{self.family}: x must be [B, T, in_features={self.in_features}], got {x.shape=}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{self.family}: x must be floating point, got {x.dtype=}")
+
+
+def check_capacity(index: jax.Array, steps: int, capacity: int | None, *, name: str) -> None:
+  """Raises when `steps` more tokens at `index` overflow a cache of `capacity` positions.
+
+  With a concrete index (eager calls) this raises ValueError at once. Under a
+  transform (`nnx.jit`, `jax.jit`, scan) the index is traced: the same check runs
+  on the host through `jax.debug.callback`, and the ValueError surfaces as the
+  runtime error of the call (a `jax.errors.JaxRuntimeError` quoting it), unless
+  traced under `lengths_checked_ahead()`.
+  """
+  if capacity is None:
+    return
+  check = functools.partial(_raise_on_overflow, steps=steps, capacity=capacity, name=name)
+  if not isinstance(index, jax.core.Tracer):
+    check(index)
+  elif _CHECK_TRACED.get():
+    jax.debug.callback(check, index)
+
+
+_CHECK_TRACED = contextvars.ContextVar("check_traced_cache_capacity", default=True)
+
+
+@contextlib.contextmanager
+def lengths_checked_ahead() -> Iterator[None]:
+  """Traced decoding within skips the host callback of `check_capacity`: the caller checked the lengths.
+
+  (A host callback per layer and token would synchronise every decoding step.)
+  """
+  token = _CHECK_TRACED.set(False)
+  try:
+    yield
+  finally:
+    _CHECK_TRACED.reset(token)
+
+
+def _raise_on_overflow(index, *, steps: int, capacity: int, name: str) -> None:
+  index = int(index)
+  if index + steps > capacity:
+    raise ValueError(f"{name}: decoding {steps} token(s) at cache_index={index} overflows the cache of "
+                     f"{capacity} positions; call init_cache with a longer input_shape")
+
+
+def _check_positive(**sizes: Any) -> None:
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+      raise ValueError(f"{name} must be a positive int, got {name}={size!r}")
+
+
+def _short(value: Any) -> str:
+  if hasattr(value, "shape"):
+    return f"<array shape={tuple(value.shape)} dtype={value.dtype}>"
+  return repr(value)

@@ -1,0 +1,330 @@
+"""A small decoder-only language model whose attention family is one config field.
+
+Pre-norm blocks (`x + attention(norm(x))`, `x + mlp(norm(x))`), tied input and
+output embeddings, byte-level vocabulary by default. Positions: rotary (RoPE,
+inside attention) for the families that attend to exact keys (softmax, local,
+block_sparse); learned absolute embeddings for FAVOR+, linear and Linformer,
+whose feature maps or projections would not keep RoPE's relative form.
+
+    config = LMConfig(attention="favor", num_layers=2, width=64, num_heads=4)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    logits = model(tokens)                                   # [B, T, vocab_size]
+    out = generate(model, prompt, max_new_tokens=32, temperature=0.0)
+
+Shapes: B batch, T time, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_attention._layouts import BlockLayout
+from efficient_attention._masking import segment_starts
+from efficient_attention._module_base import check_capacity, lengths_checked_ahead
+from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention
+
+ROPE_FAMILIES = ("softmax", "local", "block_sparse")
+NORMS = ("rms", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Sizes and options of `LanguageModel`.
+
+  Attributes:
+    attention: the attention family, a name in `ATTENTION_FAMILIES`.
+    vocab_size: V (256: bytes).
+    num_layers: decoder blocks.
+    width: D, the model width.
+    num_heads: N, query heads; head dim `width // num_heads`.
+    num_kv_heads: K, key/value heads (GQA), default N.
+    mlp_ratio: MLP hidden width / D.
+    max_len: longest sequence (learned positions, Linformer's E and F, decoding).
+    dropout: dropout rate on the embeddings and each residual branch.
+    norm: "rms" (RMSNorm) or "layer" (LayerNorm).
+    is_causal: causal self-attention. Linformer has no causal form and needs
+      False: it then sees the whole sequence, a bidirectional encoder whose
+      next-token loss is not a language-model loss (the target is in view).
+    rope_base: RoPE base for the families in `ROPE_FAMILIES`.
+    num_features: FAVOR+ projection rows (None: the module's default).
+    redraw_interval: FAVOR+ redraw schedule in training calls (0 = never).
+    feature_map: linear attention's feature map.
+    projected_len: Linformer's projected length (the paper's k).
+    window, block_size: local attention's window and block size.
+    layout: block_sparse's layout, a function `seq_len -> BlockLayout`.
+    chunk_size: time steps per chunk of causal FAVOR+ / linear attention.
+    dtype: computation dtype (None: float32 from the parameters).
+    param_dtype: parameter dtype.
+  """
+
+  attention: str = "softmax"
+  vocab_size: int = 256
+  num_layers: int = 2
+  width: int = 128
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  mlp_ratio: float = 4.0
+  max_len: int = 256
+  dropout: float = 0.0
+  norm: str = "rms"
+  is_causal: bool = True
+  rope_base: float = 10_000.0
+  num_features: int | None = None
+  redraw_interval: int = 0
+  feature_map: str = "elu+1"
+  projected_len: int = 64
+  window: int = 64
+  block_size: int = 16
+  layout: Callable[[int], BlockLayout] | None = None
+  chunk_size: int = 64
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION_FAMILIES:
+      raise ValueError(f"unknown attention={self.attention!r}; valid: {', '.join(map(repr, ATTENTION_FAMILIES))}")
+    for name in ("vocab_size", "num_layers", "width", "num_heads", "max_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width must be a multiple of num_heads, got width={self.width}, num_heads={self.num_heads}")
+    if self.norm not in NORMS:
+      raise ValueError(f"unknown norm={self.norm!r}; valid: {', '.join(map(repr, NORMS))}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout}")
+    if not self.mlp_ratio > 0:
+      raise ValueError(f"mlp_ratio must be positive, got mlp_ratio={self.mlp_ratio}")
+    if self.attention == "linformer" and self.is_causal:
+      raise ValueError("attention='linformer' has no causal form: set is_causal=False explicitly (the model then "
+                       "sees the whole sequence, so it is an encoder, not a next-token language model)")
+    if (self.layout is None) == (self.attention == "block_sparse"):
+      raise ValueError(f"layout (a function seq_len -> BlockLayout) is required for attention='block_sparse' "
+                       f"and only for it; got attention={self.attention!r}, layout={self.layout!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def mlp_width(self) -> int:
+    return max(1, round(self.width * self.mlp_ratio))
+
+  @property
+  def uses_rope(self) -> bool:
+    """RoPE inside attention (True) or learned absolute position embeddings (False)."""
+    return self.attention in ROPE_FAMILIES
+
+  def attention_options(self) -> dict[str, Any]:
+    """The family options passed to `MultiHeadAttention`."""
+    options = {
+        "favor": dict(num_features=self.num_features, redraw_interval=self.redraw_interval,
+                      chunk_size=self.chunk_size),
+        "linear": dict(feature_map=self.feature_map, chunk_size=self.chunk_size),
+        "linformer": dict(max_len=self.max_len, projected_len=self.projected_len),
+        "local": dict(window=self.window, block_size=self.block_size),
+        "block_sparse": dict(layout=self.layout),
+    }.get(self.attention, {})
+    if self.uses_rope:
+      options["rope_base"] = self.rope_base
+    return options
+
+
+class MLP(nnx.Module):
+  """`[B, T, D] -> [B, T, D]`: Linear, GELU, Linear."""
+
+  def __init__(self, width: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up, self.down = linear(width, hidden), linear(hidden, width)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+class DecoderBlock(nnx.Module):
+  """Pre-norm block: `x + drop(attention(norm(x)))`, then `x + drop(mlp(norm(x)))`."""
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    common = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+    self.attention_norm = _norm(config, rngs)
+    self.attention = MultiHeadAttention(
+        config.num_heads, config.width, attention=config.attention, num_kv_heads=config.num_kv_heads,
+        is_causal=config.is_causal, use_bias=False, **common, **config.attention_options())
+    self.mlp_norm = _norm(config, rngs)
+    self.mlp = MLP(config.width, config.mlp_width, **common)
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    x = x + self.dropout(self.attention(self.attention_norm(x), segment_ids=segment_ids, decode=decode))
+    return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class LanguageModel(nnx.Module):
+  """Decoder-only LM: tokens `[B, T]` -> logits `[B, T, vocab_size]` (float32).
+
+  Call with `segment_ids [B, T]` for packed sequences or padding (attention
+  stays within equal ids; learned positions restart with each run of ids).
+  For decoding, `init_cache((B, L))` then `model(tokens, decode=True)` with the
+  next tokens; `generate` does both.
+  """
+
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    embed_init = nnx.initializers.normal(stddev=config.width**-0.5)
+    common = dict(dtype=config.dtype, param_dtype=config.param_dtype, embedding_init=embed_init, rngs=rngs)
+    self.embed = nnx.Embed(config.vocab_size, config.width, **common)
+    self.position = nnx.data(None) if config.uses_rope else nnx.Embed(config.max_len, config.width, **common)
+    self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = _norm(config, rngs)
+    self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+    self.cache_index: nnx.Cache | None = nnx.data(None)
+    self.cache_length: int | None = None
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    """Logits `[B, T, V]` in float32 for int tokens `[B, T]`."""
+    if not hasattr(tokens, "dtype") or tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an int array [B, T], got {_describe(tokens)}")
+    t = tokens.shape[1]
+    if t > self.config.max_len:
+      raise ValueError(f"sequence length T={t} exceeds max_len={self.config.max_len}")
+    positions = self._advance_cache(t) if decode else self._positions(t, segment_ids)
+    x = self.embed(tokens)
+    if self.position is not None:
+      x = x + self.position(positions)
+    x = self.dropout(x)
+    for block in self.blocks:
+      x = block(x, segment_ids=segment_ids, decode=decode)
+    # [B, T, V]: the output layer is the transposed input embedding.
+    return self.embed.attend(self.final_norm(x)).astype(jnp.float32)
+
+  def init_cache(self, input_shape: tuple[int, int], dtype: Any = None) -> None:
+    """Empty decoding caches for token arrays of shape `input_shape = (B, L)`, L <= max_len."""
+    if len(input_shape) != 2 or input_shape[1] > self.config.max_len:
+      raise ValueError(f"input_shape must be (B, L) with L <= max_len={self.config.max_len}, got {input_shape=}")
+    for block in self.blocks:
+      block.attention.init_cache((*input_shape, self.config.width), dtype)
+    self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_length = input_shape[1]
+
+  def _advance_cache(self, t: int) -> jax.Array:
+    """int `[1, T]` positions of the next t decoded tokens; counts them in `cache_index`."""
+    if self.cache_index is None:
+      raise ValueError("decode=True needs init_cache((B, L)) first")
+    index = self.cache_index[...]
+    check_capacity(index, t, self.cache_length, name="LanguageModel")
+    self.cache_index[...] = index + t
+    return (index + jnp.arange(t))[None]
+
+  def _positions(self, t: int, segment_ids: jax.Array | None) -> jax.Array:
+    """int `[1|B, T]`: positions 0..T-1, restarting with each run of equal segment ids."""
+    positions = jnp.arange(t)[None]
+    if segment_ids is None:
+      return positions
+    # Index of the current run's first token, carried forward.
+    run_start = jax.lax.cummax(jnp.where(segment_starts(segment_ids), positions, 0), axis=1)
+    return positions - run_start
+
+
+def generate(
+    model: LanguageModel,
+    prompt: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+  """Samples a continuation with the decoding caches: the prompt in one call, then token by token.
+
+  Runs in eval mode (no dropout, no FAVOR+ redraws) on a view of `model`,
+  whose own caches and mode are left as they were. One `jax.jit` compilation
+  per prompt shape and `max_new_tokens` (temperature and top_k are traced);
+  the token loop is a `jax.lax.scan`.
+
+  Args:
+    model: a `LanguageModel` with `is_causal=True`.
+    prompt: int `[B, P]` tokens, P >= 1, `P + max_new_tokens <= max_len`.
+    max_new_tokens: tokens to add.
+    temperature: softmax temperature; 0 picks the most likely token (greedy).
+    top_k: sample among the k most likely tokens only (None: all).
+    key: PRNG key, required when temperature > 0.
+
+  Returns:
+    int32 `[B, P + max_new_tokens]`: the prompt and its continuation.
+  """
+  config = model.config
+  if not config.is_causal:
+    raise ValueError(f"generate needs a causal model, got attention={config.attention!r} with is_causal=False")
+  if not hasattr(prompt, "dtype") or prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt must be an int array [B, P], got {_describe(prompt)}")
+  if prompt.shape[1] < 1:
+    raise ValueError(f"prompt must hold at least one token, got {prompt.shape=}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens=}")
+  total = prompt.shape[1] + max_new_tokens
+  if total > config.max_len:
+    raise ValueError(f"prompt length {prompt.shape[1]} + {max_new_tokens=} = {total} exceeds max_len={config.max_len}")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature=}")
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or
+                            not 1 <= top_k <= config.vocab_size):
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={config.vocab_size}], got {top_k=}")
+  if temperature > 0 and key is None:
+    raise ValueError(f"sampling with {temperature=} needs a PRNG key (or temperature=0 for greedy decoding)")
+  if max_new_tokens == 0:
+    return prompt.astype(jnp.int32)
+  view = nnx.with_attributes(model, deterministic=True, raise_if_not_found=False)
+  view.init_cache((prompt.shape[0], total))
+  graphdef, state = nnx.split(view)
+  key = jax.random.key(0) if key is None else key
+  top_k = config.vocab_size if top_k is None else top_k
+  with lengths_checked_ahead():  # total <= the cache length, checked above
+    return _generate(graphdef, state, prompt.astype(jnp.int32), key, jnp.float32(temperature), jnp.int32(top_k),
+                     max_new_tokens=max_new_tokens)
+
+
+# Temperature and top_k are traced: changing them does not recompile.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _generate(graphdef, state, prompt, key, temperature, top_k, *, max_new_tokens):
+  def decode(state, tokens, key):
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, decode=True)[:, -1]
+    return nnx.state(model), _sample(logits, key, temperature, top_k)
+
+  keys = jax.random.split(key, max_new_tokens)
+  state, first = decode(state, prompt, keys[0])
+
+  def step(carry, key):
+    state, token = carry
+    state, token = decode(state, token[:, None], key)
+    return (state, token), token
+
+  _, rest = jax.lax.scan(step, (state, first), keys[1:])
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:
+  """int32 `[B]` from logits `[B, V]`: the argmax when temperature is 0, else a draw among the top_k."""
+  # [B, 1]: the top_k-th largest logit.
+  kth = jax.lax.dynamic_index_in_dim(jnp.sort(logits, axis=-1), logits.shape[-1] - top_k, axis=-1)
+  kept = jnp.where(logits < kth, -jnp.inf, logits)
+  drawn = jax.random.categorical(key, kept / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
+  return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _norm(config: LMConfig, rngs: nnx.Rngs) -> nnx.Module:
+  cls = nnx.RMSNorm if config.norm == "rms" else nnx.LayerNorm
+  return cls(config.width, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+
+
+def _describe(x: Any) -> str:
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"shape={tuple(x.shape)} dtype={x.dtype}"
+  return type(x).__name__
