@@ -1,17 +1,26 @@
-"""Checks and times the Mosaic GPU flash-attention forward against cuDNN and Triton (Hopper).
+"""Checks and times the Mosaic GPU flash attention (forward, backward) against cuDNN and Triton (Hopper).
 
 Run from the repository root on a Hopper GPU:
 
-  PYTHONPATH=. python3 experiments/mgpu_check.py [--parts check,variants,bench] [--out DIR]
+  PYTHONPATH=. python3 experiments/mgpu_check.py [--parts check,variants,bench,bwd] [--out DIR]
 
   check     correctness of `flash_attention(..., backend="mosaic_gpu")`: against the
             fp32 reference (T <= 4096) or the Triton backend (longer T), lse against the
             Triton forward, odd lengths, GQA, f16, padded head dims, segment ids (with a
-            fully masked row: output 0, lse +inf), and a gradient through the Triton
+            fully masked row: output 0, lse +inf), and a gradient through the mosaic_gpu
             backward. `--quick` skips the B/T/H/causal matrix.
   variants  forward time and error of named `KernelConfig`s (`variant_configs`) beside
             cuDNN and Triton, on `--variant-shapes`.
   bench     forward TFLOP/s of mosaic_gpu, cuDNN and Triton side by side (`--bench-shapes`).
+  bwd_variants  forward+backward time of named `BackwardConfig`s (`bwd_variant_configs`)
+            on `--bwd-variant-shapes`.
+  bwd       backward: dq/dk/dv of the Mosaic GPU backward (and, for reference, of the
+            Triton backward) against jax.grad of the fp32 reference (causal or not, odd T,
+            GQA, segment ids with a query row that sees no key: zero dq), then forward+
+            backward time (jax.vjp) of mosaic fwd + mosaic bwd, mosaic fwd + Triton bwd,
+            cuDNN, and the mosaic forward alone, on `--bwd-shapes`; TFLOP/s of fwd+bwd =
+            3.5 * 4 B N T^2 H (halved for causal). `--bwd-checks 0` skips the checks,
+            `--bwd-checks 2` runs two of them.
   dump      one compile of `--dump variant:H:causal` (run with MOSAIC_GPU_DUMP_PTXAS=1 or
             MOSAIC_GPU_DUMP_PTX=1 to read the compiler's report).
 
@@ -43,7 +52,7 @@ from pallas import _flash_mosaic_gpu as mg
 
 fa = importlib.import_module("pallas.flash_attention")
 
-RESULTS: dict = {"checks": [], "variants": [], "bench": [], "errors": []}
+RESULTS: dict = {"checks": [], "variants": [], "bench": [], "bwd": [], "errors": []}
 T0 = time.perf_counter()
 
 
@@ -316,6 +325,168 @@ def bench_part(args):
     log("bench", json.dumps(row))
 
 
+# --------------------------------------------------------------------------- #
+# backward
+# --------------------------------------------------------------------------- #
+
+
+class mosaic_bwd:
+  """Within the block, `backend="mosaic_gpu"` differentiates through the Mosaic GPU
+  backward (`on=True`) or the Triton backward kernels (`on=False`); functions must be
+  traced (first called) inside the block."""
+
+  def __init__(self, on: bool, config=None):
+    self.on, self.config = on, config
+
+  def __enter__(self):
+    self.saved = mg.backward
+    if not self.on:
+      mg.backward = None
+    elif self.config is None:
+      mg.backward = mg.mosaic_backward
+    else:
+      mg.backward = lambda *a: mg.backward_with_config(*a, self.config)  # noqa: E731
+
+  def __exit__(self, *exc):
+    mg.backward = self.saved
+
+
+def bwd_check_part(args):
+  key = jax.random.key(args.seed + 100)
+  # (name, B, T, S, N, K, H, causal, segments)
+  cases = []
+  for causal in (False, True):
+    cases += [("B=2 T=1024 N=8 H=128", 2, 1024, 1024, 8, 8, 128, causal, False),
+              ("B=1 T=2048 N=8 H=64", 1, 2048, 2048, 8, 8, 64, causal, False),
+              ("odd T=1000 GQA 16/4 H=128", 2, 1000, 1000, 16, 4, 128, causal, False),
+              ("segments+dead row B=2 T=1536 N=4 H=128", 2, 1536, 1536, 4, 4, 128, causal, True)]
+  cases.append(("T=777 S=1531 GQA 8/2 H=64", 1, 777, 1531, 8, 2, 64, False, False))
+  if args.bwd_checks == 2:  # quick: tail + GQA + causal, and segments with a dead row
+    cases = [c for c in cases if (c[0].startswith("odd") and c[7]) or (c[8] and not c[7])]
+  for name, b, t, s, n, kh, h, causal, segs in cases:
+    key, sub, gkey = jax.random.split(key, 3)
+
+    def one(name=name, b=b, t=t, s=s, n=n, kh=kh, h=h, causal=causal, segs=segs, sub=sub, gkey=gkey):
+      q, k, v = rand_qkv(sub, b, t, s, n, kh, h)
+      g = jax.random.normal(gkey, (b, t, n, h), jnp.float32)
+      kw = {"is_causal": causal}
+      if segs:
+        ids = jnp.concatenate([jnp.zeros((b, 500), jnp.int32), jnp.ones((b, 700), jnp.int32),
+                               2 * jnp.ones((b, t - 1200), jnp.int32)], axis=1)
+        kw["segment_ids"] = (ids, ids.at[:, 1200:].set(5))  # segment 2: queries, no keys
+
+      def grads(fn, *xs):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * g)  # noqa: E731
+        return jax.jit(jax.grad(loss, (0, 1, 2)))(*xs)
+
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      ref = grads(pallas.flash_attention_reference, *f32)
+      with mosaic_bwd(True):
+        got = grads(mosaic, q, k, v)
+      with mosaic_bwd(False):
+        tri = grads(mosaic, q, k, v)
+      for dname, x, r, xt in zip(("dq", "dk", "dv"), got, ref, tri):
+        record_check(f"bwd {dname} {name} causal={causal}", rel_err(x, r), 1e-2,
+                     triton_err=rel_err(xt, r))
+      if segs:
+        dead = float(jnp.max(jnp.abs(got[0][:, 1200:].astype(jnp.float32))))
+        record_check(f"bwd dq of dead rows is 0 causal={causal}", dead, 0.0)
+
+    guarded(f"bwd check {name} {causal}", one)
+
+
+def bwd_bench_part(args):
+  shapes = [tuple(int(x) for x in spec.split(":")) for spec in args.bwd_shapes.split(",")]
+  for b, t, n, h, causal in shapes:
+    causal = bool(causal)
+    if time.perf_counter() - T0 > args.budget:
+      log("time budget reached; skipping remaining backward shapes")
+      return
+    q, k, v = rand_qkv(jax.random.key(15), b, t, t, n, n, h)
+    g = jax.random.normal(jax.random.key(16), q.shape, jnp.float32).astype(q.dtype)
+    tflop = 3.5 * flops(b, t, n, h, causal) / 1e12
+    row = {"shape": [b, t, n, h, causal], "tflop": tflop}
+
+    def fwd_bwd(attn):
+      def f(q, k, v, g):
+        out, pull = jax.vjp(attn, q, k, v)
+        return out, pull(g)
+      return jax.jit(f)
+
+    mosaic_attn = lambda q, k, v: mosaic(q, k, v, is_causal=causal)  # noqa: E731
+    cudnn_attn = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=causal, implementation="cudnn")
+    impls = {
+        "mosaic+mosaic_bwd": (True, fwd_bwd(mosaic_attn), tflop),
+        "mosaic+triton_bwd": (False, fwd_bwd(mosaic_attn), tflop),
+        "cudnn": (None, fwd_bwd(cudnn_attn), tflop),
+        "mosaic_fwd": (None, jax.jit(lambda q, k, v, g: mosaic_attn(q, k, v)), tflop / 3.5),
+    }
+    for name, (on, fn, work) in impls.items():
+      def one(name=name, on=on, fn=fn, work=work):
+        with mosaic_bwd(bool(on)):
+          sec, spread = time_fn(fn, q, k, v, g, samples=args.samples, inner=1, warmup=3)
+        row[name] = {"ms": sec * 1e3, "tflops": work / sec, "spread": spread}
+      guarded(f"bwd bench {name} {b} {t} {n} {h} {causal}", one)
+    if "mosaic_fwd" in row:
+      # Backward alone, counted as 2.5 forward FLOPs.
+      for name in ("mosaic+mosaic_bwd", "mosaic+triton_bwd"):
+        if name in row:
+          ms = row[name]["ms"] - row["mosaic_fwd"]["ms"]
+          row[name]["bwd_tflops"] = tflop / 3.5 * 2.5 / (ms / 1e3) if ms > 0 else float("nan")
+    if "cudnn" in row:
+      for name in ("mosaic+mosaic_bwd", "mosaic+triton_bwd"):
+        if name in row:
+          row[name]["ratio_cudnn"] = row[name]["tflops"] / row["cudnn"]["tflops"]
+    RESULTS["bwd"].append(row)
+    log("bwd bench", json.dumps(row))
+
+
+def bwd_variant_configs(h: int) -> dict:
+  """Named backward settings; "default" is `default_backward_config(h)` (stages are lowered
+  per kernel to fit shared memory)."""
+  base = mg.default_backward_config(h)
+  return {
+      "default": base,
+      "stages3": dataclasses.replace(base, stages=3),
+      "dq_bk64": dataclasses.replace(base, block_k_dq=64),
+  }
+
+
+def bwd_variants_part(args):
+  """Forward+backward TFLOP/s of named backward settings (mosaic forward throughout)."""
+  shapes = [tuple(int(x) for x in spec.split(":")) for spec in args.bwd_variant_shapes.split(",")]
+  wanted = args.bwd_variants.split(",") if args.bwd_variants else None
+  for b, t, n, h, causal in shapes:
+    causal = bool(causal)
+    q, k, v = rand_qkv(jax.random.key(17), b, t, t, n, n, h)
+    g = jax.random.normal(jax.random.key(18), q.shape, jnp.float32).astype(q.dtype)
+    tflop = 3.5 * flops(b, t, n, h, causal) / 1e12
+    for name, cfg in bwd_variant_configs(h).items():
+      if (wanted is not None and name not in wanted) or time.perf_counter() - T0 > args.budget:
+        continue
+
+      def one(name=name, cfg=cfg):
+        def f(q, k, v, g):
+          out, pull = jax.vjp(lambda q, k, v: mosaic(q, k, v, is_causal=causal), q, k, v)
+          return out, pull(g)
+        with mosaic_bwd(True, cfg):
+          sec, spread = time_fn(jax.jit(f), q, k, v, g, samples=args.samples, inner=1, warmup=3)
+        RESULTS["variants"].append({"shape": [b, t, n, h, causal], "variant": "bwd:" + name,
+                                    "ms": sec * 1e3, "tflops": tflop / sec, "spread": spread,
+                                    "err_vs_triton": float("nan"), "config": dataclasses.asdict(cfg)})
+        log(f"bwd variant {name:16s} B={b} T={t} N={n} H={h} causal={causal}: {sec * 1e3:7.3f} ms "
+            f"{tflop / sec:6.1f} TFLOP/s (fwd+bwd, spread {spread:.1%})")
+
+      guarded(f"bwd variant {name} {t} {h} {causal}", one)
+
+
+def bwd_part(args):
+  if args.bwd_checks:
+    bwd_check_part(args)
+  bwd_bench_part(args)
+
+
 def variant_configs(h: int) -> dict:
   """Named kernel settings; "default" is `default_config(h)`, the rest name the change."""
   base = mg.KernelConfig()  # overlap + pingpong
@@ -364,6 +535,16 @@ def print_tables():
       get = lambda k: r[k]["tflops"] if k in r else float("nan")  # noqa: E731
       print(f"  B={b} T={t:5d} N={n} H={h:3d} causal={int(c)}  {get('mosaic_gpu'):7.1f} {get('cudnn'):7.1f} "
             f"{get('triton'):7.1f}  {r.get('ratio_cudnn', float('nan')):11.2f}  {r.get('ratio_triton', float('nan')):12.2f}")
+  if RESULTS["bwd"]:
+    print("\nforward+backward TFLOP/s (bf16, 3.5x fwd FLOPs)   mosaic+mosaic  mosaic+triton  cudnn  "
+          "m+m/cudnn  m+t/cudnn  | bwd alone (2.5x): m  t")
+    for r in RESULTS["bwd"]:
+      b, t, n, h, c = r["shape"]
+      get = lambda k, f="tflops": r[k].get(f, float("nan")) if k in r else float("nan")  # noqa: E731
+      print(f"  B={b} T={t:5d} N={n:2d} H={h:3d} causal={int(c)}  {get('mosaic+mosaic_bwd'):13.1f} "
+            f"{get('mosaic+triton_bwd'):14.1f} {get('cudnn'):6.1f}  {get('mosaic+mosaic_bwd', 'ratio_cudnn'):9.2f}"
+            f"  {get('mosaic+triton_bwd', 'ratio_cudnn'):9.2f}  | {get('mosaic+mosaic_bwd', 'bwd_tflops'):6.1f} "
+            f"{get('mosaic+triton_bwd', 'bwd_tflops'):6.1f}")
   fails = [c["name"] for c in RESULTS["checks"] if not c["ok"]]
   print(f"\nchecks: {len(RESULTS['checks']) - len(fails)}/{len(RESULTS['checks'])} passed")
   for f in fails:
@@ -388,6 +569,13 @@ def main():
   parser.add_argument("--bench-shapes", help="bench: B:T:N:H:causal,...", default=",".join(
       f"{b}:{t}:16:{h}:{c}" for t, b in ((16384, 1), (8192, 2), (4096, 4), (1024, 8))
       for h in (128, 64) for c in (0, 1)))
+  parser.add_argument("--bwd-checks", type=int, default=1, help="bwd: gradient checks: 0 none, 1 all, 2 two (odd T + GQA causal, segments)")
+  parser.add_argument("--bwd-shapes", help="bwd: B:T:N:H:causal,... (B T = 16k, N H = 2048)", default=",".join(
+      f"{b}:{t}:{2048 // h}:{h}:{c}" for t, b in ((16384, 1), (8192, 2), (4096, 4))
+      for h in (128, 64) for c in (0, 1)))
+  parser.add_argument("--bwd-variants", default="", help="bwd_variants: comma-separated names (default all)")
+  parser.add_argument("--bwd-variant-shapes", default="2:8192:16:128:0,2:8192:16:128:1",
+                      help="bwd_variants: B:T:N:H:causal,...")
   parser.add_argument("--budget", type=float, default=200.0, help="seconds before skipping timing work")
   args = parser.parse_args()
   global WARMUP
@@ -398,7 +586,9 @@ def main():
   parts = args.parts.split(",")
   try:
     for part in parts:
-      {"check": check_part, "variants": variants_part, "bench": bench_part, "dump": dump_part}[part](args)
+      {"check": check_part, "variants": variants_part, "bench": bench_part, "bwd": bwd_part,
+       "bwd_variants": bwd_variants_part,
+       "dump": dump_part}[part](args)
   finally:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "mgpu_check.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""Hopper (sm_90) flash-attention forward through Pallas' Mosaic GPU lowering.
+"""Hopper (sm_90) flash attention, forward and backward, through Pallas' Mosaic GPU lowering.
 
 One CTA owns `64 * compute_wgs` query rows of one (batch, head) and walks the
 key/value blocks in order. Its warpgroups split the work (FlashAttention-3):
@@ -22,6 +22,14 @@ schedules hide the softmax behind the tensor cores (`KernelConfig`):
     other's matmuls occupy the tensor cores.
 
 `default_config` picks pingpong for head dim 128 and overlap for head dim 64.
+
+The backward (`mosaic_backward`, FlashAttention-2 alg. 2 on the same warpgroup
+layout) is two kernels: dK/dV, where a consumer warpgroup owns 64 keys and the
+producer streams Q, dO, lse and delta blocks (S^T = K Q^T, dP^T = V dO^T,
+dV += P^T dO, dK += dS^T Q), and dQ, where it owns 64 query rows and the
+producer streams K and V (S = Q K^T, dP = dO V^T, dQ += dS K). Causal kernels
+skip the blocks above the diagonal; dK/dV come out per query head and are
+summed over each GQA group.
 
 Contract (see `pallas/flash_attention.py`): padded `[B, T, N, H]` inputs,
 `lse` `[B, N, T]` float32 in base-2 units (`m2 + log2(l)` of the logits scaled
@@ -470,4 +478,448 @@ def _call(*args, static, config: KernelConfig):
   return out, lse
 
 
-backward = None
+
+# --------------------------------------------------------------------------- #
+# backward: dK/dV by key tiles, dQ by query tiles (FlashAttention-2, alg. 2)
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+  """Launch shape of the two backward kernels (tuned values: `default_backward_config`).
+
+  Both kernels give each consumer warpgroup 64 rows of the tile it owns (keys in
+  the dK/dV kernel, queries in the dQ kernel) and stream the other side through
+  a ring of `stages` shared-memory slots filled by a producer warpgroup.
+
+  compute_wgs: consumer warpgroups per CTA.
+  block_q_dkv: query rows per step of the dK/dV kernel (multiple of 64).
+  block_k_dq: keys per step of the dQ kernel (multiple of 64).
+  stages: ring depth of both kernels (>= 2; lowered per kernel to fit shared memory).
+  compute_registers / producer_registers: per-thread register caps (setmaxnreg).
+  """
+
+  compute_wgs: int = 2
+  block_q_dkv: int = 64
+  block_k_dq: int = 128
+  stages: int = 2
+  compute_registers: int = 232
+  producer_registers: int = 40
+
+  def __post_init__(self):
+    if self.compute_wgs < 1 or self.compute_wgs > 2:
+      raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2")
+    for name in ("block_q_dkv", "block_k_dq"):
+      value = getattr(self, name)
+      if value < 64 or value % 64:
+        raise ValueError(f"{name}={value} must be a positive multiple of 64")
+    if self.stages < 2:
+      raise ValueError(f"stages={self.stages} must be >= 2")
+
+
+def default_backward_config(head_dim: int) -> BackwardConfig:
+  """Backward settings, measured on an H100 (pallas/NOTES_mosaic_gpu.md): 128-key dQ
+  steps and a 2-deep ring at head dims 64 and 128 (64-key dQ steps and a 3-deep
+  ring were within 1-4 %)."""
+  del head_dim
+  return BackwardConfig()
+def mosaic_backward(q, k, v, q_ids, kv_ids, d_out, lse, delta, static):
+  """Padded backward: q/d_out `[B, T, N, H]`, k/v `[B, S, K, H]`, lse/delta `[B, N, T]`
+  float32 -> (dq `[B, T, N, H]`, dk `[B, S, K, H]`, dv `[B, S, K, Hv]`)."""
+  head_dim = max(q.shape[3], v.shape[3])
+  return backward_with_config(q, k, v, q_ids, kv_ids, d_out, lse, delta, static,
+                              default_backward_config(head_dim))
+
+
+def backward_with_config(q, k, v, q_ids, kv_ids, d_out, lse, delta, static, config: BackwardConfig):
+  """`mosaic_backward` with explicit kernel settings (shapes as there).
+
+  dK/dV come out per query head and are summed over each GQA group afterwards.
+  """
+  batch, t_pad, num_heads, head_dim = q.shape
+  s_pad, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[3]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise NotImplementedError(f"mosaic_gpu flash attention takes bf16/f16, got q.dtype={q.dtype}")
+  if num_heads != num_kv_heads * static.group:
+    raise ValueError(f"{num_heads=} != {num_kv_heads=} * group={static.group}")
+  dim = max(64, head_dim, v_dim)
+  if dim > 128:
+    raise NotImplementedError(f"mosaic_gpu flash attention takes head dims <= 128, got {head_dim=}, {v_dim=}")
+  rows = ROWS_PER_WG * config.compute_wgs
+  t_int = _round_up(t_pad, max(rows, config.block_q_dkv))
+  s_int = _round_up(s_pad, max(rows, config.block_k_dq))
+  qp = _pad_axis(_pad_axis(q, 1, t_int), 3, dim)
+  dop = _pad_axis(_pad_axis(d_out, 1, t_int), 3, dim)
+  kp = _pad_axis(_pad_axis(k, 1, s_int), 3, dim)
+  vp = _pad_axis(_pad_axis(v, 1, s_int), 3, dim)
+  # Padded query rows: lse +inf gives p == 0.
+  lse_p = _pad_axis(lse, 2, t_int, value=jnp.inf)
+  delta_p = _pad_axis(delta, 2, t_int)
+  args = [qp, kp, vp, dop, lse_p, delta_p]
+  if static.has_segments:
+    args += [_pad_axis(q_ids, 1, t_int, value=jnp.iinfo(jnp.int32).min),
+             _pad_axis(kv_ids, 1, s_int, value=jnp.iinfo(jnp.int32).max)]
+  # Shared memory: per-warpgroup tiles (2 of 64 rows each) plus the ring.
+  own = 2 * config.compute_wgs * ROWS_PER_WG * dim * 2
+  dq_stages = _fit_stages(config.stages, own, 2 * config.block_k_dq * dim * 2, "dQ")
+  dkv_stages = _fit_stages(config.stages, own, config.block_q_dkv * (2 * dim * 2 + 2 * 4), "dK/dV")
+  dq = _call_dq(*args, static=static, config=dataclasses.replace(config, stages=dq_stages))
+  dk, dv = _call_dkv(*args, static=static, config=dataclasses.replace(config, stages=dkv_stages))
+  dq = dq[:, :t_pad, :, :head_dim]
+  dk = dk[:, :s_pad, :, :head_dim]
+  dv = dv[:, :s_pad, :, :v_dim]
+  if static.group > 1:
+    # [B, S, K, G, H] -> [B, S, K, H]
+    dk = dk.astype(jnp.float32).reshape(batch, s_pad, num_kv_heads, static.group, head_dim)
+    dv = dv.astype(jnp.float32).reshape(batch, s_pad, num_kv_heads, static.group, v_dim)
+    dk, dv = dk.sum(3).astype(k.dtype), dv.sum(3).astype(v.dtype)
+  return dq, dk, dv
+
+
+def _fit_stages(stages: int, fixed: int, per_stage: int, kernel: str) -> int:
+  """The deepest ring <= `stages` whose bytes (`fixed + stages * per_stage`) fit in shared memory."""
+  while stages > 2 and fixed + stages * per_stage > _SMEM_LIMIT:
+    stages -= 1
+  if fixed + stages * per_stage > _SMEM_LIMIT:
+    raise ValueError(f"{kernel} kernel: {fixed} + {stages} * {per_stage} bytes of shared memory "
+                     f"exceed {_SMEM_LIMIT}")
+  return stages
+
+
+def _bwd_smem_transforms():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _call_dq(*args, static, config: BackwardConfig):
+  """dQ `[B, T, N, H]`: a CTA owns 64 query rows per consumer warpgroup and walks the
+  key blocks; per step S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  q = args[0]
+  batch, t_int, num_heads, dim = q.shape
+  dtype = q.dtype
+  wgs, block_k, stages = config.compute_wgs, config.block_k_dq, config.stages
+  bq = ROWS_PER_WG
+  rows = bq * wgs
+  num_q_tiles = t_int // rows
+  kv_len, group = static.kv_len, static.group
+  num_kv_blocks = -(-kv_len // block_k)
+  full_kv_blocks = kv_len // block_k
+  causal, segments = static.is_causal, static.has_segments
+  logit_scale = static.scale * LOG2E
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(*refs):
+    if segments:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref, smem,
+       barriers) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, smem, barriers) = refs
+      q_ids_ref = kv_ids_ref = None
+    q_all, do_all, k_smem, v_smem = smem
+    k_full, v_full, qdo_full, k_free, v_free = barriers
+
+    tile = lax.axis_index("q")
+    head = lax.axis_index("h")
+    bidx = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    if causal:
+      tile = num_q_tiles - 1 - tile
+    cta_row = tile * rows
+    if causal:
+      end = jnp.minimum(lax.div(cta_row + rows + block_k - 1, block_k), num_kv_blocks)
+      full = jnp.minimum(lax.div(cta_row + 1, block_k), full_kv_blocks)
+    else:
+      end = jnp.int32(num_kv_blocks)
+      full = jnp.int32(full_kv_blocks)
+    if segments:
+      full = jnp.int32(0)
+    full = jnp.minimum(full, end)
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(config.compute_registers, action="increase")
+      row0 = cta_row + wg * bq
+      q_smem, do_smem = q_all.at[wg], do_all.at[wg]
+      rows_slice = (bidx, pl.ds(row0, bq), head)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows_slice], q_smem, qdo_full.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows_slice], do_smem, qdo_full.at[wgs + wg])
+      lse = _load_vector(lse_ref.at[bidx, head, pl.ds(row0, bq)], row_layout)
+      delta = _load_vector(delta_ref.at[bidx, head, pl.ds(row0, bq)], row_layout)
+      q_ids = None
+      if segments:
+        q_ids = _load_vector(q_ids_ref.at[bidx, pl.ds(row0, bq)], row_layout)
+      plgpu.barrier_wait(qdo_full.at[wg])
+      plgpu.barrier_wait(qdo_full.at[wgs + wg])
+      lse_b = lax.broadcast_in_dim(lse, (bq, block_k), [0])
+      delta_b = lax.broadcast_in_dim(delta, (bq, block_k), [0])
+
+      def with_accumulators(s_acc, dp_acc, dq_acc):
+        zeros = plgpu.layout_cast(jnp.zeros((bq, block_k), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(j, masked):
+          slot = lax.rem(j, stages)
+          s_acc[...] = zeros
+          dp_acc[...] = zeros
+          plgpu.barrier_wait(k_full.at[slot])
+          plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].transpose((1, 0)))
+          plgpu.barrier_wait(v_full.at[slot])
+          plgpu.wgmma(dp_acc, do_smem, v_smem.at[slot].transpose((1, 0)))
+          s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+          p = jnp.exp2(s * logit_scale - lse_b)
+          if masked:
+            cols = j * block_k + plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 1,
+                                                        layout=plgpu.Layout.WGMMA)
+            keep = cols < kv_len
+            if causal:
+              rws = row0 + plgpu.broadcasted_iota(jnp.int32, (bq, block_k), 0,
+                                                  layout=plgpu.Layout.WGMMA)
+              keep = keep & (cols <= rws)
+            if segments:
+              kv_ids = _load_vector(kv_ids_ref.at[bidx, pl.ds(j * block_k, block_k)], col_layout)
+              keep = keep & (lax.broadcast_in_dim(q_ids, (bq, block_k), [0])
+                             == lax.broadcast_in_dim(kv_ids, (bq, block_k), [1]))
+            p = jnp.where(keep, p, 0.0)
+          dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+          plgpu.barrier_arrive(v_free.at[slot])
+          ds = p * (dp - delta_b)
+          plgpu.wgmma(dq_acc, ds.astype(dtype), k_smem.at[slot])
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(k_free.at[slot])
+
+        pl.loop(0, full)(functools.partial(step, masked=False))
+        pl.loop(full, end)(functools.partial(step, masked=True))
+        dq = plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)
+        q_smem[...] = (dq * static.scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows_slice])
+        plgpu.wait_smem_to_gmem(0)
+
+      pl.run_scoped(with_accumulators, plgpu.ACC((bq, block_k), jnp.float32),
+                    plgpu.ACC((bq, block_k), jnp.float32), plgpu.ACC((bq, dim), jnp.float32))
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(config.producer_registers, action="decrease")
+      kv_head = lax.div(head, jnp.int32(group))
+
+      def fetch(j, slot):
+        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+
+      for i in range(min(stages, num_kv_blocks)):
+        pl.when(i < end)(functools.partial(fetch, i, i))
+
+      @pl.loop(stages, end)
+      def _(j):
+        slot = lax.rem(j, stages)
+        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+
+  transforms = _bwd_smem_transforms()
+  smem = (
+      plgpu.SMEM((wgs, bq, dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, bq, dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_k, dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_k, dim), dtype, transforms=transforms),
+  )
+  barriers = (
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=2 * wgs),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  )
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      scratch_types=(smem, barriers),
+      grid=(num_q_tiles, num_heads, batch),
+      grid_names=("q", "h", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)
+
+
+def _call_dkv(*args, static, config: BackwardConfig):
+  """dK, dV per query head `[B, S, N, H]`: a CTA owns 64 keys per consumer warpgroup
+  and walks the query blocks; per step S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
+  dS^T = P^T (dP^T - delta), dK += dS^T Q."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  q, k = args[0], args[1]
+  batch, _, num_heads, dim = q.shape
+  s_int = k.shape[1]
+  dtype = q.dtype
+  wgs, block_q, stages = config.compute_wgs, config.block_q_dkv, config.stages
+  bk = ROWS_PER_WG
+  keys = bk * wgs
+  num_k_tiles = s_int // keys
+  # Query rows past q_len have dO == 0 and add nothing.
+  num_q_blocks = -(-static.q_len // block_q)
+  group = static.group
+  causal, segments = static.is_causal, static.has_segments
+  logit_scale = static.scale * LOG2E
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+  def kernel(*refs):
+    if segments:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref,
+       smem, barriers) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, barriers) = refs
+      q_ids_ref = kv_ids_ref = None
+    k_all, v_all, q_ring, do_ring, lse_ring, delta_ring = smem
+    kv_full, q_full, do_full, lse_full, delta_full, free = barriers
+
+    tile = lax.axis_index("k")
+    head = lax.axis_index("h")
+    bidx = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    key_base = tile * keys
+    hi = jnp.int32(num_q_blocks)
+    if causal:
+      # Blocks below `lo` see none of these keys; from `mid` on every query sees all of them.
+      lo = jnp.minimum(lax.div(key_base, block_q), hi)
+      mid = jnp.minimum(lax.div(key_base + keys - 1 + block_q - 1, block_q), hi)
+    else:
+      lo = mid = jnp.int32(0)
+    if segments:
+      mid = hi
+    # Key rows past kv_len need no mask: their gradients are sliced off.
+
+    @pl.when(wg < wgs)
+    def _consumer():
+      plgpu.set_max_registers(config.compute_registers, action="increase")
+      key0 = key_base + wg * bk
+      k_smem, v_smem = k_all.at[wg], v_all.at[wg]
+      kv_head = lax.div(head, jnp.int32(group))
+      plgpu.copy_gmem_to_smem(k_ref.at[bidx, pl.ds(key0, bk), kv_head], k_smem, kv_full.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bidx, pl.ds(key0, bk), kv_head], v_smem, kv_full.at[wgs + wg])
+      kv_ids = None
+      if segments:
+        kv_ids = _load_vector(kv_ids_ref.at[bidx, pl.ds(key0, bk)], row_layout)
+      plgpu.barrier_wait(kv_full.at[wg])
+      plgpu.barrier_wait(kv_full.at[wgs + wg])
+
+      def with_accumulators(st_acc, dpt_acc, dk_acc, dv_acc):
+        zeros = plgpu.layout_cast(jnp.zeros((bk, block_q), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(i, masked):
+          slot = lax.rem(i - lo, stages)
+          q_slot, do_slot = q_ring.at[slot], do_ring.at[slot]
+          st_acc[...] = zeros
+          dpt_acc[...] = zeros
+          plgpu.barrier_wait(q_full.at[slot])
+          plgpu.wgmma(st_acc, k_smem, q_slot.transpose((1, 0)))
+          plgpu.barrier_wait(do_full.at[slot])
+          plgpu.wgmma(dpt_acc, v_smem, do_slot.transpose((1, 0)))
+          plgpu.barrier_wait(lse_full.at[slot])
+          lse = _load_vector(lse_ring.at[slot], col_layout)
+          st = plgpu.wgmma_accumulator_load(st_acc, wait_n=1)
+          pt = jnp.exp2(st * logit_scale - lax.broadcast_in_dim(lse, (bk, block_q), [1]))
+          if masked:
+            keep = None
+            if causal:
+              krows = key0 + plgpu.broadcasted_iota(jnp.int32, (bk, block_q), 0,
+                                                    layout=plgpu.Layout.WGMMA)
+              qcols = i * block_q + plgpu.broadcasted_iota(jnp.int32, (bk, block_q), 1,
+                                                           layout=plgpu.Layout.WGMMA)
+              keep = qcols >= krows
+            if segments:
+              q_ids = _load_vector(q_ids_ref.at[bidx, pl.ds(i * block_q, block_q)], col_layout)
+              same = (lax.broadcast_in_dim(kv_ids, (bk, block_q), [0])
+                      == lax.broadcast_in_dim(q_ids, (bk, block_q), [1]))
+              keep = same if keep is None else keep & same
+            if keep is not None:
+              pt = jnp.where(keep, pt, 0.0)
+          plgpu.barrier_wait(delta_full.at[slot])
+          delta = _load_vector(delta_ring.at[slot], col_layout)
+          dpt = plgpu.wgmma_accumulator_load(dpt_acc, wait_n=0)
+          dst = pt * (dpt - lax.broadcast_in_dim(delta, (bk, block_q), [1]))
+          plgpu.wgmma(dv_acc, pt.astype(dtype), do_slot)
+          plgpu.wgmma(dk_acc, dst.astype(dtype), q_slot)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(free.at[slot])
+
+        pl.loop(lo, mid)(functools.partial(step, masked=True))
+        pl.loop(mid, hi)(functools.partial(step, masked=False))
+        dk = plgpu.wgmma_accumulator_load(dk_acc, wait_n=0)
+        dv = plgpu.wgmma_accumulator_load(dv_acc, wait_n=0)
+        k_smem[...] = (dk * static.scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bidx, pl.ds(key0, bk), head], commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bidx, pl.ds(key0, bk), head], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+      pl.run_scoped(with_accumulators, plgpu.ACC((bk, block_q), jnp.float32),
+                    plgpu.ACC((bk, block_q), jnp.float32), plgpu.ACC((bk, dim), jnp.float32),
+                    plgpu.ACC((bk, dim), jnp.float32))
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(config.producer_registers, action="decrease")
+
+      def fetch(i, slot):
+        rows_slice = (bidx, pl.ds(i * block_q, block_q), head)
+        vec_slice = (bidx, head, pl.ds(i * block_q, block_q))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows_slice], q_ring.at[slot], q_full.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows_slice], do_ring.at[slot], do_full.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[vec_slice], lse_ring.at[slot], lse_full.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec_slice], delta_ring.at[slot], delta_full.at[slot])
+
+      for r in range(min(stages, num_q_blocks)):
+        pl.when(lo + r < hi)(functools.partial(fetch, lo + r, r))
+
+      @pl.loop(lo + stages, hi)
+      def _(i):
+        slot = lax.rem(i - lo, stages)
+        plgpu.barrier_wait(free.at[slot])
+        fetch(i, slot)
+
+  transforms = _bwd_smem_transforms()
+  smem = (
+      plgpu.SMEM((wgs, bk, dim), dtype, transforms=transforms),
+      plgpu.SMEM((wgs, bk, dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q, dim), dtype, transforms=transforms),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+      plgpu.SMEM((stages, block_q), jnp.float32),
+  )
+  barriers = (
+      plgpu.Barrier(num_barriers=2 * wgs),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  )
+  out = jax.ShapeDtypeStruct((batch, s_int, num_heads, dim), dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=(out, out),
+      scratch_types=(smem, barriers),
+      grid=(num_k_tiles, num_heads, batch),
+      grid_names=("k", "h", "b"),
+      num_threads=wgs + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(*args)
+
+
+# `flash_attention` differentiates through `backward` (None would select the Triton
+# kernels): faster than them at every measured shape (pallas/NOTES_mosaic_gpu.md).
+backward = mosaic_backward
