@@ -82,7 +82,8 @@ class BlockSizes:
                  block_k_dkv=128)
     if backend == "mosaic_gpu":
       # Forward: two consumer warpgroups of 64 rows, 128-key steps, 2-deep K/V
-      # ring (see pallas/NOTES_mosaic_gpu.md); backward: the Triton kernels.
+      # ring (see pallas/NOTES_mosaic_gpu.md); the backward kernels take their own
+      # settings (`_flash_mosaic_gpu.default_backward_config`).
       triton = cls.get_default("triton", head_dim)
       return dataclasses.replace(triton, block_q=128, block_k=128, num_stages=2)
     return cls()
