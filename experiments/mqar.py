@@ -1,0 +1,403 @@
+"""Multi-query associative recall (MQAR): which attention families can look a key up in context.
+
+The synthetic task of Zoology (Arora et al. 2023, "Zoology: measuring and
+improving recall in efficient language models"). Each sequence opens with
+`num_kv_pairs` key-value pairs `k1 v1 k2 v2 ...`; keys are drawn without
+replacement from the lower half of the vocabulary (token ids `[1, V/2)`),
+values from the upper half (`[V/2, V)`). Every key is then queried once later
+in the sequence: it re-appears, followed by its value. The query slots are the
+pairs of positions after the context, drawn without replacement with Zoology's
+power law (`p(gap) ∝ gap**(power_a - 1)`, `power_a = 0.01`, so most queries sit
+close to the context and a few far away). Positions that are neither keys nor
+values hold the filler token 0 (Zoology's `random_non_queries=False`). The
+loss and the accuracy count only the query positions: the input there is a
+re-appearing key and the target is its paired value; every other label is
+-100 (ignored).
+
+For every family with a causal form it trains the small LM of
+`efficient_attention.lm` with optax AdamW (warmup-cosine, clipping) on batches
+generated on the fly, for every (model width, number of pairs, seed), and
+measures accuracy at the query positions of held-out sequences (a separate
+data stream). Linformer is left out: it has no causal form, so its model would
+see the value it has to predict. Writes `results/<run>/{mqar.json,mqar.md,mqar.png}`.
+
+    python experiments/mqar.py                     # CPU-sized defaults, about 7 minutes on 2 cores
+    python experiments/mqar.py --smoke             # tiny sizes, seconds
+    python experiments/mqar.py --preset gpu --run mqar_gpu   # Zoology-like sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import efficient_attention as ea
+from efficient_attention import lm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+
+IGNORE = -100  # label of the positions left out of the loss and the accuracy
+FILLER = 0  # token of the positions that are neither keys nor values
+# Families with a causal form; block_sparse runs local | strided, so it differs from local.
+CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse")
+SKIPPED = {"linformer": "no causal form: a bidirectional model would see the value it must predict"}
+EVAL_SEED_OFFSET = 1_000_003  # held-out sequences come from data seed `seed + EVAL_SEED_OFFSET`
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  families: tuple[str, ...] = CAUSAL_FAMILIES
+  widths: tuple[int, ...] = (16, 32, 64)
+  num_kv_pairs: tuple[int, ...] = (2, 4, 8, 16)
+  seq_len: int = 64  # T, model inputs; needs T + 1 >= 4 * max(num_kv_pairs)
+  vocab_size: int = 128
+  power_a: float = 0.01
+  num_layers: int = 2
+  num_heads: int = 2
+  steps: int = 500
+  batch: int = 16
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  eval_batches: int = 4  # held-out batches of `batch` sequences
+  window: int = 8  # local / block_sparse: tokens of context on either side of a query block
+  block_size: int = 8  # local / block_sparse block size
+  stride: int = 4  # block_sparse: the strided half of the layout, in blocks
+  chunk_size: int = 32  # causal FAVOR+ / linear chunk
+  seeds: int = 1
+  seed: int = 0
+  run: str = "mqar"
+  out_dir: str = "results"
+
+
+PRESETS = {
+    "cpu": {},
+    "smoke": dict(families=("softmax", "linear"), widths=(16,), num_kv_pairs=(2, 4), seq_len=32, vocab_size=64,
+                  num_layers=1, steps=20, batch=8, warmup_steps=2, eval_batches=1, window=8, block_size=8, stride=2),
+    # Zoology-like sizes (their vocab 8192, T 64-512, widths 64-512, thousands of steps): for a GPU.
+    "gpu": dict(widths=(64, 128, 256), num_kv_pairs=(8, 16, 32, 64, 128), seq_len=512, vocab_size=8192,
+                steps=5000, batch=256, learning_rate=1e-3, warmup_steps=250, eval_batches=8, window=64,
+                block_size=64, chunk_size=64, seeds=3),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
+                      help="a set of defaults (explicit flags still win); 'smoke' is tiny, 'gpu' Zoology-like")
+  parser.add_argument("--smoke", action="store_true", help=f"same as --preset smoke: {PRESETS['smoke']}")
+  for field in dataclasses.fields(Config):
+    flag = "--" + field.name.replace("_", "-")
+    if field.type.startswith("tuple"):
+      kind = {"tuple[int, ...]": int, "tuple[str, ...]": str}[field.type]
+      parser.add_argument(flag, type=kind, nargs="+", default=field.default)
+    else:
+      parser.add_argument(flag, type={"int": int, "str": str, "float": float}[field.type], default=field.default)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  preset = parser.parse_known_args(argv)[0]
+  parser.set_defaults(**PRESETS["smoke" if preset.smoke else preset.preset])
+  args = vars(parser.parse_args(argv))
+  args.pop("smoke"), args.pop("preset")
+  cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+  for name in cfg.families:
+    if name in SKIPPED:
+      parser.error(f"--families {name!r}: {SKIPPED[name]}")
+    if name not in CAUSAL_FAMILIES:
+      parser.error(f"unknown family {name!r} in --families {cfg.families}; valid: {CAUSAL_FAMILIES}")
+  try:
+    check_mqar(seq_len=cfg.seq_len, num_kv_pairs=max(cfg.num_kv_pairs), vocab_size=cfg.vocab_size)
+  except ValueError as err:
+    parser.error(str(err))
+  if min(cfg.num_kv_pairs) < 1 or min(cfg.widths) < 1 or any(w % cfg.num_heads for w in cfg.widths):
+    parser.error(f"--num-kv-pairs and --widths must be positive, widths multiples of {cfg.num_heads=}; "
+                 f"got {cfg.num_kv_pairs=}, {cfg.widths=}")
+  if cfg.steps < 1 or cfg.seeds < 1 or cfg.eval_batches < 1 or not 0 <= cfg.warmup_steps < cfg.steps:
+    parser.error(f"need --steps, --seeds, --eval-batches >= 1 and 0 <= --warmup-steps < --steps; got "
+                 f"{cfg.steps=}, {cfg.seeds=}, {cfg.eval_batches=}, {cfg.warmup_steps=}")
+  return cfg
+
+
+# The data.
+
+
+def check_mqar(*, seq_len: int, num_kv_pairs: int, vocab_size: int) -> None:
+  """Raises ValueError when these sizes cannot hold an MQAR sequence."""
+  if num_kv_pairs < 1 or seq_len + 1 < 4 * num_kv_pairs:
+    raise ValueError(f"MQAR needs num_kv_pairs >= 1 and seq_len + 1 >= 4 * num_kv_pairs (the context, then a "
+                     f"query slot per key), got {seq_len=}, {num_kv_pairs=}")
+  if vocab_size // 2 - 1 < num_kv_pairs:
+    raise ValueError(f"MQAR draws distinct keys from [1, vocab_size // 2): need vocab_size // 2 - 1 >= "
+                     f"num_kv_pairs, got {vocab_size=}, {num_kv_pairs=}")
+
+
+def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
+               power_a: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """One batch of MQAR sequences, a pure function of `(seed, step)` and the sizes.
+
+  Returns:
+    inputs: int32 `[batch, seq_len]`: `k1 v1 ... kn vn`, then the n keys again at
+      power-law-drawn query slots, each followed by its value, filler 0 elsewhere.
+      Keys lie in `[1, vocab_size // 2)`, values in `[vocab_size // 2, vocab_size)`.
+    labels: int32 `[batch, seq_len]`: at each query position (where a key
+      re-appears) the value paired with that key; -100 everywhere else.
+  """
+  check_mqar(seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
+  if not power_a > 0:
+    raise ValueError(f"power_a must be positive, got {power_a=}")
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return _mqar_batch(key, batch=batch, seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size,
+                     power_a=power_a)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "seq_len", "num_kv_pairs", "vocab_size", "power_a"))
+def _mqar_batch(key, *, batch, seq_len, num_kv_pairs, vocab_size, power_a):
+  n, half = num_kv_pairs, vocab_size // 2
+  context = 2 * n
+  # Query slots: position pairs (key, value) after the context, in a sequence of T + 1 tokens.
+  space = (seq_len + 1 - context) // 2
+  gap = np.arange(1, space + 1, dtype=np.float64)
+  log_p = jnp.asarray((power_a - 1) * np.log(gap), jnp.float32)  # unnormalised log p(gap) of Zoology's power law
+
+  def draw(key, log_weights, size):
+    """`size` distinct indices drawn without replacement with probabilities ∝ exp(log_weights) (Gumbel top-k)."""
+    return jax.lax.top_k(log_weights + jax.random.gumbel(key, log_weights.shape), size)[1]
+
+  def one(key):
+    key_k, key_v, key_q = jax.random.split(key, 3)
+    keys = 1 + draw(key_k, jnp.zeros(half - 1), n)
+    values = half + draw(key_v, jnp.zeros(vocab_size - half), n)
+    slots = draw(key_q, log_p, n)  # key i is queried in slot slots[i]
+    where = context + 2 * slots
+    seq = jnp.full((seq_len + 1,), FILLER, jnp.int32)
+    seq = seq.at[:context].set(jnp.stack([keys, values], axis=-1).reshape(-1))
+    seq = seq.at[where].set(keys).at[where + 1].set(values)
+    labels = jnp.full((seq_len + 1,), IGNORE, jnp.int32).at[where + 1].set(values)
+    # Next-token form: the target at input position t is token t + 1.
+    return seq[:-1], labels[1:]
+
+  return jax.vmap(one)(jax.random.split(key, batch))
+
+
+# The models.
+
+
+@functools.lru_cache(maxsize=None)
+def sparse_layout(window: int, block_size: int, stride: int):
+  """`seq_len -> BlockLayout`: local window | strided blocks (one function per setting, so configs hash equal)."""
+
+  def layout(seq_len: int) -> ea.BlockLayout:
+    return (ea.layouts.local(seq_len, window=window, block_size=block_size)
+            | ea.layouts.strided(seq_len, stride=stride, block_size=block_size))
+
+  return layout
+
+
+def lm_config(cfg: Config, family: str, width: int) -> lm.LMConfig:
+  layout = sparse_layout(cfg.window, cfg.block_size, cfg.stride) if family == "block_sparse" else None
+  return lm.LMConfig(attention=family, vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, width=width,
+                     num_heads=cfg.num_heads, max_len=cfg.seq_len, window=cfg.window, block_size=cfg.block_size,
+                     layout=layout, chunk_size=cfg.chunk_size)
+
+
+def masked_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and accuracy over the positions whose label is not -100."""
+  keep = labels != IGNORE
+  safe = jnp.where(keep, labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  count = jnp.maximum(keep.sum(), 1)
+  correct = (jnp.argmax(logits, axis=-1) == safe) & keep
+  return jnp.sum(ce * keep) / count, correct.sum() / count
+
+
+@nnx.jit
+def train_step(model, optimizer, inputs, labels):
+  def loss_fn(model):
+    return masked_loss_and_accuracy(model(inputs), labels)
+
+  (loss, accuracy), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, accuracy
+
+
+@nnx.jit
+def eval_step(model, inputs, labels):
+  return masked_loss_and_accuracy(model(inputs), labels)
+
+
+@functools.lru_cache(maxsize=None)
+def optimizer_for(cfg: Config) -> optax.GradientTransformation:
+  """AdamW, warmup-cosine, global-norm clipping; one object per config, so `train_step` compiles once per model shape."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.steps)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def train_one(cfg: Config, family: str, width: int, num_kv_pairs: int, seed: int, bar=None) -> dict:
+  """Trains one model on fresh batches and returns its held-out query accuracy, losses and time."""
+  start = time.perf_counter()
+  model = lm.LanguageModel(lm_config(cfg, family, width), rngs=nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, optimizer_for(cfg), wrt=nnx.Param)
+  data = functools.partial(mqar_batch, batch=cfg.batch, seq_len=cfg.seq_len, num_kv_pairs=num_kv_pairs,
+                           vocab_size=cfg.vocab_size, power_a=cfg.power_a)
+  train_seed = cfg.seed + seed
+  losses, diverged_at = [], None
+  for step in range(cfg.steps):
+    loss, _ = train_step(model, optimizer, *data(train_seed, step))
+    losses.append(loss)
+    if step % 25 == 24 and not np.isfinite(float(loss)):  # a cheap check; the exact step is found below
+      break
+    if bar is not None and (step + 1) % 50 == 0:
+      bar.set_postfix_str(f"{family} d={width} kv={num_kv_pairs} seed={seed} step {step + 1} loss {float(loss):.3f}")
+  losses = np.asarray(jax.device_get(losses), np.float64)
+  train_seconds = time.perf_counter() - start
+  if not np.isfinite(losses).all():
+    # Recorded, not raised: one diverging run should not end the sweep. Its accuracy is that of the
+    # non-finite model (0 in practice).
+    diverged_at = int(np.argmin(np.isfinite(losses)))
+    tqdm.write(f"warning: non-finite training loss for {family=}, {width=}, {num_kv_pairs=}, {seed=} "
+               f"from step {diverged_at} (loss {losses[diverged_at]}); training stopped there")
+  model.eval()
+  held_out = [eval_step(model, *data(train_seed + EVAL_SEED_OFFSET, i)) for i in range(cfg.eval_batches)]
+  eval_loss, accuracy = (float(np.mean([float(x[j]) for x in held_out])) for j in (0, 1))
+  tail = max(1, cfg.steps // 10)
+  return dict(family=family, width=width, num_kv_pairs=num_kv_pairs, seed=seed, accuracy=accuracy,
+              eval_loss=eval_loss, final_train_loss=float(losses[-tail:].mean()), steps=len(losses),
+              diverged_at_step=diverged_at,
+              seconds=time.perf_counter() - start, train_seconds=train_seconds,
+              params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def sweep(cfg: Config) -> list[dict]:
+  """Every (family, width, num_kv_pairs, seed); one compilation per (family, width)."""
+  settings = list(itertools.product(cfg.families, cfg.widths, cfg.num_kv_pairs, range(cfg.seeds)))
+  runs = []
+  for family, width, n, seed in (bar := tqdm(settings, desc="mqar", unit="run")):
+    bar.set_postfix_str(f"{family} d={width} kv={n} seed={seed}")
+    runs.append(train_one(cfg, family, width, n, seed, bar))
+  return runs
+
+
+# The reports.
+
+
+def accuracy_grid(cfg: Config, runs: list[dict]) -> np.ndarray:
+  """Accuracies `[family, width, num_kv_pairs, seed]`."""
+  grid = np.full((len(cfg.families), len(cfg.widths), len(cfg.num_kv_pairs), cfg.seeds), np.nan)
+  for r in runs:
+    grid[cfg.families.index(r["family"]), cfg.widths.index(r["width"]), cfg.num_kv_pairs.index(r["num_kv_pairs"]),
+         r["seed"]] = r["accuracy"]
+  return grid
+
+
+def headline(cfg: Config, grid: np.ndarray) -> list[str]:
+  mean = grid.mean(axis=-1)
+  lines = []
+  for w, width in enumerate(cfg.widths):
+    cells = ", ".join(f"{family} {mean[f, w, -1]:.2f}" for f, family in enumerate(cfg.families))
+    lines.append(f"width {width}, {cfg.num_kv_pairs[-1]} pairs: {cells}")
+  best = ", ".join(f"{family} {mean[f].max():.2f}" for f, family in enumerate(cfg.families))
+  lines.append(f"best accuracy over widths and pair counts: {best}")
+  lines.append("skipped: " + "; ".join(f"{name} ({why})" for name, why in SKIPPED.items()))
+  return lines
+
+
+def to_markdown(cfg: Config, grid: np.ndarray, runs: list[dict], seconds: float) -> str:
+  mean = grid.mean(axis=-1)
+  spread = grid.std(axis=-1, ddof=1) if cfg.seeds > 1 else None
+  head = (f"MQAR (Zoology): T={cfg.seq_len}, vocab {cfg.vocab_size}, power-law query gaps (a={cfg.power_a}), "
+          f"{cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.steps} AdamW steps of {cfg.batch} sequences "
+          f"(lr {cfg.learning_rate}), accuracy at the query positions of {cfg.eval_batches * cfg.batch} held-out "
+          f"sequences, mean{' ± std' if spread is not None else ''} over {cfg.seeds} seed(s). local: window "
+          f"{cfg.window}, block {cfg.block_size}; block_sparse: local | strided (stride {cfg.stride} blocks). "
+          f"On {jax.devices()[0].device_kind} (jax {jax.__version__}), {seconds:.0f} s.\n"
+          f"Skipped: " + "; ".join(f"{name} ({why})" for name, why in SKIPPED.items()) + ".\n")
+  parts = [head]
+  for w, width in enumerate(cfg.widths):
+    lines = [f"\n### width {width}\n", "| family | " + " | ".join(f"{n} pairs" for n in cfg.num_kv_pairs) + " |",
+             "|---|" + "---:|" * len(cfg.num_kv_pairs)]
+    for f, family in enumerate(cfg.families):
+      cells = [f"{mean[f, w, i]:.3f}" + (f" ± {spread[f, w, i]:.3f}" if spread is not None else "")
+               for i in range(len(cfg.num_kv_pairs))]
+      lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines) + "\n")
+  secs = {}
+  for r in runs:
+    secs.setdefault(r["family"], []).append(r["seconds"])
+  parts.append("\nSeconds per run (mean, compilation included): "
+               + ", ".join(f"{k} {np.mean(v):.1f}" for k, v in secs.items()) + ".\n")
+  parts.append("\n" + "\n".join(f"- {line}" for line in headline(cfg, grid)) + "\n")
+  return "".join(parts)
+
+
+def plot(cfg: Config, grid: np.ndarray, path: pathlib.Path) -> None:
+  """Accuracy vs number of key-value pairs: a panel per width, a line per family."""
+  ncol = len(cfg.widths)
+  fig, axes = plt.subplots(1, ncol, figsize=(4.2 * ncol, 3.8), sharey=True, squeeze=False)
+  x = np.asarray(cfg.num_kv_pairs)
+  for w, width in enumerate(cfg.widths):
+    ax = axes[0, w]
+    for f, family in enumerate(cfg.families):
+      acc = grid[f, w]  # [num_kv_pairs, seed]
+      err = acc.std(axis=-1, ddof=1) / np.sqrt(cfg.seeds) if cfg.seeds > 1 else None
+      ax.errorbar(x, acc.mean(axis=-1), yerr=err, marker="o", markersize=4, capsize=2, label=family)
+    ax.set(xscale="log", title=f"width {width}", xlabel="key-value pairs", ylim=(-0.02, 1.02))
+    ax.set_xticks(x, [str(n) for n in x])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+  axes[0, 0].set_ylabel("query accuracy (held out)")
+  axes[0, -1].legend(fontsize=8)
+  fig.suptitle(f"MQAR, T={cfg.seq_len}, vocab {cfg.vocab_size}, {cfg.steps} steps"
+               + (f" (mean ± s.e. over {cfg.seeds} seeds)" if cfg.seeds > 1 else ""))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  cfg = parse_args(argv)
+  print("skipping " + "; ".join(f"{name}: {why}" for name, why in SKIPPED.items()))
+  start = time.perf_counter()
+  runs = sweep(cfg)
+  seconds = time.perf_counter() - start
+  grid = accuracy_grid(cfg, runs)
+  out_dir = pathlib.Path(cfg.out_dir) / cfg.run
+  out_dir.mkdir(parents=True, exist_ok=True)
+  result = dict(
+      config=dataclasses.asdict(cfg),
+      device=jax.devices()[0].device_kind,
+      jax_version=jax.__version__,
+      seconds=seconds,
+      skipped=SKIPPED,
+      data=dict(keys="[1, vocab_size // 2)", values="[vocab_size // 2, vocab_size)", filler=FILLER,
+                query_positions=f"power law p(gap) ∝ gap**(power_a - 1), power_a={cfg.power_a}",
+                held_out=f"data seed + {EVAL_SEED_OFFSET}"),
+      axes=dict(family=list(cfg.families), width=list(cfg.widths), num_kv_pairs=list(cfg.num_kv_pairs),
+                seed=list(range(cfg.seeds))),
+      accuracy=grid.tolist(),  # [family, width, num_kv_pairs, seed]
+      runs=runs,
+  )
+  (out_dir / "mqar.json").write_text(json.dumps(result, indent=1))
+  (out_dir / "mqar.md").write_text(to_markdown(cfg, grid, runs, seconds))
+  plot(cfg, grid, out_dir / "mqar.png")
+  print("\n".join(headline(cfg, grid)))
+  print(f"sweep took {seconds:.0f} s; wrote {out_dir}/mqar.json, mqar.md and mqar.png")
+  return result
+
+
+if __name__ == "__main__":
+  main()

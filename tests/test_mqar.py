@@ -1,0 +1,82 @@
+"""MQAR: the data generator's sequences are what the task says, and `--smoke` writes a well-formed JSON, table and figure."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, _ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+mqar = _load("mqar")
+SIZES = dict(batch=6, seq_len=40, num_kv_pairs=5, vocab_size=64)
+
+
+def test_batches_pair_each_query_with_its_value():
+  inputs, labels = map(np.asarray, mqar.mqar_batch(3, 7, **SIZES))
+  b, t, n, v = SIZES["batch"], SIZES["seq_len"], SIZES["num_kv_pairs"], SIZES["vocab_size"]
+  assert inputs.shape == labels.shape == (b, t) and inputs.dtype == labels.dtype == np.int32
+  assert ((inputs >= 0) & (inputs < v)).all()
+  for row_in, row_lab in zip(inputs, labels):
+    keys, values = row_in[:2 * n:2], row_in[1:2 * n:2]
+    # Distinct keys in the lower half, distinct values in the upper half (disjoint), filler 0 elsewhere.
+    assert len(set(keys)) == n and len(set(values)) == n, row_in
+    assert ((keys >= 1) & (keys < v // 2)).all() and (values >= v // 2).all(), row_in
+    assert set(row_in[2 * n:]) <= set(keys) | set(values) | {mqar.FILLER}
+    # One query per key after the context; its target is the paired value; nothing else is scored.
+    query = np.flatnonzero(row_lab != mqar.IGNORE)
+    assert len(query) == n and (query >= 2 * n).all(), row_lab
+    paired = dict(zip(keys, values))
+    assert sorted(row_in[query]) == sorted(keys)
+    assert all(row_lab[q] == paired[row_in[q]] for q in query), (row_in, row_lab)
+    assert all(row_in[q + 1] == row_lab[q] for q in query if q + 1 < t)  # the value follows its query
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  a = mqar.mqar_batch(0, 1, **SIZES)
+  np.testing.assert_array_equal(a[0], mqar.mqar_batch(0, 1, **SIZES)[0])
+  np.testing.assert_array_equal(a[1], mqar.mqar_batch(0, 1, **SIZES)[1])
+  assert not np.array_equal(a[0], mqar.mqar_batch(0, 2, **SIZES)[0])
+  assert not np.array_equal(a[0], mqar.mqar_batch(1, 1, **SIZES)[0])
+
+
+def test_sizes_that_cannot_hold_the_queries_raise():
+  with pytest.raises(ValueError, match="num_kv_pairs=11"):
+    mqar.mqar_batch(0, 0, **{**SIZES, "num_kv_pairs": 11})
+  with pytest.raises(ValueError, match="vocab_size=8"):
+    mqar.mqar_batch(0, 0, **{**SIZES, "vocab_size": 8})
+
+
+def test_smoke_run_writes_json_table_and_figure(tmp_path):
+  mqar.main(["--smoke", "--out-dir", str(tmp_path), "--run", "smoke"])
+  out = tmp_path / "smoke"
+
+  result = json.loads((out / "mqar.json").read_text())
+  cfg = result["config"]
+  axes = result["axes"]
+  assert list(axes) == ["family", "width", "num_kv_pairs", "seed"]
+  assert "linformer" in result["skipped"] and "linformer" not in axes["family"]
+  shape = tuple(len(v) for v in axes.values())
+  accuracy = np.asarray(result["accuracy"])
+  assert accuracy.shape == shape and np.isfinite(accuracy).all() and ((accuracy >= 0) & (accuracy <= 1)).all()
+  assert len(result["runs"]) == int(np.prod(shape))
+  for run in result["runs"]:
+    assert run["steps"] == cfg["steps"] and run["seconds"] > 0 and 0 <= run["accuracy"] <= 1, run
+
+  table = (out / "mqar.md").read_text()
+  assert table.count("\n| ") == len(cfg["widths"]) * (1 + len(cfg["families"]))  # a header + a row per family
+  assert "nan" not in table and "linformer" in table
+
+  png = (out / "mqar.png").read_bytes()
+  assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
