@@ -130,6 +130,20 @@ def _padded_head(d: int) -> int:
   return max(16, 1 << max(0, d - 1).bit_length())
 
 
+
+def _check_inputs(q, k, v, static) -> int:
+  """Checks what the kernels take; returns the head dim they run at (>= 64)."""
+  num_heads, head_dim = q.shape[2:]
+  num_kv_heads, v_dim = k.shape[2], v.shape[3]
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise TypeError(f"mosaic_gpu flash attention takes bf16/f16, got q.dtype={q.dtype}")
+  if num_heads != num_kv_heads * static.group:
+    raise ValueError(f"{num_heads=} != {num_kv_heads=} * group={static.group}")
+  dim = max(64, head_dim, v_dim)
+  if dim > 128:
+    raise ValueError(f"mosaic_gpu flash attention takes head dims <= 128, got {head_dim=}, {v_dim=}")
+  return dim
+
 def applies(dtype: Any, dims: Any, *, is_causal: bool, has_segments: bool) -> bool:
   """Whether this backend handles the call (else `flash_attention` uses Triton).
 
@@ -195,14 +209,8 @@ def forward_with_config(q, k, v, q_ids, kv_ids, static, config: KernelConfig):
   to 64 when smaller) only when the wrapper's padding does not already fit.
   """
   t_pad, num_heads, head_dim = q.shape[1:]
-  s_pad, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[3]
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise NotImplementedError(f"mosaic_gpu flash attention takes bf16/f16, got q.dtype={q.dtype}")
-  if num_heads != num_kv_heads * static.group:
-    raise ValueError(f"{num_heads=} != {num_kv_heads=} * group={static.group}")
-  dim = max(64, head_dim, v_dim)
-  if dim > 128:
-    raise NotImplementedError(f"mosaic_gpu flash attention takes head dims <= 128, got {head_dim=}, {v_dim=}")
+  s_pad, v_dim = k.shape[1], v.shape[3]
+  dim = _check_inputs(q, k, v, static)
   rows, block_k = config.block_q, config.block_k
   stages = config.stages
   smem = rows * dim * 2 + rows * 4  # Q/O tiles and lse rows
@@ -538,13 +546,7 @@ def backward_with_config(q, k, v, q_ids, kv_ids, d_out, lse, delta, static, conf
   """
   batch, t_pad, num_heads, head_dim = q.shape
   s_pad, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[3]
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise NotImplementedError(f"mosaic_gpu flash attention takes bf16/f16, got q.dtype={q.dtype}")
-  if num_heads != num_kv_heads * static.group:
-    raise ValueError(f"{num_heads=} != {num_kv_heads=} * group={static.group}")
-  dim = max(64, head_dim, v_dim)
-  if dim > 128:
-    raise NotImplementedError(f"mosaic_gpu flash attention takes head dims <= 128, got {head_dim=}, {v_dim=}")
+  dim = _check_inputs(q, k, v, static)
   rows = ROWS_PER_WG * config.compute_wgs
   t_int = _round_up(t_pad, max(rows, config.block_q_dkv))
   s_int = _round_up(s_pad, max(rows, config.block_k_dq))
