@@ -11,6 +11,7 @@ Decoding follows `nnx.MultiHeadAttention`: `init_cache(input_shape)` creates
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 import functools
@@ -144,9 +145,9 @@ class AttentionModule(nnx.Module):
       k = apply_rope(k, positions, base=self.rope_base)
     return q, k, v
 
+  @abc.abstractmethod
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, segment_ids=None) -> jax.Array:
     """The family's pure function on projected q `[B, T, N, H]`, k, v `[B, S, K, H]`: `[B, T, N, H]`."""
-    raise NotImplementedError
 
   def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
     """Creates an empty decoding cache for inputs x of shape `input_shape = (B, L, in_features)`.
@@ -171,7 +172,8 @@ class AttentionModule(nnx.Module):
       raise ValueError(f"{self.family}: decoding is causal; build the module with is_causal=True")
 
   def _init_cache(self, batch: int, length: int, dtype: Any) -> None:
-    raise NotImplementedError
+    """Creates the family's cache variables (families without a causal form never get here)."""
+    raise ValueError(f"{self.family} has no decoding cache")
 
   def _capacity(self) -> int | None:
     """Most tokens the cache holds; None when it never fills (a ring buffer or a recurrent state)."""
@@ -179,7 +181,7 @@ class AttentionModule(nnx.Module):
 
   def _decode(self, q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
     """Attends the new tokens (`[B, T, N|K, H]`, positions `index + 0..T-1`) to the cache and updates it."""
-    raise NotImplementedError
+    raise ValueError(f"{self.family} has no decoding cache")
 
   def _check_input(self, x: Any) -> None:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
