@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-LOG2E = math.log2(math.e)
+from pallas.flash_attention import LOG2E, _kv_ranges
+
 RCP_LN2 = 1.0 / math.log(2.0)
 # Running maxima start finite (base-2 units), so a row whose keys are all masked
 # (logits -inf) keeps exp2(-inf - m) == 0 and never produces NaN.
@@ -260,7 +261,6 @@ def _call(*args, static, config: KernelConfig):
   num_q_tiles = t_int // rows
   kv_len, group = static.kv_len, static.group
   num_kv_blocks = -(-kv_len // block_k)
-  full_kv_blocks = kv_len // block_k
   causal, segments = static.is_causal, static.has_segments
   pingpong = config.pingpong and wgs > 1
   logit_scale = static.scale * LOG2E
@@ -285,15 +285,7 @@ def _call(*args, static, config: KernelConfig):
       # Heaviest query tiles first: they have the most key blocks.
       tile = num_q_tiles - 1 - tile
     cta_row = tile * rows
-    if causal:
-      end = jnp.minimum(lax.div(cta_row + rows + block_k - 1, block_k), num_kv_blocks)
-      full = jnp.minimum(lax.div(cta_row + 1, block_k), full_kv_blocks)
-    else:
-      end = jnp.int32(num_kv_blocks)
-      full = jnp.int32(full_kv_blocks)
-    if segments:
-      full = jnp.int32(0)
-    full = jnp.minimum(full, end)
+    full, end = _kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -609,7 +601,6 @@ def _call_dq(*args, static, config: BackwardConfig):
   num_q_tiles = t_int // rows
   kv_len, group = static.kv_len, static.group
   num_kv_blocks = -(-kv_len // block_k)
-  full_kv_blocks = kv_len // block_k
   causal, segments = static.is_causal, static.has_segments
   logit_scale = static.scale * LOG2E
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -632,15 +623,7 @@ def _call_dq(*args, static, config: BackwardConfig):
     if causal:
       tile = num_q_tiles - 1 - tile
     cta_row = tile * rows
-    if causal:
-      end = jnp.minimum(lax.div(cta_row + rows + block_k - 1, block_k), num_kv_blocks)
-      full = jnp.minimum(lax.div(cta_row + 1, block_k), full_kv_blocks)
-    else:
-      end = jnp.int32(num_kv_blocks)
-      full = jnp.int32(full_kv_blocks)
-    if segments:
-      full = jnp.int32(0)
-    full = jnp.minimum(full, end)
+    full, end = _kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
 
     @pl.when(wg < wgs)
     def _consumer():

@@ -273,7 +273,7 @@ def _kv_ranges(q_block, *, block_q: int, block_k: int, static: _Static):
   """Key blocks query block `q_block` visits: unmasked `[0, full)`, masked `[full, end)`."""
   kv_len = static.kv_len
   if static.is_causal:
-    end = jnp.minimum(lax.div((q_block + 1) * block_q + block_k - 1, block_k), pl.cdiv(kv_len, block_k))
+    end = jnp.minimum(lax.div(q_block * block_q + block_q + block_k - 1, block_k), pl.cdiv(kv_len, block_k))
     full = jnp.minimum(lax.div(q_block * block_q + 1, block_k), kv_len // block_k)
   else:
     end = jnp.int32(pl.cdiv(kv_len, block_k))
