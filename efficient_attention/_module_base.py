@@ -41,6 +41,8 @@ class AttentionModule(nnx.Module):
     rope_base: rotary position embedding of q and k with this base (see
       `apply_rope`); None for none.
     use_bias: biases in the projections.
+    implementation: passed to the family's attention function (None = best
+      available; "xla", "pallas", "cudnn" where the family has them).
     dtype: computation dtype of the projections (None: inferred from x and the
       parameters, as in `nnx.Linear`).
     param_dtype: parameter dtype.
@@ -61,6 +63,7 @@ class AttentionModule(nnx.Module):
       is_causal: bool = False,
       rope_base: float | None = None,
       use_bias: bool = True,
+      implementation: str | None = None,
       dtype: Any = None,
       param_dtype: Any = jnp.float32,
       kernel_init: nnx.Initializer = _KERNEL_INIT,
@@ -85,6 +88,7 @@ class AttentionModule(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.in_features, self.out_features = in_features, out_features
     self.is_causal, self.rope_base = is_causal, rope_base
+    self.implementation = implementation
     self.dtype, self.param_dtype = dtype, param_dtype
     linear = functools.partial(nnx.LinearGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)

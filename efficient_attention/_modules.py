@@ -42,16 +42,13 @@ class SoftmaxAttention(AttentionModule):
   """Exact attention (`softmax_attention`); decodes from a key/value cache.
 
   Args:
-    implementation: passed to `softmax_attention` (None = best available).
     **kwargs: the shared arguments of `AttentionModule`.
   """
 
   family = "softmax"
 
-  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
-               implementation: str | None = None, **kwargs):
+  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, **kwargs):
     super().__init__(num_heads, in_features, qkv_features, **kwargs)
-    self.implementation = implementation
     self.cached_key: nnx.Cache | None = nnx.data(None)
     self.cached_value: nnx.Cache | None = nnx.data(None)
 
@@ -75,8 +72,10 @@ class SoftmaxAttention(AttentionModule):
     self.cached_key[...], self.cached_value[...] = keys, values
     # [1, 1, T, L]: new token t sits at index + t and sees every cached position up to it.
     live = jnp.arange(keys.shape[1])[None, :] <= (index + jnp.arange(q.shape[1]))[:, None]
+    # The flash kernel takes no general mask: decoding steps (queries against the cache) use the default.
+    implementation = None if self.implementation == "pallas" else self.implementation
     return softmax_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=live[None, None],
-                             implementation=self.implementation)
+                             implementation=implementation)
 
 
 class BlockSparseAttention(AttentionModule):
@@ -105,7 +104,7 @@ class BlockSparseAttention(AttentionModule):
 
   def attend(self, q, k, v, *, mask=None, segment_ids=None):
     return block_sparse_attention(q, k, v, self.layout_for(q.shape[1]), mask=mask, segment_ids=segment_ids,
-                                  is_causal=self.is_causal)
+                                  is_causal=self.is_causal, implementation=self.implementation)
 
   def _check_decodable(self):
     raise ValueError(f"{self.family}: a general block layout has no bounded decoding cache; use LocalAttention "
@@ -142,7 +141,7 @@ class LocalAttention(AttentionModule):
 
   def attend(self, q, k, v, *, mask=None, segment_ids=None):
     return block_sparse_attention(q, k, v, self.layout_for(q.shape[1]), mask=mask, segment_ids=segment_ids,
-                                  is_causal=self.is_causal)
+                                  is_causal=self.is_causal, implementation=self.implementation)
 
   @property
   def span(self) -> int:
@@ -219,7 +218,8 @@ class LinformerAttention(AttentionModule):
     if k.shape[1] > self.max_len:
       raise ValueError(f"linformer: sequence length {k.shape[1]} exceeds max_len={self.max_len} "
                        f"(E and F are [P, max_len]={tuple(self.e_proj.shape)})")
-    return linformer_attention(q, k, v, self.e_proj[...], self.f_proj[...], mask=mask, segment_ids=segment_ids)
+    return linformer_attention(q, k, v, self.e_proj[...], self.f_proj[...], mask=mask, segment_ids=segment_ids,
+                               implementation=self.implementation)
 
   def _check_decodable(self):
     raise ValueError("linformer: cannot decode: Linformer has no causal form (its projection along time "
@@ -246,7 +246,8 @@ class LinearAttention(AttentionModule):
 
   def attend(self, q, k, v, *, mask=None, segment_ids=None):
     return linear_attention(q, k, v, feature_map=self.feature_map, mask=mask, segment_ids=segment_ids,
-                            is_causal=self.is_causal, chunk_size=self.chunk_size)
+                            is_causal=self.is_causal, chunk_size=self.chunk_size,
+                            implementation=self.implementation)
 
   def _init_cache(self, batch, length, dtype):
     fmap = _linear.feature_map_fn(self.feature_map)
@@ -329,7 +330,8 @@ class FavorAttention(AttentionModule):
 
   def attend(self, q, k, v, *, mask=None, segment_ids=None):
     return favor_attention(q, k, v, self.features[...], kernel=self.kernel, mask=mask, segment_ids=segment_ids,
-                           is_causal=self.is_causal, chunk_size=self.chunk_size)
+                           is_causal=self.is_causal, chunk_size=self.chunk_size,
+                           implementation=self.implementation)
 
   def _count_training_call(self) -> None:
     calls = self.training_calls[...] + 1

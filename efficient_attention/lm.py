@@ -60,6 +60,8 @@ class LMConfig:
     window, block_size: local attention's window and block size.
     layout: block_sparse's layout, a function `seq_len -> BlockLayout`.
     chunk_size: time steps per chunk of causal FAVOR+ / linear attention.
+    implementation: the attention functions' `implementation` (None = best
+      available; e.g. "pallas" for the flash kernel).
     dtype: computation dtype (None: float32 from the parameters).
     param_dtype: parameter dtype.
   """
@@ -84,6 +86,7 @@ class LMConfig:
   block_size: int = 16
   layout: Callable[[int], BlockLayout] | None = None
   chunk_size: int = 64
+  implementation: str | None = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
 
@@ -132,6 +135,7 @@ class LMConfig:
         "local": dict(window=self.window, block_size=self.block_size),
         "block_sparse": dict(layout=self.layout),
     }.get(self.attention, {})
+    options["implementation"] = self.implementation
     if self.uses_rope:
       options["rope_base"] = self.rope_base
     return options
