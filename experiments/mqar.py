@@ -48,15 +48,16 @@ from tqdm import tqdm
 import efficient_attention as ea
 from efficient_attention import lm
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from lm_data import FILLER, IGNORE, MQAR_EVAL_SEED_OFFSET, check_mqar, mqar_batch  # the experiments' data module
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
-IGNORE = -100  # label of the positions left out of the loss and the accuracy
-FILLER = 0  # token of the positions that are neither keys nor values
 # Families with a causal form; block_sparse runs local | strided, so it differs from local.
 CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse")
 SKIPPED = {"linformer": "no causal form: a bidirectional model would see the value it must predict"}
-EVAL_SEED_OFFSET = 1_000_003  # held-out sequences come from data seed `seed + EVAL_SEED_OFFSET`
+EVAL_SEED_OFFSET = MQAR_EVAL_SEED_OFFSET  # held-out sequences come from data seed `seed + EVAL_SEED_OFFSET`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,67 +132,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.error(f"need --steps, --seeds, --eval-batches >= 1 and 0 <= --warmup-steps < --steps; got "
                  f"{cfg.steps=}, {cfg.seeds=}, {cfg.eval_batches=}, {cfg.warmup_steps=}")
   return cfg
-
-
-# The data.
-
-
-def check_mqar(*, seq_len: int, num_kv_pairs: int, vocab_size: int) -> None:
-  """Raises ValueError when these sizes cannot hold an MQAR sequence."""
-  if num_kv_pairs < 1 or seq_len + 1 < 4 * num_kv_pairs:
-    raise ValueError(f"MQAR needs num_kv_pairs >= 1 and seq_len + 1 >= 4 * num_kv_pairs (the context, then a "
-                     f"query slot per key), got {seq_len=}, {num_kv_pairs=}")
-  if vocab_size // 2 - 1 < num_kv_pairs:
-    raise ValueError(f"MQAR draws distinct keys from [1, vocab_size // 2): need vocab_size // 2 - 1 >= "
-                     f"num_kv_pairs, got {vocab_size=}, {num_kv_pairs=}")
-
-
-def mqar_batch(seed: int, step: int, *, batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
-               power_a: float = 0.01) -> tuple[jax.Array, jax.Array]:
-  """One batch of MQAR sequences, a pure function of `(seed, step)` and the sizes.
-
-  Returns:
-    inputs: int32 `[batch, seq_len]`: `k1 v1 ... kn vn`, then the n keys again at
-      power-law-drawn query slots, each followed by its value, filler 0 elsewhere.
-      Keys lie in `[1, vocab_size // 2)`, values in `[vocab_size // 2, vocab_size)`.
-    labels: int32 `[batch, seq_len]`: at each query position (where a key
-      re-appears) the value paired with that key; -100 everywhere else.
-  """
-  check_mqar(seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size)
-  if not power_a > 0:
-    raise ValueError(f"power_a must be positive, got {power_a=}")
-  key = jax.random.fold_in(jax.random.key(seed), step)
-  return _mqar_batch(key, batch=batch, seq_len=seq_len, num_kv_pairs=num_kv_pairs, vocab_size=vocab_size,
-                     power_a=power_a)
-
-
-@functools.partial(jax.jit, static_argnames=("batch", "seq_len", "num_kv_pairs", "vocab_size", "power_a"))
-def _mqar_batch(key, *, batch, seq_len, num_kv_pairs, vocab_size, power_a):
-  n, half = num_kv_pairs, vocab_size // 2
-  context = 2 * n
-  # Query slots: position pairs (key, value) after the context, in a sequence of T + 1 tokens.
-  space = (seq_len + 1 - context) // 2
-  gap = np.arange(1, space + 1, dtype=np.float64)
-  log_p = jnp.asarray((power_a - 1) * np.log(gap), jnp.float32)  # unnormalised log p(gap) of Zoology's power law
-
-  def draw(key, log_weights, size):
-    """`size` distinct indices drawn without replacement with probabilities ∝ exp(log_weights) (Gumbel top-k)."""
-    return jax.lax.top_k(log_weights + jax.random.gumbel(key, log_weights.shape), size)[1]
-
-  def one(key):
-    key_k, key_v, key_q = jax.random.split(key, 3)
-    keys = 1 + draw(key_k, jnp.zeros(half - 1), n)
-    values = half + draw(key_v, jnp.zeros(vocab_size - half), n)
-    slots = draw(key_q, log_p, n)  # key i is queried in slot slots[i]
-    where = context + 2 * slots
-    seq = jnp.full((seq_len + 1,), FILLER, jnp.int32)
-    seq = seq.at[:context].set(jnp.stack([keys, values], axis=-1).reshape(-1))
-    seq = seq.at[where].set(keys).at[where + 1].set(values)
-    labels = jnp.full((seq_len + 1,), IGNORE, jnp.int32).at[where + 1].set(values)
-    # Next-token form: the target at input position t is token t + 1.
-    return seq[:-1], labels[1:]
-
-  return jax.vmap(one)(jax.random.split(key, batch))
 
 
 # The models.
