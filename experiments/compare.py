@@ -1,171 +1,243 @@
-"""Compare every attention family with exact softmax attention on one input.
+"""Train one small LM per attention family under one budget and seed, and compare them.
 
-Runs each family (jitted) on the same random q, k, v, measures its error against
-exact attention computed in float64 and its median wall time, then prints a
-table and writes `results/<run>/{families.json,families.md}`.
+    python experiments/compare.py                       # CPU: a tiny model per family, about 10 minutes on 2 cores
+    python experiments/compare.py --preset gpu --run h100_lm   # 6 layers, width 512, T=1024 and 4096
 
-    python experiments/compare.py                 # CPU-sized defaults
-    python experiments/compare.py --seq-len 4096 --causal --run gpu_t4096
+Every family trains the same `efficient_attention.lm` model (only the attention
+differs) with `train_lm.py`, one process per run, on the same data, seed,
+tokens per step and number of steps. The parent process
+never touches the accelerator. Families: exact softmax attention (and its
+Pallas flash kernel where a GPU or TPU runs it), FAVOR+, linear attention,
+Linformer and block-sparse local attention. Linformer has no causal form: its
+model sees the byte it predicts, so its loss is no language-model loss; it is
+trained and tabled for speed and memory, marked, and left out of the curves.
 
-Error is ‖out − exact‖ / ‖exact‖ against full exact attention; block-sparse
-layouts restrict attention on purpose, so they are also measured against exact
-attention under their own mask (which they must match to float tolerance).
+Writes `results/<run>/`: `metrics.csv` (every train and eval record of every
+run), `summary.json` (settings and each run's summary), `table.md` (final
+train and eval bits per character, tokens/s, peak memory, parameters) and
+`curves.png` (held-out bits per character against step and against training
+time), plus each run's own directory `T<seq_len>/<family>/` from `train_lm.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import math
 import pathlib
-import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from tqdm import tqdm
+import matplotlib
 
-import efficient_attention as ea
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+
+TRAIN_LM = pathlib.Path(__file__).resolve().parent / "train_lm.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One compared model: a label, its `train_lm.py` flags, and where it runs."""
+
+  label: str
+  args: tuple[str, ...]
+  accelerator_only: bool = False  # Pallas kernels: compiled on GPU / TPU (interpreted on CPU, far too slow)
+  causal: bool = True
+
+
+FAMILIES = {
+    "softmax": Family("softmax", ("--attention", "softmax")),
+    "softmax-pallas": Family("softmax (Pallas flash)", ("--attention", "softmax", "--implementation", "pallas"),
+                             accelerator_only=True),
+    "favor": Family("FAVOR+", ("--attention", "favor")),
+    "linear": Family("linear (elu+1)", ("--attention", "linear")),
+    "local": Family("block-sparse local", ("--attention", "local")),
+    "linformer": Family("Linformer (not causal)", ("--attention", "linformer"), causal=False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  batch: int = 2
-  seq_len: int = 1024
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 64
-  causal: bool = False
-  qk_std: float = 1.0  # std of the entries of q and k: logit scale, where FAVOR+ variance grows fast
-  num_features: int = 256
-  linformer_k: int = 128
-  block_size: int = 64
-  window: int = 128
-  repeats: int = 10
+  families: tuple[str, ...] = tuple(FAMILIES)
+  seq_lens: tuple[int, ...] = (256,)
+  tokens_per_step: int = 2048  # batch size = tokens_per_step // seq_len, the same budget for every T
+  steps: int = 500
+  train_preset: str = "cpu"  # train_lm.py's --preset: the model size and family options
+  data: str = "stdlib"
   seed: int = 0
-  run: str = "families"
+  eval_every: int = 50
+  run: str = "compare"
   out_dir: str = "results"
 
 
-def parse_args() -> Config:
+PRESETS = {
+    "cpu": {},
+    "smoke": dict(families=("softmax", "favor", "linformer"), seq_lens=(64,), tokens_per_step=256, steps=6,
+                  train_preset="smoke", eval_every=3),
+    # 6 layers, width 512 (train_lm.py --preset gpu), 65,536 tokens a step at both lengths.
+    "gpu": dict(seq_lens=(1024, 4096), tokens_per_step=65_536, steps=300, train_preset="gpu", eval_every=25),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
+                      help="a set of defaults (explicit flags still win): " +
+                      "; ".join(f"{k}: {v or 'the defaults'}" for k, v in PRESETS.items()))
   for field in dataclasses.fields(Config):
     flag = "--" + field.name.replace("_", "-")
-    if field.type == "bool":
-      parser.add_argument(flag, action="store_true", default=field.default)
+    if field.type.startswith("tuple"):
+      kind = {"tuple[int, ...]": int, "tuple[str, ...]": str}[field.type]
+      parser.add_argument(flag, type=kind, nargs="+", default=field.default)
     else:
-      kind = {"int": int, "str": str, "float": float}[field.type]
-      parser.add_argument(flag, type=kind, default=field.default)
-  cfg = Config(**vars(parser.parse_args()))
-  if not 0 < cfg.linformer_k <= cfg.seq_len:
-    parser.error(f"--linformer-k must be in [1, --seq-len]: got {cfg.linformer_k=}, {cfg.seq_len=}")
+      parser.add_argument(flag, type={"int": int, "str": str}[field.type], default=field.default)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser.set_defaults(**PRESETS[parser.parse_known_args(argv)[0].preset])
+  args = vars(parser.parse_args(argv))
+  args.pop("preset")
+  cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+  unknown = [f for f in cfg.families if f not in FAMILIES]
+  if unknown:
+    parser.error(f"unknown --families {unknown}; valid: {', '.join(FAMILIES)}")
+  bad = [t for t in cfg.seq_lens if t < 1 or cfg.tokens_per_step % t]
+  if bad:
+    parser.error(f"--tokens-per-step {cfg.tokens_per_step} must be a multiple of every --seq-lens value; not of {bad}")
+  if cfg.steps < 1:
+    parser.error(f"--steps must be >= 1, got {cfg.steps}")
   return cfg
 
 
-def families(cfg: Config, key: jax.Array) -> dict[str, tuple[Callable, jax.Array | None]]:
-  """name -> (attention fn of (q, k, v), dense mask it restricts to or None)."""
-  t = cfg.seq_len
-  k_feat, k_bb = jax.random.split(key)
-  features = ea.orthogonal_random_features(k_feat, cfg.num_features, cfg.head_dim)
-  # Untrained Linformer: E = F = average pooling of k contiguous spans (random
-  # projections would not approximate softmax attention at all before training).
-  pool = pooling_projection(cfg.linformer_k, t)
-  local = ea.layouts.local(t, window=cfg.window, block_size=cfg.block_size)
-  bigbird = ea.layouts.bigbird(k_bb, t, block_size=cfg.block_size)
-  causal = cfg.causal
-  out = {
-      "softmax (xla)": (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=causal, implementation="xla"), None),
-      f"favor+ (m={cfg.num_features})": (
-          lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=causal), None),
-      "linear (elu+1)": (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=causal), None),
-      f"block-sparse local (w={cfg.window})": (
-          lambda q, k, v: ea.block_sparse_attention(q, k, v, local, is_causal=causal), ea.layout_mask(local, t, t)),
-      "block-sparse bigbird": (
-          lambda q, k, v: ea.block_sparse_attention(q, k, v, bigbird, is_causal=causal), ea.layout_mask(bigbird, t, t)),
-  }
-  if not causal:  # Linformer has no causal form.
-    out[f"linformer (k={cfg.linformer_k}, pooling)"] = (lambda q, k, v: ea.linformer_attention(q, k, v, pool, pool), None)
-  if jax.default_backend() == "gpu":
-    out["softmax (cudnn)"] = (
-        lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=causal, implementation="cudnn"), None)
-  return out
+def default_backend() -> str:
+  """JAX's backend, asked of a child process: this one leaves the accelerator to the training runs."""
+  probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"], check=True,
+                         capture_output=True, text=True)
+  return probe.stdout.strip().splitlines()[-1]
 
 
-def pooling_projection(k: int, t: int) -> jax.Array:
-  """`[k, T]`: row i averages positions [i * T / k, (i + 1) * T / k)."""
-  span = np.floor(np.arange(t) * k / t).astype(int)
-  pool = (span[None, :] == np.arange(k)[:, None]).astype(np.float32)
-  return jnp.asarray(pool / pool.sum(axis=1, keepdims=True))
+def runnable(cfg: Config) -> tuple[list[str], dict[str, str]]:
+  """The families this machine runs, and the skipped ones with the reason."""
+  cpu = default_backend() == "cpu"
+  skipped = {f: "a Pallas kernel: compiled on GPU / TPU only (interpret mode on CPU is far too slow)"
+             for f in cfg.families if FAMILIES[f].accelerator_only and cpu}
+  return [f for f in cfg.families if f not in skipped], skipped
 
 
-def exact64(q, k, v, *, causal: bool, mask=None) -> np.ndarray:
-  with jax.enable_x64(True):
-    cast = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    return np.asarray(ea.softmax_attention_reference(cast(q), cast(k), cast(v), is_causal=causal, mask=mask))
+def train_args(cfg: Config, family: str, seq_len: int, out_dir: pathlib.Path) -> list[str]:
+  return [*FAMILIES[family].args, "--preset", cfg.train_preset, "--seq-len", str(seq_len),
+          "--batch-size", str(cfg.tokens_per_step // seq_len), "--steps", str(cfg.steps),
+          "--warmup-steps", str(max(1, cfg.steps // 10)), "--eval-every", str(cfg.eval_every),
+          "--data", cfg.data, "--seed", str(cfg.seed), "--out-dir", str(out_dir), "--no-checkpoint"]
 
 
-def rel_error(out, want) -> float:
-  out = np.asarray(out, np.float64)
-  return float(np.linalg.norm(out - want) / np.linalg.norm(want))
+def run_one(cfg: Config, family: str, seq_len: int, out_dir: pathlib.Path) -> dict:
+  """Trains one model in its own process (so peak memory is its own); returns its summary and records."""
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, str(TRAIN_LM), *train_args(cfg, family, seq_len, out_dir)], check=False)
+  records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
+      if (out_dir / "metrics.jsonl").is_file() else []
+  summary = json.loads((out_dir / "summary.json").read_text()) if proc.returncode == 0 else None
+  error = None
+  if proc.returncode:
+    stop = [r for r in records if r["kind"] == "stop"]
+    error = f"non-finite at step {stop[-1]['step']}" if stop else f"failed (exit code {proc.returncode})"
+  return dict(family=family, label=FAMILIES[family].label, causal=FAMILIES[family].causal, seq_len=seq_len,
+              summary=summary, records=records, error=error, seconds=time.perf_counter() - start)
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+def main(argv: list[str] | None = None) -> dict:
+  cfg = parse_args(argv)
+  families, skipped = runnable(cfg)
+  out = pathlib.Path(cfg.out_dir) / cfg.run
+  out.mkdir(parents=True, exist_ok=True)
+  runs, total = [], len(cfg.seq_lens) * len(families)
+  for t in cfg.seq_lens:
+    for family in families:
+      print(f"[{len(runs) + 1}/{total}] T={t} {FAMILIES[family].label}", flush=True)
+      runs.append(run_one(cfg, family, t, out / f"T{t}" / family))
+  result = dict(config=dataclasses.asdict(cfg), skipped=skipped, device_kind=device_kind(runs),
+                jax_version=jax.__version__,
+                runs=[{k: v for k, v in r.items() if k != "records"} for r in runs])
+  write_csv(runs, out / "metrics.csv")
+  (out / "summary.json").write_text(json.dumps(result, indent=1))
+  (out / "table.md").write_text(to_markdown(cfg, runs, skipped, argv))
+  plot(cfg, runs, out / "curves.png")
+  print((out / "table.md").read_text())
+  print(f"wrote {out}/metrics.csv, summary.json, table.md, curves.png")
+  return result
 
 
-def main(cfg: Config) -> list[dict]:
-  key_q, key_k, key_v, key_fam = jax.random.split(jax.random.key(cfg.seed), 4)
-  shape_q = (cfg.batch, cfg.seq_len, cfg.num_heads, cfg.head_dim)
-  shape_kv = (cfg.batch, cfg.seq_len, cfg.num_kv_heads, cfg.head_dim)
-  q = cfg.qk_std * jax.random.normal(key_q, shape_q)
-  k = cfg.qk_std * jax.random.normal(key_k, shape_kv)
-  v = jax.random.normal(key_v, shape_kv)
-  exact = exact64(q, k, v, causal=cfg.causal)
-  rows = []
-  table = families(cfg, key_fam)
-  for name, (fn, restrict) in tqdm(table.items(), desc="families", unit="family"):
-    fn = jax.jit(fn)
-    dtype = jnp.bfloat16 if "cudnn" in name else jnp.float32
-    args = tuple(x.astype(dtype) for x in (q, k, v))
-    out = fn(*args)
-    row = dict(family=name, ms=median_ms(fn, *args, repeats=cfg.repeats), rel_err_vs_exact=rel_error(out, exact),
-               dtype=jnp.dtype(dtype).name)
-    if restrict is not None:
-      row["rel_err_vs_exact_same_mask"] = rel_error(out, exact64(q, k, v, causal=cfg.causal, mask=restrict))
-    rows.append(row)
-  base = next(r["ms"] for r in rows if r["family"] == "softmax (xla)")
-  for row in rows:
-    row["speedup_vs_softmax_xla"] = base / row["ms"]
-  return rows
+def device_kind(runs: list[dict]) -> str:
+  return next((r["summary"]["device_kind"] for r in runs if r["summary"]), "unknown device")
 
 
-def to_markdown(cfg: Config, rows: list[dict]) -> str:
-  head = (f"B={cfg.batch} T={cfg.seq_len} N={cfg.num_heads} K={cfg.num_kv_heads} H={cfg.head_dim} "
-          f"causal={cfg.causal} qk_std={cfg.qk_std} on {jax.devices()[0].device_kind} (jax {jax.__version__})\n\n")
-  lines = ["| family | dtype | median ms | × softmax (xla) | rel. err vs exact | rel. err vs exact, same mask |",
-           "|---|---|---:|---:|---:|---:|"]
-  for r in rows:
-    same = r.get("rel_err_vs_exact_same_mask")
-    lines.append(f"| {r['family']} | {r['dtype']} | {r['ms']:.2f} | {r['speedup_vs_softmax_xla']:.2f} | "
-                 f"{r['rel_err_vs_exact']:.2e} | {'' if same is None else f'{same:.1e}'} |")
-  return head + "\n".join(lines) + "\n"
+CSV_FIELDS = ("family", "seq_len", "kind", "step", "tokens", "train_seconds", "loss", "bpc", "accuracy",
+              "tokens_per_s", "learning_rate", "grad_norm")
+
+
+def write_csv(runs: list[dict], path: pathlib.Path) -> None:
+  with path.open("w", newline="") as f:
+    writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for run in runs:
+      for record in run["records"]:
+        if record["kind"] in ("train", "eval"):
+          writer.writerow(dict(record, family=run["family"], seq_len=run["seq_len"]))
+
+
+def to_markdown(cfg: Config, runs: list[dict], skipped: dict[str, str], argv: list[str] | None) -> str:
+  command = "python experiments/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  kind = device_kind(runs)
+  lines = [f"`{command.strip()}` on {kind} (jax {jax.__version__}): {cfg.steps} steps of {cfg.tokens_per_step:,} "
+           f"tokens per family (train_lm.py --preset {cfg.train_preset}), data {cfg.data}, seed {cfg.seed}.", ""]
+  for t in cfg.seq_lens:
+    lines += [f"T = {t}:", "",
+              "| family | train bpc (last log) | eval bpc | tokens/s | peak memory | parameters | train time |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for run in (r for r in runs if r["seq_len"] == t):
+      s = run["summary"]
+      if s is None:
+        lines.append(f"| {run['label']} | {run['error']} | | | | | |")
+        continue
+      memory = f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB" + (" (host RSS)" if s["peak_memory_kind"] != "device"
+                                                                else "")
+      lines.append(f"| {run['label']} | {s['final_train_loss'] / math.log(2):.3f} | {s['eval']['bpc']:.3f} | "
+                   f"{s['tokens_per_s']:,.0f} | {memory} | {s['params']:,} | {s['train_seconds']:.0f} s |")
+    lines.append("")
+  lines.append("bpc: bits per byte (= per character for ASCII text) of the next-byte loss; eval on held-out text. "
+               "tokens/s: median over logging intervals, first (compiling) step excluded.")
+  if any(not FAMILIES[f].causal for f in cfg.families):
+    lines.append("Linformer has no causal form: it sees the byte it predicts, so its bpc is not comparable.")
+  lines += [f"Skipped {f}: {why}." for f, why in skipped.items()]
+  return "\n".join(lines) + "\n"
+
+
+def plot(cfg: Config, runs: list[dict], path: pathlib.Path) -> None:
+  fig, axes = plt.subplots(len(cfg.seq_lens), 2, figsize=(11, 4 * len(cfg.seq_lens)), squeeze=False)
+  for row, t in enumerate(cfg.seq_lens):
+    for run in (r for r in runs if r["seq_len"] == t and r["causal"]):
+      evals = [r for r in run["records"] if r["kind"] == "eval"]
+      if not evals:
+        continue
+      bpc = [r["bpc"] for r in evals]
+      axes[row, 0].plot([r["step"] for r in evals], bpc, marker=".", label=run["label"])
+      axes[row, 1].plot([r["train_seconds"] for r in evals], bpc, marker=".", label=run["label"])
+    for col, xlabel in enumerate(("step", "training time (s, compilation included)")):
+      ax = axes[row, col]
+      ax.set(xlabel=xlabel, ylabel="held-out bits per character", title=f"T = {t}")
+      ax.set_ylim(top=min(ax.get_ylim()[1], 8.5))
+      ax.grid(alpha=0.3)
+    axes[row, 0].legend(fontsize=8)
+  fig.suptitle(f"LM per attention family: {cfg.steps} steps x {cfg.tokens_per_step:,} tokens "
+               f"({device_kind(runs)}); Linformer left out (not causal)", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
-  config = parse_args()
-  results = main(config)
-  markdown = to_markdown(config, results)
-  out_dir = pathlib.Path(config.out_dir) / config.run
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "families.json").write_text(json.dumps(dict(config=dataclasses.asdict(config), rows=results), indent=2))
-  (out_dir / "families.md").write_text(markdown)
-  print(markdown)
-  print(f"wrote {out_dir}/families.json and families.md")
+  main()

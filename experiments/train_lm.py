@@ -99,6 +99,7 @@ class Config:
   eval_every: int = 50
   eval_batches: int = 4
   log_every: int = 10
+  checkpoint: bool = True  # --no-checkpoint: save none (a run that will not be resumed)
   checkpoint_every: int = 0  # 0: only at the end
   sample_tokens: int = 160  # bytes generated at the end (0: none)
   out_dir: str = "results/train_lm"
@@ -286,7 +287,7 @@ class Model:
     rest = nnx.split(model, nnx.Param, ...)[2]
     updates, opt = self.tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(loss=loss, accuracy=accuracy, grad_norm=optax.global_norm(grads),
+    metrics = dict(loss=loss, accuracy=accuracy, grad_norm=global_norm(grads),
                    learning_rate=self.schedule(state["step"]))
     return dict(step=state["step"] + 1, params=params, rest=rest, opt=opt), metrics
 
@@ -302,6 +303,10 @@ class Model:
 
   def eval_model(self, state) -> lm.LanguageModel:
     return nnx.merge(self.eval_graph, state["params"], state["rest"])
+
+
+def global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
 
 
 def masked_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -515,7 +520,7 @@ class Run:
           bar.set_postfix(loss=f"{train_record['loss']:.3f}", tok_s=f"{train_record['tokens_per_s']:,.0f}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
           last_eval = self.evaluate(done)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end:
+        if cfg.checkpoint and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == end):
           self.save(done)
         tick, timed = time.perf_counter(), 0
       bar.update(1)

@@ -1,0 +1,190 @@
+"""train_lm.py, lm_data.py and compare.py on shrunk configurations (CPU)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.test_experiments import _load
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+train_lm = _load("train_lm")
+lm_data = sys.modules["lm_data"]
+
+
+def _records(out: pathlib.Path, kind: str) -> list[dict]:
+  return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _smoke(out, *args) -> dict:
+  return train_lm.main(["--preset", "smoke", "--no-progress", "--out-dir", str(out), *args])
+
+
+@pytest.mark.parametrize("family", ["softmax", "favor", "linear", "linformer", "local", "block_sparse"])
+def test_every_family_trains_and_the_held_out_loss_falls(tmp_path, family):
+  summary = _smoke(tmp_path, "--attention", family)
+  evals = _records(tmp_path, "eval")
+  assert [r["step"] for r in evals] == [0, 4, 8]
+  assert evals[-1]["loss"] < evals[0]["loss"] - 0.2, evals
+  assert summary["finished"] and summary["steps"] == 8 and summary["causal"] == (family != "linformer")
+  assert summary["eval"]["bpc"] == pytest.approx(evals[-1]["loss"] / np.log(2))
+  assert summary["params"] > 0 and summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
+  assert (tmp_path / "checkpoints" / "8").is_dir()
+  assert (summary["sample"] is None) == (family in ("linformer", "block_sparse"))
+
+
+def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
+  # Dropout and FAVOR+ redraws make the trajectory depend on the restored RNG and feature state too.
+  args = ("--attention", "favor", "--redraw-interval", "3", "--dropout", "0.1", "--steps", "8", "--log-every", "1",
+          "--checkpoint-every", "3", "--sample-tokens", "0")
+  _smoke(tmp_path / "whole", *args)
+  _smoke(tmp_path / "split", *args, "--stop-after", "4")
+  assert _records(tmp_path / "split", "train")[-1]["step"] == 4
+  _smoke(tmp_path / "split", *args, "--resume")
+  whole, split = ([(r["kind"], r["step"], r["loss"]) for r in map(json.loads, (tmp_path / d / "metrics.jsonl")
+                                                                    .read_text().splitlines()) if r["kind"] != "resume"]
+                  for d in ("whole", "split"))
+  assert len(whole) == 8 + 3 and whole == split  # exact equality: same losses to the last digit
+
+
+def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_checkpoints(tmp_path):
+  _smoke(tmp_path, "--steps", "4", "--sample-tokens", "0")
+  with pytest.raises(SystemExit, match="different settings.*learning_rate"):
+    _smoke(tmp_path, "--steps", "4", "--learning-rate", "0.1", "--resume")
+  with pytest.raises(SystemExit, match="already holds checkpoints"):
+    _smoke(tmp_path, "--steps", "4")
+  with pytest.raises(SystemExit, match="no checkpoint"):
+    _smoke(tmp_path / "new", "--resume")
+
+
+def test_sharded_run_matches_one_device(tmp_path):
+  args = ["--preset", "smoke", "--no-progress", "--steps", "5", "--log-every", "1", "--batch-size", "8",
+          "--sample-tokens", "0", "--no-checkpoint"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  subprocess.run([sys.executable, str(_ROOT / "experiments/train_lm.py"), *args, "--mesh", "data=2,fsdp=2",
+                  "--out-dir", str(tmp_path / "mesh")], check=True, env=env)
+  summary = json.loads((tmp_path / "mesh" / "summary.json").read_text())
+  assert summary["mesh"] == {"data": 2, "fsdp": 2} and summary["devices"] == 4
+  train_lm.main([*args, "--out-dir", str(tmp_path / "one")])
+  sharded, single = ([r["loss"] for r in _records(tmp_path / d, "train")] for d in ("mesh", "one"))
+  assert len(single) == 5
+  np.testing.assert_allclose(sharded, single, rtol=1e-5)
+
+
+def test_param_spec_shards_the_largest_divisible_axis():
+  assert train_lm.param_spec((256, 64), 2) == train_lm.P("fsdp", None)
+  assert train_lm.param_spec((3, 64), 2) == train_lm.P(None, "fsdp")
+  assert train_lm.param_spec((3, 5), 2) == train_lm.P()
+  assert train_lm.param_spec((256, 64), 1) == train_lm.P()
+  assert train_lm.mesh_shape("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
+  for bad in ("data", "model=2", "data=0", "fsdp=x"):
+    with pytest.raises(ValueError, match="--mesh"):
+      train_lm.mesh_shape(bad)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+  with pytest.raises(SystemExit, match=r"non-finite training values at step \d+"):
+    _smoke(tmp_path, "--learning-rate", "1e30", "--warmup-steps", "0")
+  stop = _records(tmp_path, "stop")
+  assert len(stop) == 1 and stop[0]["reason"] == "non-finite"
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_mqar_task_reports_accuracy(tmp_path):
+  summary = _smoke(tmp_path, "--task", "mqar", "--num-kv-pairs", "4", "--mqar-vocab-size", "32")
+  assert 0.0 <= summary["eval"]["accuracy"] <= 1.0 and "bpc" not in summary["eval"]
+  assert summary["sample"] is None
+
+
+def test_bad_data_gives_a_clear_error(tmp_path):
+  (tmp_path / "empty.txt").write_bytes(b"")
+  (tmp_path / "binary.bin").write_bytes(b"ELF\0\1\2" * 10)
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 10)
+  for path, message in ((tmp_path / "missing.txt", "no such file"), (tmp_path / "empty.txt", "empty"),
+                        (tmp_path / "binary.bin", "binary"), (tmp_path / "latin1.txt", "not UTF-8")):
+    with pytest.raises(SystemExit, match=message):
+      _smoke(tmp_path / "out", "--data", str(path))
+
+
+def test_text_file_corpus_holds_out_its_tail(tmp_path):
+  text = "".join(f"line {i}: the quick brown fox\n" for i in range(400)).encode()
+  (tmp_path / "t.txt").write_bytes(text)
+  corpus = lm_data.load_corpus(str(tmp_path / "t.txt"))
+  assert bytes(corpus.train) + bytes(corpus.eval) == text and len(corpus.eval) == int(len(text) * 0.05)
+  summary = _smoke(tmp_path / "out", "--data", str(tmp_path / "t.txt"))
+  assert summary["finished"]
+
+
+def test_stdlib_corpus_is_real_python_split_by_file():
+  corpus = lm_data.load_corpus("stdlib")
+  assert len(corpus.train) > 1_000_000 and len(corpus.eval) > 20_000
+  assert b"def " in bytes(corpus.eval[:100_000]) and 0.02 < len(corpus.eval) / len(corpus.train) < 0.1
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+  tokens = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
+  a, b = lm_data.lm_batch(tokens, 1, 7, batch=3, seq_len=11), lm_data.lm_batch(tokens, 1, 7, batch=3, seq_len=11)
+  c = lm_data.lm_batch(tokens, 1, 8, batch=3, seq_len=11)
+  np.testing.assert_array_equal(a[0], b[0])
+  assert not np.array_equal(a[0], c[0]) and a[0].shape == (3, 11)
+  np.testing.assert_array_equal(a[0][:, 1:], a[1][:, :-1])  # labels are the inputs shifted by one
+  held = lm_data.eval_batches(tokens, num_batches=2, batch=3, seq_len=11)
+  assert len(held) == 2 and held[0][0].shape == (3, 11)
+  with pytest.raises(ValueError, match="too short"):
+    lm_data.lm_batch(tokens[:10], 0, 0, batch=1, seq_len=11)
+
+
+def test_named_corpus_checks_the_download_and_says_when_offline(tmp_path, monkeypatch):
+  spec = lm_data.NamedCorpus(url="http://example.invalid/t.txt", member=None, sha256=lm_data._sha256(b"x" * 100),
+                             size=100, split=(90, 100), description="test corpus")
+  monkeypatch.setitem(lm_data.CORPORA, "tiny", spec)
+
+  def offline(*args, **kwargs):
+    raise urllib.error.URLError("no network")
+
+  monkeypatch.setattr(urllib.request, "urlopen", offline)
+  with pytest.raises(ConnectionError, match="not cached.*--data stdlib"):
+    lm_data.load_corpus("tiny", cache_dir=tmp_path)
+
+  class Response:
+    def __init__(self, data):
+      self.data = data
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
+
+    def read(self):
+      return self.data
+
+  monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Response(b"y" * 100))
+  with pytest.raises(ValueError, match="sha256"):
+    lm_data.load_corpus("tiny", cache_dir=tmp_path)
+  monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Response(b"x" * 100))
+  corpus = lm_data.load_corpus("tiny", cache_dir=tmp_path)
+  assert len(corpus.train) == 90 and len(corpus.eval) == 10
+  monkeypatch.setattr(urllib.request, "urlopen", offline)  # now cached: no download
+  assert len(lm_data.load_corpus("tiny", cache_dir=tmp_path).train) == 90
+
+
+def test_compare_trains_each_family_and_writes_table_csv_and_plot(tmp_path):
+  compare = _load("compare")
+  result = compare.main(["--preset", "smoke", "--families", "softmax", "linformer", "softmax-pallas",
+                         "--out-dir", str(tmp_path), "--run", "cmp"])
+  out = tmp_path / "cmp"
+  assert {p.name for p in out.iterdir()} >= {"metrics.csv", "summary.json", "table.md", "curves.png", "T64"}
+  assert "softmax-pallas" in result["skipped"]  # CPU: the Pallas kernel is not trained in interpret mode
+  runs = result["runs"]
+  assert [r["family"] for r in runs] == ["softmax", "linformer"] and all(r["error"] is None for r in runs)
+  table = (out / "table.md").read_text()
+  assert table.count("\n| softmax |") == 1 and "Linformer (not causal)" in table and "not comparable" in table
+  rows = (out / "metrics.csv").read_text().splitlines()
+  assert rows[0].startswith("family,seq_len,kind,step") and len(rows) > 10
+  assert (out / "curves.png").stat().st_size > 10_000
