@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
 import resource
 import sys
@@ -55,7 +54,7 @@ import efficient_attention as ea
 from efficient_attention import lm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import lm_data  # the experiments' data module  # noqa: E402
+import lm_data  # the experiments' data module
 
 TASKS = ("lm", "mqar")
 MESH_AXES = ("data", "fsdp")
