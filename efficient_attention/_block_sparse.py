@@ -74,14 +74,17 @@ def block_sparse_attention(
     segment_ids: int `[B, T]` (when T == S) or a (`[B, T]`, `[B, S]`) pair.
     bias: optional float `[B|1, N|1, T|1, S|1]` added to the logits.
     scale: logit scale, default `H**-0.5`.
-    implementation: None or "xla".
+    implementation: None or "xla" (the bucketed gathers above), or "pallas" (the
+      tiled kernel `pallas.block_sparse`, whose time follows the live blocks;
+      honours is_causal, segment_ids and key-padding masks `[B|1, 1, 1, S]`, not
+      bias or other masks; the layout's block sizes must be powers of two >= 16).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype (float32 accumulation); rows with no live
     key are 0 with 0 gradient.
   """
   dims = _checks.check_qkv(q, k, v)
-  _checks.check_implementation(implementation, ("xla",), family="block_sparse_attention")
+  _checks.check_implementation(implementation, ("xla", "pallas"), family="block_sparse_attention")
   check_grid(layout, dims.q_len, dims.kv_len)
   if layout.num_heads not in (None, dims.num_heads):
     raise ValueError(f"per-head layout has num_heads={layout.num_heads} but q has N={dims.num_heads} heads")
@@ -90,6 +93,8 @@ def block_sparse_attention(
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
   is_causal = _checks.check_causal(is_causal, dims, family="block_sparse_attention")
+  if implementation == "pallas":
+    return _pallas(q, k, v, layout, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
 
   acc = jnp.promote_types(q.dtype, jnp.float32)
   bq, bk = layout.block_q, layout.block_k
@@ -144,6 +149,26 @@ def block_sparse_attention(
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)[:, plan.inverse]
   out = out.reshape(dims.batch, nq * bq, dims.num_heads, dims.v_head_dim)[:, :dims.q_len]
   return out.astype(q.dtype)
+
+
+def _pallas(q, k, v, layout: BlockLayout, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
+  from pallas.block_sparse import block_sparse_attention as kernel
+
+  if bias is not None:
+    raise ValueError(f"block_sparse_attention(implementation='pallas') takes no bias (got {bias.shape=}); use 'xla'")
+  if mask is not None:
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+      raise ValueError(
+          f"block_sparse_attention(implementation='pallas') honours key-padding masks [B|1, 1, 1, S] (and "
+          f"is_causal, segment_ids); got {mask.shape=}; use 'xla' for per-head or per-query masks")
+    # A padded key gets a segment id no query has.
+    live = jnp.broadcast_to(mask[:, 0, 0, :], (dims.batch, dims.kv_len))
+    if ids is None:
+      ids = (jnp.zeros((dims.batch, dims.q_len), jnp.int32), jnp.zeros((dims.batch, dims.kv_len), jnp.int32))
+    q_ids, kv_ids = ids[0].astype(jnp.int32), ids[1].astype(jnp.int32)
+    outside = jnp.minimum(jnp.min(q_ids), jnp.min(kv_ids)) - 1
+    ids = (q_ids, jnp.where(live, kv_ids, outside))
+  return kernel(q, k, v, layout, is_causal=is_causal, segment_ids=ids, scale=scale)
 
 
 class _Bucket(NamedTuple):

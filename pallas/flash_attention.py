@@ -345,31 +345,47 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, 
   q_ids = q_ids_ref[...] if static.has_segments else None
 
   def body(j, carry, *, masked):
-    acc, m, l = carry
-    k_start = j * bk
-    k = k_ref[pl.ds(k_start, bk), :]
-    kv_ids = kv_ids_ref[pl.ds(k_start, bk)] if static.has_segments else None
-    s = _logits(q, k, i * bq, k_start, q_ids, kv_ids, masked=masked, static=static)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    # FlashAttention-2, sec. 3.1.1: rescale the running sums once per block.
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(k_start, bk), :]
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, static)
-    return acc, m_new, l
+    return _forward_step(q, q_ids, i * bq, j * bk, k_ref, v_ref, kv_ids_ref, carry, masked=masked, static=static)
 
-  acc = jnp.zeros((bq, v_ref.shape[-1]), jnp.float32)
-  m = jnp.full((bq,), _M_INIT, jnp.float32)
-  l = jnp.zeros((bq,), jnp.float32)
   full, end = _kv_ranges(i, block_q=bq, block_k=bk, static=static)
-  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), (acc, m, l))
-  acc, m, l = lax.fori_loop(full, end, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), _forward_init(bq, v_ref.shape[-1]))
+  carry = lax.fori_loop(full, end, functools.partial(body, masked=True), carry)
+  out, lse = _forward_result(*carry)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _forward_init(bq: int, v_dim: int):
+  """Running (accumulator `[bq, Hv]`, max `[bq]`, sum `[bq]`) of a query tile before any key."""
+  return (jnp.zeros((bq, v_dim), jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+
+
+def _forward_step(q, q_ids, q_start, k_start, k_ref, v_ref, kv_ids_ref, carry, *, masked: bool,
+                  static: _Static):
+  """Folds keys `[k_start, k_start + block_k)` into the running sums of query tile q `[bq, H]`."""
+  acc, m, l = carry
+  bk = static.blocks.block_k
+  k = k_ref[pl.ds(k_start, bk), :]
+  kv_ids = kv_ids_ref[pl.ds(k_start, bk)] if static.has_segments else None
+  s = _logits(q, k, q_start, k_start, q_ids, kv_ids, masked=masked, static=static)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  # FlashAttention-2, sec. 3.1.1: rescale the running sums once per block.
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l = alpha * l + jnp.sum(p, axis=1)
+  v = v_ref[pl.ds(k_start, bk), :]
+  acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, static)
+  return acc, m_new, l
+
+
+def _forward_result(acc, m, l):
+  """Output `[bq, Hv]` (float32) and lse `[bq]` of a query tile from its running sums."""
   dead = l == 0.0
-  o_ref[...] = (acc / jnp.where(dead, 1.0, l)[:, None]).astype(o_ref.dtype)
+  out = acc / jnp.where(dead, 1.0, l)[:, None]
   # log2-sum-exp2 of the row; +inf for rows with nothing to attend to, so the
   # backward's exp2(s - lse) is 0 there.
-  lse_ref[...] = jnp.where(dead, jnp.inf, m + jnp.log2(jnp.where(dead, 1.0, l)))
+  return out, jnp.where(dead, jnp.inf, m + jnp.log2(jnp.where(dead, 1.0, l)))
 
 
 def _forward(q, k, v, q_ids, kv_ids, static: _Static):
@@ -431,26 +447,34 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_id
                static: _Static):
   bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
   i = _query_block(pl.program_id(0), pl.num_programs(0), static)
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  q_ids = q_ids_ref[...] if static.has_segments else None
+  rows = (q_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+          q_ids_ref[...] if static.has_segments else None)
 
   def body(j, dq, *, masked):
-    k_start = j * bk
-    k = k_ref[pl.ds(k_start, bk), :]
-    v = v_ref[pl.ds(k_start, bk), :]
-    kv_ids = kv_ids_ref[pl.ds(k_start, bk)] if static.has_segments else None
-    s = _logits(q, k, i * bq, k_start, q_ids, kv_ids, masked=masked, static=static)
-    p = jnp.exp2(s - lse[:, None])
-    dp = _dot_nt(do, v, static)  # [bq, bk]
-    ds = p * (dp - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k, static)
+    return _dq_step(rows, i * bq, j * bk, k_ref, v_ref, kv_ids_ref, dq, masked=masked, static=static)
 
-  dq = jnp.zeros(q.shape, jnp.float32)
+  dq = jnp.zeros(q_ref.shape, jnp.float32)
   full, end = _kv_ranges(i, block_q=bq, block_k=bk, static=static)
   dq = lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
   dq = lax.fori_loop(full, end, functools.partial(body, masked=True), dq)
   dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
+
+
+def _dq_step(rows, q_start, k_start, k_ref, v_ref, kv_ids_ref, dq, *, masked: bool, static: _Static):
+  """Adds the keys `[k_start, k_start + block_k_dq)` to dq `[bq, H]` (unscaled) of a query tile.
+
+  `rows` = (q `[bq, H]`, dO `[bq, Hv]`, lse `[bq]`, delta `[bq]`, query ids `[bq]` or None).
+  """
+  q, do, lse, delta, q_ids = rows
+  bk = static.blocks.block_k_dq
+  k = k_ref[pl.ds(k_start, bk), :]
+  v = v_ref[pl.ds(k_start, bk), :]
+  kv_ids = kv_ids_ref[pl.ds(k_start, bk)] if static.has_segments else None
+  s = _logits(q, k, q_start, k_start, q_ids, kv_ids, masked=masked, static=static)
+  p = jnp.exp2(s - lse[:, None])
+  dp = _dot_nt(do, v, static)  # [bq, bk]
+  ds = p * (dp - delta[:, None])
+  return dq + _dot(ds.astype(k.dtype), k, static)
 
 
 def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, static: _Static):
@@ -491,33 +515,43 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_
                  dk_ref, dv_ref, *, static: _Static):
   bq, bk = static.blocks.block_q_dkv, static.blocks.block_k_dkv
   j = pl.program_id(0)
-  k_start = j * bk
-  k, v = k_ref[...], v_ref[...]
-  kv_ids = kv_ids_ref[...] if static.has_segments else None
+  cols = (k_ref[...], v_ref[...], kv_ids_ref[...] if static.has_segments else None)
+  refs = (q_ref, do_ref, lse_ref, delta_ref, q_ids_ref)
 
   def body(i, carry, *, masked):
-    dk, dv = carry
-    q_start = i * bq
-    q = q_ref[pl.ds(q_start, bq), :]
-    do = do_ref[pl.ds(q_start, bq), :]
-    lse = lse_ref[pl.ds(q_start, bq)]
-    delta = delta_ref[pl.ds(q_start, bq)]
-    q_ids = q_ids_ref[pl.ds(q_start, bq)] if static.has_segments else None
-    s = _logits(q, k, q_start, k_start, q_ids, kv_ids, masked=masked, static=static)
-    p = jnp.exp2(s - lse[:, None])  # [bq, bk]
-    dv = dv + _dot_tn(p.astype(do.dtype), do, static)
-    dp = _dot_nt(do, v, static)
-    ds = p * (dp - delta[:, None])
-    dk = dk + _dot_tn(ds.astype(q.dtype), q, static)
-    return dk, dv
+    return _dkdv_step(cols, i * bq, j * bk, refs, carry, masked=masked, static=static)
 
-  carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  carry = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
   num_q_blocks = q_ref.shape[0] // bq
   lo, mid, hi = _q_ranges(j, num_q_blocks, block_q=bq, block_k=bk, static=static)
   carry = lax.fori_loop(lo, mid, functools.partial(body, masked=True), carry)
   dk, dv = lax.fori_loop(mid, hi, functools.partial(body, masked=False), carry)
   dk_ref[...] = (dk * static.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dkdv_step(cols, q_start, k_start, refs, carry, *, masked: bool, static: _Static):
+  """Adds the queries `[q_start, q_start + block_q_dkv)` to (dk `[bk, H]` unscaled, dv `[bk, Hv]`) of a key tile.
+
+  `cols` = (k `[bk, H]`, v `[bk, Hv]`, key ids `[bk]` or None); `refs` = the
+  whole-sequence refs (q, dO, lse, delta, query ids or None).
+  """
+  k, v, kv_ids = cols
+  q_ref, do_ref, lse_ref, delta_ref, q_ids_ref = refs
+  dk, dv = carry
+  bq = static.blocks.block_q_dkv
+  q = q_ref[pl.ds(q_start, bq), :]
+  do = do_ref[pl.ds(q_start, bq), :]
+  lse = lse_ref[pl.ds(q_start, bq)]
+  delta = delta_ref[pl.ds(q_start, bq)]
+  q_ids = q_ids_ref[pl.ds(q_start, bq)] if static.has_segments else None
+  s = _logits(q, k, q_start, k_start, q_ids, kv_ids, masked=masked, static=static)
+  p = jnp.exp2(s - lse[:, None])  # [bq, bk]
+  dv = dv + _dot_tn(p.astype(do.dtype), do, static)
+  dp = _dot_nt(do, v, static)
+  ds = p * (dp - delta[:, None])
+  dk = dk + _dot_tn(ds.astype(q.dtype), q, static)
+  return dk, dv
 
 
 def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, static: _Static):

@@ -1,0 +1,173 @@
+"""pallas.block_sparse against dense float64 attention under the layout's mask.
+
+Runs in Pallas' interpreter on CPU and compiled on a GPU (same tests). Layout
+blocks of 16 on T=67 (five query blocks, the last one partial) make every
+kernel walk several live tiles per row, masked and unmasked, and skip others.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import efficient_attention as ea
+from efficient_attention import layouts
+from pallas import BlockSizes, block_sparse
+from pallas.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from tests import util
+
+B, T, N, K, H, HV = 2, 67, 4, 2, 8, 5
+# Tiles finer than the layout's blocks of 32 (and unequal across the three kernels).
+FINE = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16, block_k_dkv=16)
+
+
+def check(layout, args, *, dtype=jnp.float32, block_sizes=None, **options):
+  """Value and gradient of the jitted kernel against the float64 reference under `layout_mask`."""
+
+  def fn(q, k, v):
+    return block_sparse_attention(q, k, v, layout, block_sizes=block_sizes, **options)
+
+  def ref(q, k, v):
+    return ea.block_sparse_attention_reference(q, k, v, layout, **options)
+
+  return util.check_against_f64(jax.jit(fn), ref, args, **util.TOL[dtype])
+
+
+def random_layout(t, s, block_q, block_k, *, num_heads=None, p=0.5):
+  grid = (-(-t // block_q), -(-s // block_k))
+  shape = grid if num_heads is None else (num_heads,) + grid
+  return ea.BlockLayout(np.asarray(util.bernoulli(p, shape)), block_q, block_k)
+
+
+BUILDERS = {  # name -> (kv_len, build)
+    "local": (T, lambda: layouts.local(T, window=20, block_size=16)),
+    "strided_rectangular": (45, lambda: layouts.strided(T, stride=2, block_size=16, kv_len=45)),
+    "global_tokens": (T, lambda: layouts.global_tokens(T, num_global=5, block_size=16)),
+    "random_per_head": (T, lambda: layouts.random(util.fresh_key(), T, num_random_blocks=2, block_size=16,
+                                                  num_heads=N)),
+    "bigbird_per_head": (T, lambda: layouts.bigbird(util.fresh_key(), T, block_size=16, num_global_blocks=1,
+                                                    num_random_blocks=1, num_heads=N)),
+    "longformer": (T, lambda: layouts.longformer(T, window=16, num_global=9, block_size=16)),
+    "dense": (T, lambda: layouts.dense(T, block_size=16)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_builders_value_and_grad(name):
+  kv_len, build = BUILDERS[name]
+  check(build(), util.qkv(1, T, kv_len, N, K, H, hv=HV), is_causal=name == "longformer")
+
+
+def test_random_per_head_layout_causal_segments_gqa():
+  t, s = 53, 61  # T != S, both odd
+  layout = random_layout(t, s, 16, 32, num_heads=6)
+  ids = (util.packed_segment_ids(B, t, 3), util.packed_segment_ids(B, s, 3))
+  check(layout, util.qkv(B, t, s, 6, 2, 8, hv=HV), is_causal=True, segment_ids=ids, scale=0.4)
+
+
+def test_tiles_finer_than_layout_blocks():
+  layout = layouts.bigbird(util.fresh_key(), T, block_size=32, num_global_blocks=1, num_random_blocks=1)
+  check(layout, util.qkv(1, T, T, N, K, 16), block_sizes=FINE, is_causal=True,
+        segment_ids=util.packed_segment_ids(1, T, 2))
+
+
+def test_bf16_keeps_dtype():
+  layout = layouts.longformer(T, window=16, num_global=16, block_size=16)
+  q, k, v = util.qkv(B, T, T, N, K, 16, dtype=jnp.bfloat16)
+  out, _ = check(layout, (q, k, v), dtype=jnp.bfloat16, is_causal=True)
+  assert out.dtype == jnp.bfloat16
+
+
+def test_dead_rows_are_zero_with_zero_grad():
+  blocks = np.ones((5, 5), bool)
+  blocks[2] = False  # query tokens 32..47 see no key block
+  layout = ea.BlockLayout(blocks, 16, 16)
+  q, k, v = util.qkv(B, T, T, N, K, H)
+  # Batch 0 keeps 50 keys, batch 1 none.
+  mask = (jnp.arange(T)[None, :] < jnp.array([50, 0])[:, None])[:, None, None, :]
+
+  def fn(q, k, v):
+    return ea.block_sparse_attention(q, k, v, layout, mask=mask, implementation="pallas")
+
+  out, _ = util.check_dead_rows(fn, q, k, v, dead=[1, (0, slice(32, 48))], padded_batch=1)
+  want = ea.block_sparse_attention_reference(q, k, v, layout, mask=mask)
+  chex.assert_trees_all_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_with_key_padding_segments_and_causal():
+  layout = layouts.longformer(T, window=16, num_global=9, block_size=16)
+  options = dict(mask=util.padding_mask(B, T), segment_ids=util.packed_segment_ids(B, T, 2), is_causal=True)
+
+  def fn(q, k, v):
+    return ea.block_sparse_attention(q, k, v, layout, implementation="pallas", **options)
+
+  def ref(q, k, v):
+    return ea.block_sparse_attention_reference(q, k, v, layout, **options)
+
+  util.check_against_f64(fn, ref, util.qkv(B, T, T, N, K, H), **util.TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_walk_tables_hold_exactly_the_live_tiles(is_causal):
+  layout = layouts.bigbird(jax.random.key(0), 300, block_size=64, num_heads=3) | layouts.global_tokens(
+      300, num_global=64, block_size=64)
+  tiles = BlockSizes(block_q=64, block_k=32, block_q_dq=32, block_k_dq=32, block_q_dkv=32, block_k_dkv=64)
+  t_pad = s_pad = 320
+  fwd, dq, dkdv = block_sparse.walk_tables(layout, tiles, 300, 300, t_pad, s_pad, is_causal=is_causal,
+                                           has_segments=False)
+  dense = np.asarray(ea.layout_mask(layout, 300))[0]  # [N, T, S]
+  if is_causal:
+    dense = dense & np.tri(300, dtype=bool)
+  for table, tq, tk, transposed in ((fwd, 64, 32, False), (dq, 32, 32, False), (dkdv, 32, 64, True)):
+    rows = table.shape[1]
+    counts = table[..., 2]
+    assert np.all(np.diff(counts, axis=-1) <= 0), "rows run longest first"
+    for n in range(3):
+      np.testing.assert_array_equal(np.sort(table[n, :, 0]), np.arange(rows))
+      walked = np.zeros((rows, (s_pad if not transposed else t_pad) // (tk if not transposed else tq)), bool)
+      for row in table[n]:
+        free, count = row[1], row[2]
+        assert 0 <= free <= count
+        partners = row[3:3 + count]
+        assert len(set(partners)) == count
+        walked[row[0], partners] = True
+      # A tile is live when any of its tokens is live in the dense mask.
+      padded = np.pad(dense[n], ((0, t_pad - 300), (0, s_pad - 300)))
+      live = padded.reshape(t_pad // tq, tq, s_pad // tk, tk).any(axis=(1, 3))
+      np.testing.assert_array_equal(walked, live.T if transposed else live)
+      # Unmasked partners first: the last key tile (tail) and causal diagonal tiles are masked.
+      for row in table[n]:
+        free, count = row[1], row[2]
+        own, partners = row[0], row[3:3 + count]
+        q_tile, k_tile = (partners, own) if transposed else (own, partners)
+        needs_mask = ((k_tile + 1) * tk > 300) | (is_causal & ((k_tile + 1) * tk - 1 > q_tile * tq))
+        np.testing.assert_array_equal(needs_mask, np.arange(count) >= free)
+
+
+def test_reference_matches_float64_reference():
+  layout = random_layout(13, 21, 16, 16, num_heads=6)
+  q, k, v = util.qkv(2, 13, 21, 6, 3, 5, hv=7)
+  ids = (util.packed_segment_ids(2, 13, 2), util.packed_segment_ids(2, 21, 2))
+  got = block_sparse_attention_reference(q, k, v, layout, is_causal=True, segment_ids=ids)
+  want = util.in_f64(lambda *a: ea.block_sparse_attention_reference(*a, layout, is_causal=True, segment_ids=ids),
+                     q, k, v)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5)
+
+
+def test_errors_name_the_values():
+  q, k, v = util.qkv(1, 24, 24, 2, 2, 8)
+  with pytest.raises(ValueError, match="layout block_q=8 must be a power of two >= 16"):
+    block_sparse_attention(q, k, v, layouts.dense(24, block_size=8))
+  with pytest.raises(ValueError, match="tile block_k=32 must divide the layout's block size 16"):
+    block_sparse_attention(q, k, v, layouts.dense(24, block_size=16),
+                           block_sizes=dataclasses.replace(FINE, block_q=16, block_k=32))
+  with pytest.raises(ValueError, match="num_heads=3 but q has N=2"):
+    block_sparse_attention(q, k, v, random_layout(24, 24, 16, 16, num_heads=3))
+  layout = layouts.dense(24, block_size=16)
+  with pytest.raises(ValueError, match=r"takes no bias \(got bias.shape=\(1, 2, 24, 24\)\)"):
+    ea.block_sparse_attention(q, k, v, layout, bias=util.normal((1, 2, 24, 24)), implementation="pallas")
+  with pytest.raises(ValueError, match=r"key-padding masks .* mask.shape=\(1, 1, 24, 24\)"):
+    ea.block_sparse_attention(q, k, v, layout, mask=jnp.ones((1, 1, 24, 24), bool), implementation="pallas")
