@@ -40,6 +40,10 @@ from efficient_attention._linear import LinearState
 
 KERNELS = ("softmax", "trig", "relu")
 SCALINGS = ("chi", "sqrt_d")
+# Lowest stabilised log key feature of a live key: e^-30 ~ 1e-13 of the largest feature, so that a
+# denominator stays >= e^-30 / M and its gradient finite in float32; features below it (negligible next
+# to any key near the maximum) are raised to it.
+LOG_FEATURE_FLOOR = -30.0
 
 
 def orthogonal_random_features(
@@ -130,9 +134,12 @@ def favor_attention(
       attend within maximal runs of equal ids (an id recurring after another id
       starts a new segment).
     scale: logit scale, default `H**-0.5`; q and k are each multiplied by `scale**0.5`.
-    chunk_size: time steps per chunk of the causal / segmented form (static).
+    chunk_size: time steps per chunk of the causal / segmented form (static);
+      "pallas": a power of two >= 16.
     bias: not supported; must be None.
-    implementation: None or "xla".
+    implementation: None or "xla" (the default), or "pallas": the chunked
+      causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
+      segment_ids and key-padding masks, not masks with a T axis).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 (no
@@ -140,7 +147,7 @@ def favor_attention(
   """
   family = "favor_attention"
   dims = _checks.check_qkv(q, k, v)
-  _checks.check_implementation(implementation, ("xla",), family=family)
+  _checks.check_implementation(implementation, ("xla", "pallas"), family=family)
   _checks.reject(family, bias=bias)
   _check_kernel(kernel)
   _check_features(features, dims.head_dim)
@@ -149,14 +156,18 @@ def favor_attention(
   scale = _checks.check_scale(scale, dims)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = _linear.check_chunk_size(chunk_size)
+  pallas = implementation == "pallas"
+  if pallas:
+    _linear.check_pallas_options(q.dtype, mask, is_causal, chunk_size, family=family)
   return _favor_attention(
-      q, k, v, features, mask, ids, kernel=kernel, scale=scale, is_causal=is_causal, chunk_size=chunk_size, dims=dims
+      q, k, v, features, mask, ids, kernel=kernel, scale=scale, is_causal=is_causal, chunk_size=chunk_size,
+      dims=dims, pallas=pallas,
   )
 
 
 # Options are static and checked by the caller; eager calls compile once per shape.
-@functools.partial(jax.jit, static_argnames=("kernel", "scale", "is_causal", "chunk_size", "dims"))
-def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, chunk_size, dims):
+@functools.partial(jax.jit, static_argnames=("kernel", "scale", "is_causal", "chunk_size", "dims", "pallas"))
+def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, chunk_size, dims, pallas):
   acc = jnp.promote_types(q.dtype, jnp.float32)
   w = features.astype(acc)
   plan = _linear.plan_masks(mask, ids, is_causal, dims)
@@ -172,8 +183,14 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
     # [B, 1, K, 1]: max over live keys; 0 where a head has none (its features are 0).
     stabiliser = jnp.max(log_factor, axis=(1, 3), keepdims=True)
     stabiliser = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stabiliser), stabiliser, 0.0))
-    log_factor = log_factor - stabiliser
+    # Floor the live keys' stabilised log features at LOG_FEATURE_FLOOR: a causal prefix whose keys all sit
+    # far below the stabiliser would otherwise have a denormal denominator, finite in value but with an
+    # infinite gradient (d(n/d)/dd = -n/d^2); masked keys stay at -inf (feature 0).
+    log_factor = jnp.where(jnp.isfinite(log_factor), jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR),
+                           log_factor)
   phi_k = _key_features(kernel, wx, log_factor)
+  if pallas:
+    return _linear.attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
   out = _linear.attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
   return out.astype(q.dtype)
 

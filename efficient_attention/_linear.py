@@ -120,11 +120,13 @@ def linear_attention(
       attend within maximal runs of equal ids (an id recurring after another id
       starts a new segment).
     chunk_size: time steps per chunk of the causal / segmented form (static);
-      any T works (padded internally).
+      any T works (padded internally). "pallas": a power of two >= 16.
     scale: not meaningful for linear attention (the feature map fixes the
       kernel); must be None.
     bias: not supported; must be None.
-    implementation: None or "xla".
+    implementation: None or "xla" (the default), or "pallas": the chunked
+      causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
+      segment_ids and key-padding masks, not masks with a T axis).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0
@@ -132,7 +134,7 @@ def linear_attention(
   """
   family = "linear_attention"
   dims = _checks.check_qkv(q, k, v)
-  _checks.check_implementation(implementation, ("xla",), family=family)
+  _checks.check_implementation(implementation, ("xla", "pallas"), family=family)
   _checks.reject(family, bias=bias)
   if scale is not None:
     raise ValueError(
@@ -143,18 +145,25 @@ def linear_attention(
   ids = check_shared_segment_ids(segment_ids, dims, family=family)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = check_chunk_size(chunk_size)
-  return _linear_attention(q, k, v, mask, ids, fmap=fmap, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
+  pallas = implementation == "pallas"
+  if pallas:
+    check_pallas_options(q.dtype, mask, is_causal, chunk_size, family=family)
+  return _linear_attention(
+      q, k, v, mask, ids, fmap=fmap, is_causal=is_causal, chunk_size=chunk_size, dims=dims, pallas=pallas
+  )
 
 
 # Options are static and checked by the caller; eager calls compile once per shape.
-@functools.partial(jax.jit, static_argnames=("fmap", "is_causal", "chunk_size", "dims"))
-def _linear_attention(q, k, v, mask, ids, *, fmap, is_causal, chunk_size, dims):
+@functools.partial(jax.jit, static_argnames=("fmap", "is_causal", "chunk_size", "dims", "pallas"))
+def _linear_attention(q, k, v, mask, ids, *, fmap, is_causal, chunk_size, dims, pallas):
   acc = jnp.promote_types(q.dtype, jnp.float32)
   phi_q = apply_feature_map(fmap, q.astype(acc), "q")
   phi_k = apply_feature_map(fmap, k.astype(acc), "k")
   if phi_q.shape[-1] != phi_k.shape[-1]:
     raise ValueError(f"feature_map gave {phi_q.shape=} and {phi_k.shape=}, which differ in features")
   plan = plan_masks(mask, ids, is_causal, dims)
+  if pallas:
+    return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
   out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
   return out.astype(q.dtype)
 
@@ -393,6 +402,46 @@ def attend(
     # [B, T, K, G, Hv + 1]
     out = jnp.einsum("btkgm,bkmh->btkgh", phi_q, kv)
   return _normalise(out).reshape(b, t, n, dims.v_head_dim)
+
+
+def check_pallas_options(dtype: Any, mask: jax.Array | None, is_causal: bool, chunk_size: int, *, family: str) -> None:
+  """Raises for options `implementation="pallas"` (the chunked causal kernel) cannot honour."""
+  if not is_causal:
+    raise ValueError(
+        f"{family}: implementation='pallas' is the chunked causal kernel, got {is_causal=}; "
+        "use implementation='xla' for non-causal attention"
+    )
+  if mask is not None and mask.shape[2] != 1:
+    raise ValueError(
+        f"{family}: implementation='pallas' honours key-padding masks [B|1, N|1, 1, S] (and is_causal, "
+        f"segment_ids), got {mask.shape=}; use implementation='xla' for masks with a T axis"
+    )
+  if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    raise ValueError(f"{family}: implementation='pallas' needs a power-of-two chunk_size >= 16, got {chunk_size=}")
+  if dtype == jnp.float64:
+    raise TypeError(f"{family}: implementation='pallas' computes in float32 at most, got {dtype=}")
+
+
+def attend_pallas(
+    phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, plan: MaskPlan, *, chunk_size: int, dims: _checks.Dims, dtype: Any
+) -> jax.Array:
+  """The causal core through the Pallas kernel: `[B, T, N, Hv]` in `dtype`.
+
+  Features are cast to `dtype` (the kernel multiplies in the input dtype and sums
+  in float32); key-padding masks zero the masked keys' features.
+  """
+  from pallas.linear_attention import LinearBlockSizes, causal_linear_attention
+
+  if plan.keys is not None:
+    if plan.keys.shape[1] != 1 and dims.group > 1:
+      # Key sets differ within a GQA group: give each query head its own keys.
+      phi_k, v = (jnp.repeat(x, dims.group, axis=2) for x in (phi_k, v))
+    # [B|1, S, K|1, 1]
+    phi_k = jnp.where(plan.keys.transpose(0, 2, 1)[..., None], phi_k, 0.0)
+  blocks = LinearBlockSizes(chunk=chunk_size)
+  return causal_linear_attention(
+      phi_q.astype(dtype), phi_k.astype(dtype), v.astype(dtype), segment_ids=plan.ids, block_sizes=blocks
+  )
 
 
 def recurrent_update(

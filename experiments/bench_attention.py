@@ -17,6 +17,8 @@ of forward+backward at long T (B1 N8 H128), from the compiled executable.
     python experiments/bench_attention.py --smoke                    # tiny, any machine
     python experiments/bench_attention.py --tune --seq-lens 8192     # Triton block sizes
     python experiments/bench_attention.py --suite families           # every family, T up to 128k
+    python experiments/bench_attention.py --suite block_sparse       # block-sparse kernel vs density
+    python experiments/bench_attention.py --suite linear             # chunked causal linear kernel
 
 Writes `results/<run>/flash.{json,md,png}`. `--suite families` times every family
 (exact through XLA / cuDNN / Pallas, FAVOR+, linear, Linformer, block-sparse local),
@@ -25,6 +27,19 @@ causal where the family has a causal form (Linformer: non-causal), B1 N8 H64, T 
 runs out of memory is recorded as OOM and not run at longer T. It writes
 `results/<run>/families.{json,md,png}`, the PNG showing time vs T (log-log): where each
 approximate family overtakes exact attention.
+
+`--suite block_sparse` times `pallas.block_sparse_attention` (T=16k, B1 N16 H128, layout blocks
+of 128) forward and forward+backward at 100%, 50%, 25%, 12.5% and 6.25% live blocks (a local
+window | a few global blocks; 100% = every block), relative to its own all-live time, then a
+Longformer layout (window 512 each side + 64 global tokens) against dense cuDNN causal attention
+in the same run, checking the outputs agree on the rows where the masks do. It writes
+`results/<run>/block_sparse.{json,md,png}`.
+
+`--suite linear` times causal FAVOR+ (B1 N8; H=64 with M=128 features, H=128 with M=256) through
+the Pallas chunked kernel and the pure-JAX chunked form (`implementation="xla"`), and cuDNN exact
+causal attention on the same q, k, v, T from 1k to 64k, forward and forward+backward, with the
+ratios the kernel is held to (Pallas at 64k over 8k, the T from which it beats cuDNN, XLA over
+Pallas at 16k). It writes `results/<run>/linear.{json,md,png}`.
 """
 
 from __future__ import annotations
@@ -58,8 +73,22 @@ class Config:
   repeats: int = 20
   warmup: int = 3
   tune: bool = False
-  suite: str = "flash"  # or "families"
+  suite: str = "flash"  # or "families", "block_sparse"
   family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
+  # --suite block_sparse: B1, N, H, layout blocks, live fractions, Longformer window / global tokens
+  sparse_seq_len: int = 16384
+  sparse_heads: int = 16
+  sparse_head_dim: int = 128
+  sparse_block: int = 128
+  densities: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+  longformer_window: int = 512
+  longformer_global: int = 64
+  # --suite linear: B1, N heads, (H, M) pairs, T; targets relative to T=linear_base_len and T=linear_xla_len
+  linear_seq_lens: tuple[int, ...] = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k
+  linear_shapes: tuple[tuple[int, int], ...] = ((64, 128), (128, 256))
+  linear_heads: int = 8
+  linear_base_len: int = 8192
+  linear_xla_len: int = 16384
   smoke: bool = False
   seed: int = 0
   run: str = "bench"
@@ -77,7 +106,8 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--repeats", type=int, default=Config.repeats)
   parser.add_argument("--warmup", type=int, default=Config.warmup)
   parser.add_argument("--tune", action="store_true", help="sweep Triton block sizes instead")
-  parser.add_argument("--suite", choices=("flash", "families"), default=Config.suite)
+  parser.add_argument("--suite", choices=("flash", "families", "block_sparse", "linear"), default=Config.suite)
+  parser.add_argument("--linear-seq-lens", type=int, nargs="+", default=Config.linear_seq_lens)
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds on a CPU")
   parser.add_argument("--seed", type=int, default=0)
@@ -88,6 +118,12 @@ def parse_args(argv=None) -> Config:
   if cfg.smoke:
     cfg = dataclasses.replace(cfg, seq_lens=(64,), head_dims=(16,), tokens=128, width=32,
                               memory_seq_lens=(128,), family_seq_lens=(64, 128), repeats=2, warmup=1)
+    if cfg.suite == "block_sparse":
+      cfg = dataclasses.replace(cfg, sparse_seq_len=256, sparse_heads=2, sparse_head_dim=16, sparse_block=16,
+                                longformer_window=32, longformer_global=16, repeats=1)
+    if cfg.suite == "linear":
+      cfg = dataclasses.replace(cfg, linear_seq_lens=(32, 64), linear_shapes=((16, 16),), linear_heads=2,
+                                linear_base_len=32, linear_xla_len=64, repeats=1)
   return cfg
 
 
@@ -389,6 +425,269 @@ def families_plot(rows: list[dict], path: pathlib.Path) -> None:
 
 
 # --------------------------------------------------------------------------- #
+# block-sparse kernel: time vs live blocks, and Longformer vs dense causal
+# --------------------------------------------------------------------------- #
+
+
+def density_layout(t: int, block: int, density: float):
+  """A local window | a few global blocks with the density closest to `density` (1: every block live)."""
+  import efficient_attention as ea
+
+  if density >= 1.0:
+    return ea.layouts.dense(t, block_size=block)
+  nq = -(-t // block)
+  candidates = [ea.layouts.local(t, window=w * block, block_size=block)
+                | ea.layouts.global_tokens(t, num_global=g * block, block_size=block)
+                for g in range(1, 5) for w in range(nq)]
+  return min(candidates, key=lambda layout: abs(layout.density - density))
+
+
+def _agreeing_rows(layout, t: int) -> list[int]:
+  """Query rows whose causal row of `layout` is the whole causal row (every key block up to the diagonal live)."""
+  b = layout.block_q
+  return [r for i in range(layout.grid[0]) if layout.blocks[i, : i * b // layout.block_k + 1].all()
+          for r in range(i * b, min((i + 1) * b, t))]
+
+
+def block_sparse_suite(cfg: Config) -> dict:
+  """Forward and forward+backward time of `pallas.block_sparse_attention` vs density, and Longformer vs dense."""
+  import numpy as np
+
+  import efficient_attention as ea
+
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  t, n, h, block = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block
+  q, k, v, do = inputs(jax.random.key(cfg.seed + 3), 1, t, n, h, dtype)
+  dense_name = "cudnn" if on_gpu else "xla"
+
+  def timed(fn) -> dict:
+    fwd = jax.jit(fn)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+    return dict(fwd_ms=1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup),
+                fwd_bwd_ms=1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup))
+
+  def sparse(layout, is_causal=False):
+    return lambda q, k, v: pallas.block_sparse_attention(q, k, v, layout, is_causal=is_causal)
+
+  def dense(is_causal):
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=dense_name)
+
+  rows = []
+  for target in tqdm(cfg.densities, desc="block-sparse density"):
+    layout = density_layout(t, block, target)
+    rows.append(dict(layout="all live" if target >= 1 else "window + global", target=target,
+                     density=layout.density, live_blocks=int(layout.blocks.sum()), **timed(sparse(layout))))
+  base = next(r for r in rows if r["target"] >= 1)
+  for r in rows:
+    r["fwd_ratio"], r["fwd_bwd_ratio"] = r["fwd_ms"] / base["fwd_ms"], r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+  rows.append(dict(layout=f"{dense_name} dense", target=1.0, density=1.0, **timed(dense(False))))
+
+  longformer = ea.layouts.longformer(t, window=cfg.longformer_window, num_global=cfg.longformer_global,
+                                     block_size=block)
+  contenders = [("block-sparse longformer causal", sparse(longformer, True), True),
+                ("block-sparse longformer", sparse(longformer), False),
+                (f"{dense_name} dense causal", dense(True), True)]
+  compare = []
+  for name, fn, is_causal in tqdm(contenders, desc="longformer"):
+    compare.append(dict(name=name, is_causal=is_causal, density=longformer.density if "longformer" in name else 1.0,
+                        **timed(fn)))
+  ref = compare[-1]
+  for r in compare:
+    r["speedup_fwd"], r["speedup_fwd_bwd"] = ref["fwd_ms"] / r["fwd_ms"], ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+  # Same output where the masks agree: rows whose causal Longformer row is the whole causal row.
+  agree = np.asarray(_agreeing_rows(longformer, t))
+  got = np.asarray(jax.jit(sparse(longformer, True))(q, k, v)[:, agree], np.float32)
+  want = np.asarray(jax.jit(dense(True))(q, k, v)[:, agree], np.float32)
+  agreement = dict(rows=len(agree), max_abs_diff=float(np.abs(got - want).max()),
+                   max_abs_value=float(np.abs(want).max()))
+  return dict(seq_len=t, num_heads=n, head_dim=h, block=block, dtype=jnp.dtype(dtype).name, dense=dense_name,
+              density=rows, longformer=compare, longformer_window=cfg.longformer_window,
+              longformer_global=cfg.longformer_global, agreement=agreement)
+
+
+def block_sparse_markdown(res: dict, header: str) -> str:
+  lines = [header, "", "Time vs live blocks (non-causal; ratio to this kernel's all-live time in the same run)", "",
+           "| layout | density | live blocks | fwd (ms) | fwd+bwd (ms) | fwd / all-live | fwd+bwd / all-live |",
+           "|---|---|---|---|---|---|---|"]
+  for r in res["density"]:
+    ratios = (f"{r['fwd_ratio']:.3f} | {r['fwd_bwd_ratio']:.3f}" if "fwd_ratio" in r else "– | –")
+    lines.append(f"| {r['layout']} | {100 * r['density']:.2f}% | {r.get('live_blocks', '–')} | {r['fwd_ms']:.3g} | "
+                 f"{r['fwd_bwd_ms']:.3g} | {ratios} |")
+  title = (f"Longformer (window {res['longformer_window']} each side + {res['longformer_global']} global tokens) "
+           f"vs dense {res['dense']} causal, same inputs")
+  lines += ["", title, "",
+            "| contender | density | fwd (ms) | fwd+bwd (ms) | speed-up fwd | speed-up fwd+bwd |",
+            "|---|---|---|---|---|---|"]
+  for r in res["longformer"]:
+    lines.append(f"| {r['name']} | {100 * r['density']:.2f}% | {r['fwd_ms']:.3g} | {r['fwd_bwd_ms']:.3g} | "
+                 f"{r['speedup_fwd']:.2f}× | {r['speedup_fwd_bwd']:.2f}× |")
+  a = res["agreement"]
+  lines += ["", (f"Causal Longformer vs dense causal on the {a['rows']} rows whose masks agree: max |difference| "
+                 f"{a['max_abs_diff']:.3g} (max |output| {a['max_abs_value']:.3g}).")]
+  target = min(res["density"], key=lambda r: abs(r["target"] - 0.125))
+  speedup = res["longformer"][0]["speedup_fwd_bwd"]
+  lines.append(f"{100 * target['density']:.2f}% live: forward+backward {target['fwd_bwd_ratio']:.3f}× the all-live "
+               f"time (target <= 0.16); causal Longformer forward+backward {speedup:.2f}× faster than dense "
+               f"{res['dense']} causal (target >= 4).")
+  return "\n".join(lines) + "\n"
+
+
+def block_sparse_plot(res: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  rows = [r for r in res["density"] if "fwd_ratio" in r]
+  for key, label in (("fwd_ratio", "forward"), ("fwd_bwd_ratio", "forward+backward")):
+    axes[0].plot([r["density"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+  axes[0].plot([r["density"] for r in rows], [r["density"] for r in rows], "k--", lw=1, label="ideal (= density)")
+  axes[0].set_xscale("log", base=2)
+  axes[0].set_yscale("log", base=2)
+  axes[0].set_xlabel("live blocks (fraction)")
+  axes[0].set_ylabel("time / all-live time")
+  axes[0].set_title(f"block-sparse kernel, T={res['seq_len']}, H={res['head_dim']}")
+  axes[0].legend(fontsize=7)
+  axes[0].grid(alpha=0.3, which="both")
+  names = [r["name"] for r in res["longformer"]]
+  x = range(len(names))
+  axes[1].bar([i - 0.2 for i in x], [r["fwd_ms"] for r in res["longformer"]], width=0.4, label="forward")
+  axes[1].bar([i + 0.2 for i in x], [r["fwd_bwd_ms"] for r in res["longformer"]], width=0.4, label="forward+backward")
+  axes[1].set_xticks(list(x), names, fontsize=7, rotation=10)
+  axes[1].set_ylabel("ms")
+  axes[1].set_title("Longformer vs dense causal")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
+# chunked causal linear attention: Pallas kernel vs XLA chunked form vs cuDNN causal
+# --------------------------------------------------------------------------- #
+
+LINEAR_IMPLS = ("pallas", "xla", "cudnn")
+
+
+def linear_fn(name: str, features: jax.Array) -> Callable | None:
+  """fn(q, k, v, is_causal) -> out: FAVOR+ through `implementation=name`, or cuDNN exact attention."""
+  import efficient_attention as ea
+
+  if name == "cudnn":
+    if jax.default_backend() != "gpu":
+      return None
+    return lambda q, k, v, c: jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="cudnn")
+  return lambda q, k, v, c: ea.favor_attention(q, k, v, features, is_causal=c, implementation=name)
+
+
+def linear_suite(cfg: Config) -> list[dict]:
+  """Causal forward and forward+backward times (ms) for every (H, M) shape, T and contender."""
+  import efficient_attention as ea
+
+  dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+  rows, stopped = [], {}
+  key = jax.random.key(cfg.seed + 3)
+  cases = [(h, m, t, bwd) for h, m in cfg.linear_shapes for t in cfg.linear_seq_lens for bwd in (False, True)]
+  for h, m, t, backward in tqdm(cases, desc="linear"):
+    features = ea.orthogonal_random_features(jax.random.key(1), m, h)
+    args = inputs(key, 1, t, cfg.linear_heads, h, dtype)
+    row = {"head_dim": h, "num_features": m, "seq_len": t, "num_heads": cfg.linear_heads,
+           "dtype": jnp.dtype(dtype).name, "pass_": "fwd+bwd" if backward else "fwd", "ms": {}, "error": {}}
+    for name in LINEAR_IMPLS:
+      fn = linear_fn(name, features)
+      if fn is None:
+        continue
+      if (h, m, backward, name) in stopped:
+        row["error"][name] = stopped[(h, m, backward, name)]
+        continue
+      try:
+        row["ms"][name] = 1e3 * median_time(compile_pass(fn, True, backward), args, repeats=cfg.repeats,
+                                            warmup=cfg.warmup)
+      except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result; longer T are skipped
+        row["error"][name] = "OOM" if _is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        stopped[(h, m, backward, name)] = "skipped after " + row["error"][name][:40]
+    rows.append(row)
+  return rows
+
+
+def linear_targets(rows: list[dict], cfg: Config) -> list[dict]:
+  """Per (H, M) and pass: Pallas time at the longest T over its time at `linear_base_len`, the
+  shortest T from which Pallas beats cuDNN at every longer T, and XLA / Pallas at `linear_xla_len`."""
+  out = []
+  for h, m in cfg.linear_shapes:
+    for pass_ in ("fwd", "fwd+bwd"):
+      rs = {r["seq_len"]: r["ms"] for r in rows if (r["head_dim"], r["num_features"], r["pass_"]) == (h, m, pass_)}
+      lens = sorted(rs)
+      pallas_ms = {t: ms["pallas"] for t, ms in rs.items() if "pallas" in ms}
+      target = {"head_dim": h, "num_features": m, "pass_": pass_, "longest": lens[-1], "base": cfg.linear_base_len}
+      if lens[-1] in pallas_ms and cfg.linear_base_len in pallas_ms:
+        target["longest_over_base"] = pallas_ms[lens[-1]] / pallas_ms[cfg.linear_base_len]
+      beats = [t for t in lens if all(rs[u].get("pallas", float("inf")) < rs[u].get("cudnn", 0.0) for u in lens if u >= t)]
+      target["beats_cudnn_from"] = beats[0] if beats else None
+      at = rs.get(cfg.linear_xla_len, {})
+      if "pallas" in at and "xla" in at:
+        target["xla_over_pallas"] = at["xla"] / at["pallas"]
+      out.append(target)
+  return out
+
+
+def linear_markdown(rows: list[dict], targets: list[dict], cfg: Config, header: str) -> str:
+  lines = [header, "", "Time (ms); ratios > 1 mean the Pallas kernel is faster.", "",
+           "| H | M | T | pass | pallas | xla | cudnn | xla / pallas | cudnn / pallas | pallas / pallas@base |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  base = {(r["head_dim"], r["num_features"], r["pass_"]): r["ms"].get("pallas") for r in rows
+          if r["seq_len"] == cfg.linear_base_len}
+
+  def cell(r, name):
+    return f"{r['ms'][name]:.3g}" if name in r["ms"] else ("OOM" if r["error"].get(name) == "OOM" else "–")
+
+  def ratio(num, den):
+    return f"{num / den:.2f}" if num and den else "–"
+
+  for r in rows:
+    ms = r["ms"]
+    scaling = ratio(ms.get("pallas"), base.get((r["head_dim"], r["num_features"], r["pass_"])))
+    lines.append(f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['pass_']} | {cell(r, 'pallas')} | "
+                 f"{cell(r, 'xla')} | {cell(r, 'cudnn')} | {ratio(ms.get('xla'), ms.get('pallas'))} | "
+                 f"{ratio(ms.get('cudnn'), ms.get('pallas'))} | {scaling} |")
+  lines += ["", f"Targets (base T={cfg.linear_base_len}; XLA compared at T={cfg.linear_xla_len})", "",
+            "| H | M | pass | pallas T_max / T_base | faster than cuDNN from T | xla / pallas |",
+            "|---|---|---|---|---|---|"]
+  for t in targets:
+    scaling = f"{t['longest_over_base']:.2f} (T {t['longest']} / {t['base']})" if "longest_over_base" in t else "–"
+    xla = f"{t['xla_over_pallas']:.2f}" if "xla_over_pallas" in t else "–"
+    beats = "–" if t["beats_cudnn_from"] is None else str(t["beats_cudnn_from"])
+    lines.append(f"| {t['head_dim']} | {t['num_features']} | {t['pass_']} | {scaling} | {beats} | {xla} |")
+  return "\n".join(lines) + "\n"
+
+
+def linear_plot(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = sorted({(r["head_dim"], r["num_features"], r["pass_"]) for r in rows})
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+  for ax, (h, m, p) in zip(axes.flat, panels):
+    for name in LINEAR_IMPLS:
+      pts = [(r["seq_len"], r["ms"][name]) for r in rows
+             if (r["head_dim"], r["num_features"], r["pass_"]) == (h, m, p) and name in r["ms"]]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label="cudnn (exact causal)" if name == "cudnn" else f"{name} (FAVOR+)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel("ms")
+    ax.set_title(f"H={h} M={m} causal {p}")
+    ax.grid(alpha=0.3, which="both")
+  axes.flat[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
 # report
 # --------------------------------------------------------------------------- #
 
@@ -466,6 +765,29 @@ def main(argv=None) -> pathlib.Path:
   if cfg.tune:
     rows = tune(cfg)
     (out / "tune.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    return out
+  if cfg.suite == "block_sparse":
+    res = block_sparse_suite(cfg)
+    header = (f"# Block-sparse kernel — {env['device']}, JAX {env['jax']}, {res['dtype']}, T={res['seq_len']}, "
+              f"B1 N{res['num_heads']} H{res['head_dim']}, layout blocks {res['block']}, median of {cfg.repeats}")
+    table = block_sparse_markdown(res, header)
+    (out / "block_sparse.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), **res), indent=1))
+    (out / "block_sparse.md").write_text(table)
+    block_sparse_plot(res, out / "block_sparse.png")
+    print(table)
+    return out
+  if cfg.suite == "linear":
+    rows = linear_suite(cfg)
+    targets = linear_targets(rows, cfg)
+    header = (f"# Chunked causal linear attention — {env['device']}, JAX {env['jax']}, {rows[0]['dtype']}, B1 "
+              f"N{cfg.linear_heads}, FAVOR+ with M features (pallas, xla) vs exact causal (cudnn), "
+              f"median of {cfg.repeats}")
+    table = linear_markdown(rows, targets, cfg, header)
+    (out / "linear.json").write_text(json.dumps({"env": env, "config": dataclasses.asdict(cfg), "rows": rows,
+                                                 "targets": targets}, indent=1))
+    (out / "linear.md").write_text(table)
+    linear_plot(rows, out / "linear.png")
+    print(table)
     return out
   if cfg.suite == "families":
     rows = families(cfg)

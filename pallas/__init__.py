@@ -3,6 +3,25 @@
 Each kernel file ends with its fp32 `*_reference`.
 """
 
-from pallas.flash_attention import BlockSizes, flash_attention, flash_attention_reference
+from pallas.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from pallas.flash_attention import (
+    BlockSizes,
+    flash_attention,
+    flash_attention_reference,
+)
+from pallas.linear_attention import (
+    LinearBlockSizes,
+    causal_linear_attention,
+    causal_linear_attention_reference,
+)
 
-__all__ = ["BlockSizes", "flash_attention", "flash_attention_reference"]
+__all__ = [
+    "BlockSizes",
+    "LinearBlockSizes",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "causal_linear_attention",
+    "causal_linear_attention_reference",
+    "flash_attention",
+    "flash_attention_reference",
+]

@@ -31,3 +31,32 @@ def test_families_suite_times_every_family(tmp_path):
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["peak_bytes"] > 0, row
   assert "forward+backward (ms)" in (out / "families.md").read_text()
   assert (out / "families.png").stat().st_size > 10_000
+
+
+def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
+  bench = _load("bench_attention")
+  out = bench.main(["--smoke", "--suite", "block_sparse", "--out-dir", str(tmp_path), "--run", "bs"])
+  data = json.loads((out / "block_sparse.json").read_text())
+  densities = [r for r in data["density"] if "fwd_ratio" in r]
+  assert len(densities) == 5 and densities[0]["density"] == 1.0 and densities[0]["fwd_bwd_ratio"] == 1.0
+  assert [r["live_blocks"] for r in densities] == sorted(r["live_blocks"] for r in densities)[::-1]
+  for row in data["density"] + data["longformer"]:
+    assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+  assert data["agreement"]["rows"] > 0 and data["agreement"]["max_abs_diff"] < 1e-4, data["agreement"]
+  table = (out / "block_sparse.md").read_text()
+  assert table.count("\n| ") == len(data["density"]) + 1 + len(data["longformer"]) + 1
+  assert (out / "block_sparse.png").stat().st_size > 10_000
+
+
+def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
+  bench = _load("bench_attention")
+  out = bench.main(["--smoke", "--suite", "linear", "--out-dir", str(tmp_path), "--run", "lin"])
+  data = json.loads((out / "linear.json").read_text())
+  assert len(data["rows"]) == 4 and len(data["targets"]) == 2
+  for row in data["rows"]:
+    assert row["ms"]["pallas"] > 0 and row["ms"]["xla"] > 0, row
+  for target in data["targets"]:
+    assert target["longest_over_base"] > 0 and target["xla_over_pallas"] > 0, target
+  table = (out / "linear.md").read_text()
+  assert table.count("\n| ") == len(data["rows"]) + 1 + len(data["targets"]) + 1
+  assert (out / "linear.png").stat().st_size > 10_000

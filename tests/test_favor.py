@@ -208,3 +208,20 @@ class FavorErrorsTest(chex.TestCase):
       ea.orthogonal_random_features(util.fresh_key(), M, H, scaling="gauss")
     with pytest.raises(ValueError, match=r"state.kv is float32\[2, 2, 16, 3\], expected float32\[2, 2, 32, 3\]"):
       ea.favor_attention_step(ea.init_state(B, KH, M, HV), q[:, 0], k[:, 0], v[:, 0], w, kernel="trig")
+
+
+def test_causal_gradient_stays_finite_when_a_prefix_has_only_tiny_features():
+  # The first keys are long: their positive features sit ~40-90 nats below the stabiliser (the largest
+  # key feature), so the first queries' denominators would be denormal and their gradients infinite.
+  q, k, v = util.qkv(1, 48, 48, 2, 2, 32, hv=8)
+  w = features(m=32, h=32)
+  for scale in (3.0, 3.5, 4.0, 5.0):
+    k_long = k.at[:, :3].multiply(scale)
+    loss = lambda q, k, v: ea.favor_attention(q, k, v, w, is_causal=True).sum()
+    out = ea.favor_attention(q, k_long, v, w, is_causal=True)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k_long, v)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads), scale
+    assert bool(jnp.isfinite(out).all())
+    # Queries after the prefix see ordinary keys: the floor leaves them as the reference has them.
+    want = ea.favor_attention_reference(q, k_long, v, w, is_causal=True)
+    np.testing.assert_allclose(np.asarray(out[:, 8:]), np.asarray(want[:, 8:]), rtol=2e-3, atol=2e-4)

@@ -1,0 +1,563 @@
+"""Chunked causal linear attention (and FAVOR+) in Pallas, forward and backward.
+
+`causal_linear_attention(phi_q, phi_k, v)` takes feature-mapped queries
+`phi_q [B, T, N, M]` and keys `phi_k [B, T, K, M]` (N % K == 0, GQA) and values
+`v [B, T, K, Hv]` and returns
+
+  out_t = sum_{s <= t} (phi_q_t . phi_k_s) v_s / sum_{s <= t} phi_q_t . phi_k_s
+
+with 0 (and 0 gradient) where the denominator is exactly 0, as
+`efficient_attention.linear_attention` normalises. With `segment_ids` the sums
+restart where a run of equal ids begins (packed sequences).
+
+Chunkwise-parallel form (Yang et al. 2024, GLA, sec. 2.2): inside a chunk of
+`chunk` steps a masked quadratic form on the matrix units; across chunks a state
+`S = sum_s phi_k_s^T v_s [M, Hv]` and `z = sum_s phi_k_s [M]`, carried in float32.
+Time is cut into spans of whole chunks so that short or few-headed inputs still
+fill the GPU: one program per (batch, head, span, block of value columns) walks
+its span chunk by chunk. The state entering each span comes from per-span sums
+(a first, lighter kernel) and an exclusive scan over spans, in XLA.
+
+One kernel serves the forward and the three backward passes:
+
+  o_t = sum_{s <= t, same run} (a_t . b_s + alpha_t beta_s) c_s   (forward in time)
+  o_t = sum_{s >= t, same run} (a_t . b_s + alpha_t beta_s) c_s   (reverse)
+
+With num = A v, den = A 1 and A_ts = phi_q_t . phi_k_s (s <= t, same run), and
+cotangents dnum `[T, Hv]`, dden `[T]`:
+
+  forward  a=phi_q b=phi_k c=v                      (+ den_t = sum_s A_ts)
+  dphi_q   a=dnum  b=v     c=phi_k  alpha=dden beta=1   forward in time
+  dphi_k   a=v     b=dnum  c=phi_q  alpha=1 beta=dden   reverse
+  dv       a=phi_k b=phi_q c=dnum                   reverse
+
+Every pass rebuilds its states chunk by chunk from the inputs (never by
+subtracting from a final state, which drifts in low precision).
+
+Einsum alphabet: B batch, T time, N query heads, K key/value heads, G = N / K,
+M features, P spans, L steps per span, D / E feature widths of a pass's b / c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from efficient_attention import _checks, _linear
+from efficient_attention._masking import segment_starts
+
+# Width of the blocks that hold vector states (the smallest `dot` operand width).
+_VEC = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBlockSizes:
+  """Tiling and launch settings of the chunked kernel.
+
+  `chunk`: time steps per chunk (the intra-chunk quadratic form is chunk x chunk).
+  `block_c`: output columns per program (a pass's c width is split into blocks).
+  `span_chunks`: chunks per program; None picks the fewest that give at least
+  `min_programs` programs. `num_warps` / `num_stages`: Triton launch settings
+  (H100, B1 N8, T=16k: 4 warps and 2 stages are the fastest forward+backward at
+  M=256, H=128 and within 2% of it at M=128, H=64; see pallas/NOTES.md).
+  """
+
+  chunk: int = 64
+  block_c: int = 64
+  span_chunks: int | None = None
+  min_programs: int = 256
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("chunk", "block_c"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two >= 16")
+    if self.span_chunks is not None and (not isinstance(self.span_chunks, int) or self.span_chunks <= 0):
+      raise ValueError(f"span_chunks={self.span_chunks!r} must be None or a positive int")
+    for name in ("min_programs", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+  """Static settings of one kernel launch (hashable)."""
+
+  reverse: bool  # o_t sums over s >= t instead of s <= t
+  bias: bool  # the rank-one term alpha_t beta_s
+  rowsum: bool  # also write den_t = sum_s a_t . b_s
+  segments: bool  # run labels restrict sums to one run
+  chunk: int
+  span: int  # time steps per program, a multiple of chunk
+  block_c: int
+  a_group: int  # grid heads per head of a (and alpha)
+  b_group: int  # grid heads per head of b, c (and beta)
+  interpret: bool
+  num_warps: int
+  num_stages: int
+  precision: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static settings shared by the forward and backward of one call."""
+
+  chunk: int
+  span: int
+  block_c: int
+  group: int
+  segments: bool
+  interpret: bool
+  num_warps: int
+  num_stages: int
+  precision: Any = None
+
+  def pass_(self, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int) -> _Pass:
+    return _Pass(reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
+                 span=self.span, block_c=self.block_c, a_group=a_group, b_group=b_group,
+                 interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages,
+                 precision=self.precision)
+
+
+def causal_linear_attention(
+    phi_q: jax.Array,
+    phi_k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    block_sizes: LinearBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """Causal linear attention from features, chunk by chunk.
+
+  Args:
+    phi_q: `[B, T, N, M]` query features.
+    phi_k: `[B, T, K, M]` key features, `N % K == 0` (zero a key's features to
+      remove it, e.g. for key padding).
+    v: `[B, T, K, Hv]` values.
+    segment_ids: optional int `[B, T]`; sums restart where a run of equal ids
+      begins (an id recurring after another id starts a new run).
+    block_sizes: tiling; default `LinearBlockSizes()`.
+    interpret: run in Pallas' interpreter; default True off GPU.
+
+  Returns:
+    `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0.
+  """
+  family = "causal_linear_attention"
+  dims = _checks.check_qkv(phi_q, phi_k, v)
+  _checks.check_causal(True, dims, family=family, need_square=True)
+  if phi_q.dtype == jnp.float64:
+    raise TypeError(f"{family} computes in float32 at most, got {phi_q.dtype=}; use the xla implementation")
+  ids = _linear.check_shared_segment_ids(segment_ids, dims, family=family)
+  if block_sizes is None:
+    block_sizes = LinearBlockSizes()
+  if not isinstance(block_sizes, LinearBlockSizes):
+    raise TypeError(f"block_sizes must be a LinearBlockSizes, got {type(block_sizes).__name__}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  b, t, n, m = phi_q.shape
+  if t == 0:
+    return jnp.zeros((b, 0, n, dims.v_head_dim), phi_q.dtype)
+  m_pad, hv_pad = _pow2_at_least(m), _pow2_at_least(dims.v_head_dim)
+  chunk = min(block_sizes.chunk, _pow2_at_least(t))
+  block_c = min(block_sizes.block_c, hv_pad)
+  num_chunks = -(-t // chunk)
+  span_chunks = block_sizes.span_chunks
+  if span_chunks is None:
+    wanted_spans = -(-block_sizes.min_programs // (b * n * (hv_pad // block_c)))
+    span_chunks = -(-num_chunks // min(wanted_spans, num_chunks))
+  span = min(span_chunks, num_chunks) * chunk
+  t_pad = -(-t // span) * span
+  static = _Static(chunk=chunk, span=span, block_c=block_c, group=dims.group, segments=ids is not None,
+                   interpret=bool(interpret), num_warps=block_sizes.num_warps,
+                   num_stages=block_sizes.num_stages,
+                   precision=lax.Precision.HIGHEST if phi_q.dtype == jnp.float32 else None)
+  labels = None
+  if ids is not None:
+    # Run labels: non-decreasing, a new label per run; padded steps continue the last run.
+    labels = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
+    labels = jnp.pad(labels, ((0, 0), (0, t_pad - t)), mode="edge")
+  pad = lambda x, width: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x.shape[3])))
+  num, den = _core(pad(phi_q, m_pad), pad(phi_k, m_pad), pad(v, hv_pad), labels, static)
+  # [B, T, N, 1]
+  den = den[:, :, 0, :t].transpose(0, 2, 1)[..., None]
+  return _linear._safe_divide(num[:, :t, :, : dims.v_head_dim], den).astype(phi_q.dtype)
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+  return max(floor, 1 << max(0, n - 1).bit_length())
+
+
+# --------------------------------------------------------------------------- #
+# custom_vjp over padded inputs
+# --------------------------------------------------------------------------- #
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q, k, v, labels, static: _Static):
+  """Numerator `[B, T, N, Hv]` and denominator `[B, N, J, T]` (J copies), both float32."""
+  return _forward(q, k, v, labels, static)
+
+
+def _forward(q, k, v, labels, static: _Static):
+  p = static.pass_(reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group)
+  return _run(q, k, v, None, None, labels, p)
+
+
+def _core_fwd(q, k, v, labels, static: _Static):
+  return _forward(q, k, v, labels, static), (q, k, v, labels)
+
+
+def _core_bwd(static: _Static, residuals, cotangents):
+  q, k, v, labels = residuals
+  d_num, d_den = cotangents
+  b, t_pad, kh = k.shape[:3]
+  g = static.group
+  # [B, N, T]: every copy of the denominator gets its share.
+  d_den = jnp.sum(d_den, axis=2)
+  d_num = d_num.astype(q.dtype)
+  ones = jnp.ones((b, kh, t_pad), jnp.float32)
+  fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g)
+  dq = _run(d_num, v, k, d_den, ones, labels, fwd)[0]
+  rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1)
+  dk = _sum_group(_run(v, d_num, q, ones, d_den, labels, rev)[0], kh)
+  rev = dataclasses.replace(rev, bias=False)
+  dv = _sum_group(_run(k, q, d_num, None, None, labels, rev)[0], kh)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
+  """`[B, T, N, D]` per query head -> `[B, T, K, D]` summed over each GQA group."""
+  b, t, n, d = x.shape
+  return x.reshape(b, t, num_kv_heads, n // num_kv_heads, d).sum(3)
+
+
+# --------------------------------------------------------------------------- #
+# one pass: states entering each span (XLA), then the kernel
+# --------------------------------------------------------------------------- #
+
+
+def _run(a, b, c, alpha, beta, labels, p: _Pass):
+  """One pass over `a [B, T, Ha, D]`, `b [B, T, Hb, D]`, `c [B, T, Hb, E]`.
+
+  `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
+  `p.segments`). Returns float32 `o [B, T, Ho, E]`, Ho = max(Ha, Hb), and, with
+  `p.rowsum`, `den [B, Ho, J, T]` (one copy per column block).
+  """
+  batch, t_pad, ha, d = a.shape
+  hb, e = b.shape[2], c.shape[3]
+  heads = max(ha, hb)
+  bc = min(p.block_c, e)
+  spans, blocks = t_pad // p.span, e // bc
+  params = {}
+  if not p.interpret:
+    from jax.experimental.pallas import triton as pltriton
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
+  s0, z0, w0 = _span_states(_span_sums(b, c, beta, labels, p, params), labels, p)
+  a_head = lambda n: n // p.a_group
+  b_head = lambda n: n // p.b_group
+  in_specs = [
+      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, a_head(n), 0)),
+      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, b_head(n), 0)),
+      pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j)),
+  ]
+  args = [a, b, c]
+  if p.bias:
+    in_specs += [pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)),
+                 pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s))]
+    args += [alpha, beta]
+  if p.segments:
+    in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
+    args.append(labels)
+  in_specs.append(pl.BlockSpec((None, None, None, d, bc), lambda i, n, s, j: (i, s, b_head(n), 0, j)))
+  args.append(s0)
+  if p.rowsum:
+    in_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, n, s, j: (i, s, b_head(n), 0, 0)))
+    args.append(z0)
+  if p.bias:
+    in_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, n, s, j: (i, s, b_head(n), 0, j)))
+    args.append(w0)
+  out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
+  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), jnp.float32)]
+  if p.rowsum:
+    out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
+  return pl.pallas_call(
+      functools.partial(_kernel, p=p),
+      grid=(batch, heads, spans, blocks),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      interpret=p.interpret,
+      name="linear_attention_" + ("reverse" if p.reverse else "forward"),
+      **params,
+  )(*args)
+
+
+def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
+  """Per-span sums of the keys that a span hands on, in the pass's direction of time.
+
+  Returns float32 `[S [B, P, Hb, D, E]]`, then `Z [B, P, Hb, D, 16]` (with
+  `p.rowsum`) and `W [B, P, Hb, 16, E]` (with `p.bias`), the vectors in column /
+  row 0 (see `_kernel`). With segments only the keys of the span's last run
+  (first, in reverse) count: earlier runs end inside the span.
+  """
+  batch, t_pad, hb, d = b.shape
+  e = c.shape[3]
+  bc = min(p.block_c, e)
+  spans = t_pad // p.span
+  in_specs = [pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0)),
+              pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))]
+  args = [b, c]
+  if p.bias:
+    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
+    args.append(beta)
+  if p.segments:
+    in_specs.append(pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
+    args.append(labels)
+  out_specs = [pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j))]
+  out_shape = [jax.ShapeDtypeStruct((batch, spans, hb, d, e), jnp.float32)]
+  if p.rowsum:
+    out_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, spans, hb, d, _VEC), jnp.float32))
+  if p.bias:
+    out_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((batch, spans, hb, _VEC, e), jnp.float32))
+  return pl.pallas_call(
+      functools.partial(_sums_kernel, p=p),
+      grid=(batch, hb, spans, e // bc),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      interpret=p.interpret,
+      name="linear_attention_span_sums",
+      **params,
+  )(*args)
+
+
+def _span_states(local: list[jax.Array], labels, p: _Pass):
+  """States entering each span from the per-span sums `local` (see `_span_sums`).
+
+  Returns `s0`, and `z0` (with `p.rowsum`), `w0` (with `p.bias`), shaped as the
+  sums; None where unused. A span's state holds only keys of the run its first
+  step (in the pass's direction) belongs to: zero when the span starts a run.
+  """
+  batch, spans = local[0].shape[:2]
+  lab = None if labels is None else labels.reshape(batch, spans, p.span)
+  if p.reverse:
+    local = [jnp.flip(x, axis=1) for x in local]
+    lab = None if lab is None else jnp.flip(lab, axis=(1, 2))
+  exclusive = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+  if lab is None:
+    states = [exclusive(jnp.cumsum(x, axis=1)) for x in local]
+  else:
+    first, last = lab[:, :, 0], lab[:, :, -1]
+    # [B, P]: the run the state entering span p belongs to (span p - 1's last run).
+    before = jnp.concatenate([first[:, :1], last[:, :-1]], axis=1)
+    keep = (last == before).astype(jnp.float32)
+    starts = (first == before).astype(jnp.float32)
+    states = []
+    for x in local:
+      expand = lambda y: y.reshape(y.shape + (1,) * (x.ndim - 2))  # noqa: B023
+      # state_{p+1} = keep_p * state_p + local_p, an associative scan over
+      # (keep, local) pairs (Blelloch 1990, "Prefix sums and their applications").
+      _, inclusive = lax.associative_scan(
+          lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (expand(keep), x), axis=1)
+      states.append(exclusive(inclusive) * expand(starts))
+  if p.reverse:
+    states = [jnp.flip(x, axis=1) for x in states]
+  s0 = states.pop(0)
+  z0 = states.pop(0) if p.rowsum else None
+  w0 = states.pop(0) if p.bias else None
+  return s0, z0, w0
+
+
+# --------------------------------------------------------------------------- #
+# the kernel
+# --------------------------------------------------------------------------- #
+
+
+def _kernel(*refs, p: _Pass):
+  """One program: a span of `p.span` steps, a block of `bc` output columns.
+
+  Refs, in order: a `[L, D]`, b `[L, D]`, c `[L, bc]`, alpha `[L]`, beta `[L]`
+  (bias), labels `[L]` (segments), s0 `[D, bc]`, z0 `[D, 16]` (rowsum), w0
+  `[16, bc]` (bias); outputs o `[L, bc]`, den `[L]` (rowsum).
+
+  The vector states `z = sum_s b_s` and `w = sum_s beta_s c_s` live in column /
+  row 0 of `[D, 16]` / `[16, bc]` blocks (the rest is 0), so that their updates
+  and their products with `a` and `alpha` run on the matrix units as `dot`s of
+  the smallest width they take, instead of float32 element-wise work on whole
+  `[C, D]` tiles.
+  """
+  refs = list(refs)
+  take = lambda on: refs.pop(0) if on else None
+  a_ref, b_ref, c_ref = take(True), take(True), take(True)
+  alpha_ref, beta_ref = take(p.bias), take(p.bias)
+  lab_ref = take(p.segments)
+  s0_ref, z0_ref, w0_ref = take(True), take(p.rowsum), take(p.bias)
+  o_ref, den_ref = take(True), take(p.rowsum)
+  f32 = jnp.float32
+  size = p.chunk
+  num_chunks = p.span // size
+  rows = lax.broadcasted_iota(jnp.int32, (size, size), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (size, size), 1)
+  # [C, C]: query row t sees key column s.
+  order = cols >= rows if p.reverse else cols <= rows
+  # [C, 16]: selects column 0.
+  first = lax.broadcasted_iota(jnp.int32, (size, _VEC), 1) == 0
+
+  def start_of(i):
+    return pl.multiple_of((num_chunks - 1 - i if p.reverse else i) * size, size)
+
+  def body(i, carry):
+    s, z, w, label = carry
+    at = pl.ds(start_of(i), size)
+    a, b, c = a_ref[at, :], b_ref[at, :], c_ref[at, :]
+    # [C, C]
+    scores = _dot_nt(a, b, p)
+    if p.bias:
+      alpha, beta = alpha_ref[at], beta_ref[at]
+      scores = scores + alpha[:, None] * beta[None, :]
+    live = order
+    if p.segments:
+      lab = lab_ref[at]
+      live = live & (lab[:, None] == lab[None, :])
+      # [C]: queries of the run the carried state belongs to.
+      sees = lab == label
+      # The run carried on to the next chunk, and its keys here.
+      edge = jnp.min(lab) if p.reverse else jnp.max(lab)
+      carried = lab == edge
+    scores = jnp.where(live, scores, 0.0)
+    # [C, bc]
+    inter = _dot(a, s.astype(a.dtype), p)
+    if p.bias:
+      inter = inter + _dot(jnp.where(first, alpha[:, None], 0.0).astype(a.dtype), w.astype(a.dtype), p)
+    if p.segments:
+      inter = jnp.where(sees[:, None], inter, 0.0)
+    out = _dot(scores.astype(c.dtype), c, p) + inter
+    o_ref[at, :] = out.astype(o_ref.dtype)
+    if p.rowsum:
+      den_inter = jnp.sum(_dot(a, z.astype(a.dtype), p), axis=1)
+      if p.segments:
+        den_inter = jnp.where(sees, den_inter, 0.0)
+      den_ref[at] = jnp.sum(scores, axis=1) + den_inter
+    # Carry the state on: restart it when a run begins inside the chunk.
+    keep = 1.0
+    if p.segments:
+      keep = (edge == label).astype(f32)
+      label = edge
+      b = jnp.where(carried[:, None], b, jnp.zeros_like(b))
+    s = keep * s + _dot_tn(b, c, p)
+    if p.rowsum:
+      z = keep * z + _dot_tn(b, first.astype(b.dtype), p)
+    if p.bias:
+      beta = jnp.where(carried, beta, 0.0) if p.segments else beta
+      w = keep * w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
+    return s, z, w, label
+
+  s = s0_ref[...]
+  z = z0_ref[...] if p.rowsum else f32(0.0)
+  w = w0_ref[...] if p.bias else f32(0.0)
+  label = jnp.int32(0)
+  if p.segments:
+    # The run of the span's first step in the pass's direction (s0 is zero if it starts there).
+    label = jnp.max(lab_ref[pl.ds(p.span - size, size)]) if p.reverse else jnp.min(lab_ref[pl.ds(0, size)])
+  lax.fori_loop(0, num_chunks, body, (s, z, w, label))
+
+
+def _sums_kernel(*refs, p: _Pass):
+  """One program: the sums over a span's carried keys (see `_span_sums`).
+
+  Refs, in order: b `[L, D]`, c `[L, bc]`, beta `[L]` (bias), labels `[L]`
+  (segments); outputs S `[D, bc]`, Z `[D, 16]` (rowsum), W `[16, bc]` (bias).
+  """
+  refs = list(refs)
+  take = lambda on: refs.pop(0) if on else None
+  b_ref, c_ref, beta_ref, lab_ref = take(True), take(True), take(p.bias), take(p.segments)
+  s_ref, z_ref, w_ref = take(True), take(p.rowsum), take(p.bias)
+  size = p.chunk
+  first = lax.broadcasted_iota(jnp.int32, (size, _VEC), 1) == 0
+  if p.segments:
+    # The run handed on: the span's last (first, in reverse) run.
+    edge = jnp.min(lab_ref[pl.ds(0, size)]) if p.reverse else jnp.max(lab_ref[pl.ds(p.span - size, size)])
+
+  def body(i, carry):
+    s, z, w = carry
+    at = pl.ds(pl.multiple_of(i * size, size), size)
+    b, c = b_ref[at, :], c_ref[at, :]
+    if p.segments:
+      carried = lab_ref[at] == edge
+      b = jnp.where(carried[:, None], b, jnp.zeros_like(b))
+    s = s + _dot_tn(b, c, p)
+    if p.rowsum:
+      z = z + _dot_tn(b, first.astype(b.dtype), p)
+    if p.bias:
+      beta = jnp.where(carried, beta_ref[at], 0.0) if p.segments else beta_ref[at]
+      w = w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
+    return s, z, w
+
+  d, bc = s_ref.shape
+  s = jnp.zeros((d, bc), jnp.float32)
+  z = jnp.zeros((d, _VEC), jnp.float32) if p.rowsum else jnp.float32(0.0)
+  w = jnp.zeros((_VEC, bc), jnp.float32) if p.bias else jnp.float32(0.0)
+  s, z, w = lax.fori_loop(0, p.span // size, body, (s, z, w))
+  s_ref[...] = s
+  if p.rowsum:
+    z_ref[...] = z
+  if p.bias:
+    w_ref[...] = w
+
+
+def _dot(a, b, p: _Pass):
+  """`a b` for 2-D blocks, float32 result."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b, p: _Pass):
+  """`a b^T` for 2-D blocks, float32 result."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b, p: _Pass):
+  """`a^T b` for 2-D blocks, float32 result."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
+
+
+# --------------------------------------------------------------------------- #
+# reference
+# --------------------------------------------------------------------------- #
+
+
+def causal_linear_attention_reference(phi_q, phi_k, v, *, segment_ids=None):
+  """fp32 einsum form of the same contract (materialises `[T, T]`)."""
+  dims = _checks.check_qkv(phi_q, phi_k, v)
+  f32 = jnp.promote_types(phi_q.dtype, jnp.float32)
+  b, t, n, m = phi_q.shape
+  # [B, T, K, G, M]
+  qg = phi_q.astype(f32).reshape(b, t, dims.num_kv_heads, dims.group, m)
+  # [B, K, G, T, S]
+  scores = jnp.einsum("btkgm,bskm->bkgts", qg, phi_k.astype(f32), precision=lax.Precision.HIGHEST)
+  # [1|B, 1, 1, T, S]
+  live = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None, None, None]
+  if segment_ids is not None:
+    runs = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+    live = live & (runs[:, :, None] == runs[:, None, :])[:, None, None]
+  scores = jnp.where(live, scores, 0.0)
+  # [B, T, K, G, Hv]
+  num = jnp.einsum("bkgts,bskh->btkgh", scores, v.astype(f32), precision=lax.Precision.HIGHEST)
+  den = jnp.sum(scores, axis=-1).transpose(0, 3, 1, 2)[..., None]
+  out = _linear._safe_divide(num, den)
+  return out.reshape(b, t, n, dims.v_head_dim).astype(phi_q.dtype)
