@@ -123,7 +123,7 @@ PRESETS = {
                   block_size=16, stride=2, chunk_size=16, sample_tokens=8),
     # The comparison model: 6 layers, width 512, 8 heads of 64; 64k tokens a step at T=1024.
     "gpu": dict(num_layers=6, width=512, num_heads=8, seq_len=1024, batch_size=64, dtype="bfloat16", steps=600,
-                learning_rate=1e-3, warmup_steps=60, eval_every=50, eval_batches=8, log_every=25, num_features=256,
+                learning_rate=1e-3, warmup_steps=60, eval_every=50, eval_batches=4, log_every=25, num_features=256,
                 projected_len=256, window=256, block_size=128, stride=8, chunk_size=128, sample_tokens=400),
 }
 
