@@ -22,7 +22,7 @@ import numpy as np
 
 from efficient_attention import _checks
 from efficient_attention._layouts import BlockLayout, check_grid, layout_mask
-from efficient_attention._masking import split_heads
+from efficient_attention._masking import padding_as_segment_ids, split_heads
 from efficient_attention._softmax import _MASKED, softmax_attention_reference
 
 # Row buckets: at most this many (each is a separate pair of einsums), and no
@@ -157,17 +157,7 @@ def _pallas(q, k, v, layout: BlockLayout, *, bias, mask, is_causal, ids, scale, 
   if bias is not None:
     raise ValueError(f"block_sparse_attention(implementation='pallas') takes no bias (got {bias.shape=}); use 'xla'")
   if mask is not None:
-    if mask.shape[1] != 1 or mask.shape[2] != 1:
-      raise ValueError(
-          f"block_sparse_attention(implementation='pallas') honours key-padding masks [B|1, 1, 1, S] (and "
-          f"is_causal, segment_ids); got {mask.shape=}; use 'xla' for per-head or per-query masks")
-    # A padded key gets a segment id no query has.
-    live = jnp.broadcast_to(mask[:, 0, 0, :], (dims.batch, dims.kv_len))
-    if ids is None:
-      ids = (jnp.zeros((dims.batch, dims.q_len), jnp.int32), jnp.zeros((dims.batch, dims.kv_len), jnp.int32))
-    q_ids, kv_ids = ids[0].astype(jnp.int32), ids[1].astype(jnp.int32)
-    outside = jnp.minimum(jnp.min(q_ids), jnp.min(kv_ids)) - 1
-    ids = (q_ids, jnp.where(live, kv_ids, outside))
+    ids = padding_as_segment_ids(mask, ids, dims.batch, dims.q_len, dims.kv_len, what="block_sparse_attention(implementation='pallas')")
   return kernel(q, k, v, layout, is_causal=is_causal, segment_ids=ids, scale=scale)
 
 

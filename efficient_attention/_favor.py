@@ -40,10 +40,10 @@ from efficient_attention._linear import LinearState
 
 KERNELS = ("softmax", "trig", "relu")
 SCALINGS = ("chi", "sqrt_d")
-# Lowest stabilised log key feature of a live key: e^-30 ~ 1e-13 of the largest feature, so that a
-# denominator stays >= e^-30 / M and its gradient finite in float32; features below it (negligible next
-# to any key near the maximum) are raised to it.
-LOG_FEATURE_FLOOR = -30.0
+# Lowest stabilised log key feature of a live key: e^-35 ~ 6e-16 of the largest feature, so that a
+# denominator stays >= e^-35 / M and its gradient (through 1 / den^2) finite in float32 for M up to 4096;
+# features below it (negligible next to any key near the maximum) are raised to it.
+LOG_FEATURE_FLOOR = -35.0
 
 
 def orthogonal_random_features(
@@ -178,16 +178,16 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
   log_factor = _key_log_factor(kernel, x_k, wx)
   if log_factor is not None:
     live = _linear.live_keys(plan, dims)
+    # [B, 1, K, 1]: max over live keys; 0 where a head has none (its features are 0).
+    masked = log_factor if live is None else jnp.where(live[..., None], log_factor, -jnp.inf)
+    stabiliser = jnp.max(masked, axis=(1, 3), keepdims=True)
+    stabiliser = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stabiliser), stabiliser, 0.0))
+    # Live keys' stabilised log features are floored at LOG_FEATURE_FLOOR: a causal prefix whose keys all sit
+    # far below the stabiliser would otherwise have a denormal denominator, finite in value but with an
+    # infinite gradient (d(n/d)/dd = -n/d^2); masked keys get -inf (feature 0).
+    log_factor = jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR)
     if live is not None:
       log_factor = jnp.where(live[..., None], log_factor, -jnp.inf)
-    # [B, 1, K, 1]: max over live keys; 0 where a head has none (its features are 0).
-    stabiliser = jnp.max(log_factor, axis=(1, 3), keepdims=True)
-    stabiliser = jax.lax.stop_gradient(jnp.where(jnp.isfinite(stabiliser), stabiliser, 0.0))
-    # Floor the live keys' stabilised log features at LOG_FEATURE_FLOOR: a causal prefix whose keys all sit
-    # far below the stabiliser would otherwise have a denormal denominator, finite in value but with an
-    # infinite gradient (d(n/d)/dd = -n/d^2); masked keys stay at -inf (feature 0).
-    log_factor = jnp.where(jnp.isfinite(log_factor), jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR),
-                           log_factor)
   phi_k = _key_features(kernel, wx, log_factor)
   if pallas:
     return _linear.attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, split_heads
+from efficient_attention._masking import dense_mask, padding_as_segment_ids, split_heads
 
 # Large finite negative logit: masked entries get exactly zero weight without
 # creating inf - inf = NaN when a whole row is masked.
@@ -108,17 +108,7 @@ def _pallas(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -
   if bias is not None:
     raise ValueError("implementation='pallas' takes no bias; use 'xla' or 'cudnn'")
   if mask is not None:
-    if mask.shape[1] != 1 or mask.shape[2] != 1:
-      raise ValueError(
-          f"implementation='pallas' honours key-padding masks [B|1, 1, 1, S] (and is_causal, "
-          f"segment_ids); got {mask.shape=}; use 'xla' or 'cudnn' for per-head or per-query masks")
-    # A padded key gets a segment id no query has.
-    live = jnp.broadcast_to(mask[:, 0, 0, :], (dims.batch, dims.kv_len))
-    if ids is None:
-      ids = (jnp.zeros((dims.batch, dims.q_len), jnp.int32), jnp.zeros((dims.batch, dims.kv_len), jnp.int32))
-    q_ids, kv_ids = ids[0].astype(jnp.int32), ids[1].astype(jnp.int32)
-    outside = jnp.minimum(jnp.min(q_ids), jnp.min(kv_ids)) - 1
-    ids = (q_ids, jnp.where(live, kv_ids, outside))
+    ids = padding_as_segment_ids(mask, ids, dims.batch, dims.q_len, dims.kv_len, what="softmax_attention(implementation='pallas')")
   return flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, scale=scale)
 
 

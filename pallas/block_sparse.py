@@ -53,6 +53,7 @@ from pallas.flash_attention import (
   _round_up,
   _Static,
   _with_optional_ids,
+  flash_attention_reference,
 )
 
 # Table columns before the partner tiles: owned tile, unmasked count, live count.
@@ -371,26 +372,8 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, *, is_causal=
                                      scale=None):
   """fp32 einsum attention under `layout_mask(layout, T, S)` (materialises `[T, S]`)."""
   dims = _checks.check_qkv(q, k, v)
-  ids = _checks.check_segment_ids(segment_ids, dims)
-  scale = _checks.check_scale(scale, dims)
-  f32 = jnp.promote_types(q.dtype, jnp.float32)
-  # [B, T, K, G, H]
-  qg = q.astype(f32).reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.group, dims.head_dim)
-  # [B, K, G, T, S]
-  s = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(f32), precision=lax.Precision.HIGHEST) * scale
   # [1, N|1, T, S] -> [1, K|1, G|1, T, S]
   live = layout_mask(layout, dims.q_len, dims.kv_len)
   heads = (dims.num_kv_heads, dims.group) if layout.num_heads is not None else (1, 1)
-  keep = live.reshape((1,) + heads + live.shape[2:])
-  if is_causal:
-    keep = keep & (jnp.arange(dims.q_len)[:, None] >= jnp.arange(dims.kv_len)[None, :])[None, None, None]
-  if ids is not None:
-    keep = keep & (ids[0][:, None, None, :, None] == ids[1][:, None, None, None, :])
-  s = jnp.where(keep, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(keep, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)
-  # [B, T, K, G, Hv]
-  out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(f32), precision=lax.Precision.HIGHEST)
-  return out.reshape(dims.batch, dims.q_len, dims.num_heads, dims.v_head_dim).astype(q.dtype)
+  return flash_attention_reference(q, k, v, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
+                                   keep=live.reshape((1,) + heads + live.shape[2:]))

@@ -601,8 +601,11 @@ def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, static: _Static):
 # --------------------------------------------------------------------------- #
 
 
-def flash_attention_reference(q, k, v, *, is_causal=False, segment_ids=None, scale=None):
-  """fp32 einsum attention with the same contract (materialises `[T, S]`)."""
+def flash_attention_reference(q, k, v, *, is_causal=False, segment_ids=None, scale=None, keep=None):
+  """fp32 einsum attention with the same contract (materialises `[T, S]`).
+
+  `keep`, optional bool `[1|B, K|1, G|1, T, S]`, restricts attention further (the block-sparse reference).
+  """
   dims = _checks.check_qkv(q, k, v)
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
@@ -611,7 +614,8 @@ def flash_attention_reference(q, k, v, *, is_causal=False, segment_ids=None, sca
   qg = q.astype(f32).reshape(dims.batch, dims.q_len, dims.num_kv_heads, dims.group, dims.head_dim)
   # [B, K, G, T, S]
   s = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(f32), precision=lax.Precision.HIGHEST) * scale
-  keep = jnp.ones((dims.q_len, dims.kv_len), bool)[None, None, None]
+  if keep is None:
+    keep = jnp.ones((dims.q_len, dims.kv_len), bool)[None, None, None]
   if is_causal:
     keep = keep & (jnp.arange(dims.q_len)[:, None] >= jnp.arange(dims.kv_len)[None, :])[None, None, None]
   if ids is not None:
