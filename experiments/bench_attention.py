@@ -306,7 +306,8 @@ def tune(cfg: Config) -> list[dict]:
 # every family
 # --------------------------------------------------------------------------- #
 
-FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "linear", "linformer", "local")
+FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "favor-pallas", "linear", "linear-pallas",
+            "linformer", "local", "local-pallas")
 
 
 def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, bool] | None:
@@ -321,17 +322,21 @@ def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, boo
     return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")), True
   if name == "softmax-pallas":
     return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="pallas")), True
-  if name == "favor":
+  base, _, impl = name.partition("-")
+  if impl == "pallas" and base != "softmax" and not on_gpu:
+    return None  # the linear and block-sparse kernels are timed compiled only
+  impl = impl or None
+  if base == "favor":
     features = ea.orthogonal_random_features(jax.random.key(1), 256, h)
-    return (lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=True)), True
-  if name == "linear":
-    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True)), True
+    return (lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=True, implementation=impl)), True
+  if base == "linear":
+    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)), True
   if name == "linformer":
     proj = jax.random.normal(jax.random.key(2), (256, t), jnp.float32) / 16.0
     return (lambda q, k, v: ea.linformer_attention(q, k, v, proj.astype(q.dtype), proj.astype(q.dtype))), False
-  if name == "local":
+  if base == "local":
     layout = ea.layouts.local(t, window=256, block_size=128 if t >= 128 else 16)
-    return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True)), True
+    return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True, implementation=impl)), True
   raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
 
 
@@ -369,6 +374,7 @@ def families(cfg: Config) -> list[dict]:
         row["status"] = "OOM" if _is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
       rows.append(row)
+      tqdm.write(json.dumps(row))
   return rows
 
 
