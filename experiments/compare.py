@@ -21,7 +21,6 @@ time), plus each run's own directory `T<seq_len>/<family>/` from `train_lm.py`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -38,6 +37,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import cli  # the experiments' command lines
 import train_lm  # the parent only parses flags with it: the accelerator is left to the runs
 
 TRAIN_LM = pathlib.Path(train_lm.__file__)
@@ -96,24 +96,8 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
-                      help="a set of defaults (explicit flags still win): " +
-                      "; ".join(f"{k}: {v or 'the defaults'}" for k, v in PRESETS.items()))
-  for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
-    if field.type == "bool":
-      parser.add_argument(flag, action="store_true", default=field.default)
-    elif field.type.startswith("tuple"):
-      kind = {"tuple[int, ...]": int, "tuple[str, ...]": str}[field.type]
-      parser.add_argument(flag, type=kind, nargs="+", default=field.default)
-    else:
-      parser.add_argument(flag, type={"int": int, "str": str}[field.type], default=field.default)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  parser.set_defaults(**PRESETS[parser.parse_known_args(argv)[0].preset])
-  args = vars(parser.parse_args(argv))
-  args.pop("preset")
-  cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+  parser = cli.config_parser(Config, __doc__.split("\n\n")[0], presets=PRESETS)
+  cfg = cli.parse_config(parser, Config, argv, presets=PRESETS)
   unknown = [f for f in cfg.families if f not in FAMILIES]
   if unknown:
     parser.error(f"unknown --families {unknown}; valid: {', '.join(FAMILIES)}")

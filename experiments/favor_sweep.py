@@ -22,7 +22,6 @@ decides how many features the 1/M regime needs.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -38,6 +37,9 @@ import numpy as np
 from tqdm import tqdm
 
 import efficient_attention as ea
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import cli  # the experiments' command lines
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -64,24 +66,15 @@ class Config:
   out_dir: str = "results"
 
 
-SMOKE = dict(seq_len=16, head_dim=8, num_features=(16, 32), logit_stds=(0.25, 2.0), seeds=2, report_m=32)
+PRESETS = {
+    "full": {},
+    "smoke": dict(seq_len=16, head_dim=8, num_features=(16, 32), logit_stds=(0.25, 2.0), seeds=2, report_m=32),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--smoke", action="store_true", help=f"tiny sizes for a quick check: {SMOKE}")
-  for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
-    if field.type.startswith("tuple"):
-      kind = {"tuple[int, ...]": int, "tuple[float, ...]": float}[field.type]
-      parser.add_argument(flag, type=kind, nargs="+", default=field.default)
-    else:
-      parser.add_argument(flag, type={"int": int, "str": str}[field.type], default=field.default)
-  if "--smoke" in (sys.argv[1:] if argv is None else argv):
-    parser.set_defaults(**SMOKE)  # explicit flags still win
-  args = vars(parser.parse_args(argv))
-  args.pop("smoke")
-  cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+  parser = cli.config_parser(Config, __doc__.split("\n\n")[0], presets=PRESETS, smoke_flag=True)
+  cfg = cli.parse_config(parser, Config, argv, presets=PRESETS)
   ms = cfg.num_features
   if len(ms) < 2 or list(ms) != sorted(set(ms)) or ms[0] <= 0:
     parser.error(f"--num-features needs at least two increasing positive values to fit a slope, got {ms}")

@@ -28,7 +28,6 @@ see the value it has to predict. Writes `results/<run>/{mqar.json,mqar.md,mqar.p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -49,7 +48,14 @@ import efficient_attention as ea
 from efficient_attention import lm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from lm_data import FILLER, IGNORE, MQAR_EVAL_SEED_OFFSET, check_mqar, mqar_batch  # the experiments' data module
+import cli  # the experiments' command lines
+from lm_data import (  # the experiments' data module
+  FILLER,
+  IGNORE,
+  MQAR_EVAL_SEED_OFFSET,
+  check_mqar,
+  mqar_batch,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -99,23 +105,8 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
-                      help="a set of defaults (explicit flags still win); 'smoke' is tiny, 'gpu' Zoology-like")
-  parser.add_argument("--smoke", action="store_true", help=f"same as --preset smoke: {PRESETS['smoke']}")
-  for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
-    if field.type.startswith("tuple"):
-      kind = {"tuple[int, ...]": int, "tuple[str, ...]": str}[field.type]
-      parser.add_argument(flag, type=kind, nargs="+", default=field.default)
-    else:
-      parser.add_argument(flag, type={"int": int, "str": str, "float": float}[field.type], default=field.default)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  preset = parser.parse_known_args(argv)[0]
-  parser.set_defaults(**PRESETS["smoke" if preset.smoke else preset.preset])
-  args = vars(parser.parse_args(argv))
-  args.pop("smoke"), args.pop("preset")
-  cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+  parser = cli.config_parser(Config, __doc__.split("\n\n")[0], presets=PRESETS, smoke_flag=True)
+  cfg = cli.parse_config(parser, Config, argv, presets=PRESETS)
   for name in cfg.families:
     if name in SKIPPED:
       parser.error(f"--families {name!r}: {SKIPPED[name]}")

@@ -29,7 +29,6 @@ parameter (and its optimiser state) over the M `fsdp` devices, on
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -54,6 +53,7 @@ import efficient_attention as ea
 from efficient_attention import lm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import cli  # the experiments' command lines
 import lm_data  # the experiments' data module
 
 TASKS = ("lm", "mqar")
@@ -129,21 +129,8 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu",
-                      help="a set of defaults (explicit flags still win): " +
-                      "; ".join(f"{k}: {v or 'the dataclass defaults'}" for k, v in PRESETS.items()))
-  for field in dataclasses.fields(Config):
-    flag = "--" + field.name.replace("_", "-")
-    if field.type == "bool":
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-    else:
-      parser.add_argument(flag, type={"int": int, "str": str, "float": float}[field.type], default=field.default)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  parser.set_defaults(**PRESETS[parser.parse_known_args(argv)[0].preset])
-  args = vars(parser.parse_args(argv))
-  args.pop("preset")
-  cfg = Config(**args)
+  parser = cli.config_parser(Config, __doc__.split("\n\n")[0], presets=PRESETS)
+  cfg = cli.parse_config(parser, Config, argv, presets=PRESETS)
   try:
     check_config(cfg)
   except ValueError as err:

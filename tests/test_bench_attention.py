@@ -2,11 +2,11 @@
 
 import json
 
-from tests.test_experiments import _load
+from tests.util import load_experiment
 
 
 def test_flash_suite_writes_table_json_and_plot(tmp_path):
-  bench = _load("bench_attention")
+  bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--out-dir", str(tmp_path), "--run", "flash"])
   data = json.loads((out / "flash.json").read_text())
   assert data["env"]["jax"] and data["speed"] and data["memory"]
@@ -21,7 +21,7 @@ def test_flash_suite_writes_table_json_and_plot(tmp_path):
 
 
 def test_families_suite_times_every_family(tmp_path):
-  bench = _load("bench_attention")
+  bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "families", "--out-dir", str(tmp_path), "--run", "fam"])
   rows = json.loads((out / "families.json").read_text())["rows"]
   names = {r["family"] for r in rows}
@@ -34,7 +34,7 @@ def test_families_suite_times_every_family(tmp_path):
 
 
 def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
-  bench = _load("bench_attention")
+  bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "block_sparse", "--out-dir", str(tmp_path), "--run", "bs"])
   data = json.loads((out / "block_sparse.json").read_text())
   densities = [r for r in data["density"] if "fwd_ratio" in r]
@@ -49,7 +49,7 @@ def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
 
 
 def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
-  bench = _load("bench_attention")
+  bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "linear", "--out-dir", str(tmp_path), "--run", "lin"])
   data = json.loads((out / "linear.json").read_text())
   assert len(data["rows"]) == 4 and len(data["targets"]) == 2

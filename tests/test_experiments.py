@@ -1,24 +1,13 @@
 """Smoke test of the README's main job on a shrunk configuration."""
 
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, _ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+from tests.util import load_experiment
 
 
 def test_approx_error_runs_every_family_and_writes_a_table():
-  approx_error = _load("approx_error")
+  approx_error = load_experiment("approx_error")
   for causal in (False, True):
     cfg = approx_error.Config(seq_len=96, num_heads=2, num_kv_heads=1, head_dim=8, num_features=16,
                          linformer_k=12, block_size=16, window=16, repeats=1, causal=causal)
@@ -36,6 +25,6 @@ def test_approx_error_runs_every_family_and_writes_a_table():
 
 
 def test_pooling_projection_rows_average_contiguous_spans():
-  pool = np.asarray(_load("approx_error").pooling_projection(4, 10))
+  pool = np.asarray(load_experiment("approx_error").pooling_projection(4, 10))
   np.testing.assert_allclose(pool.sum(axis=1), 1.0, rtol=1e-6)
   assert (np.count_nonzero(pool, axis=0) == 1).all()  # every position in exactly one span

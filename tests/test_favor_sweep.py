@@ -1,25 +1,14 @@
 """Smoke test of the FAVOR+ error sweep: `--smoke` writes a well-formed JSON, table and figure."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, _ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+from tests.util import load_experiment
 
 
 def test_smoke_sweep_writes_json_table_and_figure(tmp_path):
-  sweep = _load("favor_sweep")
+  sweep = load_experiment("favor_sweep")
   sweep.main(["--smoke", "--out-dir", str(tmp_path), "--run", "smoke"])
   out = tmp_path / "smoke"
 

@@ -1,25 +1,13 @@
 """MQAR: the data generator's sequences are what the task says, and `--smoke` writes a well-formed JSON, table and figure."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.util import load_experiment
 
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, _ROOT / "experiments" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
-
-
-mqar = _load("mqar")
+mqar = load_experiment("mqar")
 SIZES = dict(batch=6, seq_len=40, num_kv_pairs=5, vocab_size=64)
 
 

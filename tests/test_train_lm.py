@@ -10,10 +10,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.test_experiments import _load
+from tests.util import load_experiment
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-train_lm = _load("train_lm")
+train_lm = load_experiment("train_lm")
 lm_data = sys.modules["lm_data"]
 
 
@@ -175,7 +175,7 @@ def test_named_corpus_checks_the_download_and_says_when_offline(tmp_path, monkey
 
 
 def test_compare_trains_each_family_and_writes_table_csv_and_plot(tmp_path):
-  compare = _load("compare")
+  compare = load_experiment("compare")
   result = compare.main(["--preset", "smoke", "--families", "softmax", "linformer", "softmax-pallas",
                          "--out-dir", str(tmp_path), "--run", "cmp"])
   out = tmp_path / "cmp"

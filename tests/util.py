@@ -6,8 +6,11 @@ H=5/8) so that an axis mix-up changes a shape or a value.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
+import pathlib
+import sys
 from typing import Callable
 
 import chex
@@ -189,3 +192,13 @@ def check_dead_rows(fn: Callable, q, k, v, *, dead, padded_batch: int | None = N
     for g in grads[1:]:
       np.testing.assert_array_equal(np.asarray(g[padded_batch]), 0.0)
   return out, grads
+
+
+def load_experiment(name: str):
+  """Imports `experiments/<name>.py` (a script, not a package) as module `name`."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
