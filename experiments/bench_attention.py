@@ -345,7 +345,8 @@ def _is_oom(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def families(cfg: Config) -> list[dict]:
+def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
+  """Every family at every T; `on_length_done(rows)` after each T, so a run cut short keeps what it measured."""
   on_gpu = jax.default_backend() == "gpu"
   dtype = jnp.bfloat16 if on_gpu else jnp.float32
   n, h = (8, 64) if not cfg.smoke else (2, 16)
@@ -375,6 +376,8 @@ def families(cfg: Config) -> list[dict]:
         stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
       rows.append(row)
       tqdm.write(json.dumps(row))
+    if on_length_done is not None:
+      on_length_done(rows)
   return rows
 
 
@@ -399,7 +402,38 @@ def families_markdown(rows: list[dict], header: str) -> str:
           cells.append(f"{r[key]:.3g}")
       lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines.append("")
+  lines += ["Crossover: the shortest T from which a family's forward+backward is faster than the fastest exact "
+            "(softmax) implementation at every longer T measured (exact out of memory counts as slower)", ""]
+  for name, t in crossovers(rows).items():
+    lines.append(f"- {name}: " + ("never, in the lengths measured" if t is None else f"T = {t}"))
+  lines.append("")
   return "\n".join(lines)
+
+
+def crossovers(rows: list[dict], key: str = "fwd_bwd_ms") -> dict[str, int | None]:
+  """For each approximate family, the shortest T from which it beats the best exact implementation at every T."""
+  lens = sorted({r["seq_len"] for r in rows})
+
+  def time(name, t):
+    r = next((r for r in rows if r["family"] == name and r["seq_len"] == t), None)
+    if r is None:
+      return None
+    return r[key] if r["status"] == "ok" else float("inf")
+
+  out = {}
+  for name in FAMILIES:
+    if name.startswith("softmax") or not any(r["family"] == name for r in rows):
+      continue
+    since = None
+    for t in lens:
+      exact = [x for x in (time(f, t) for f in FAMILIES if f.startswith("softmax")) if x is not None]
+      mine = time(name, t)
+      if mine is None or not exact:
+        continue
+      faster = mine < min(exact)
+      since = (since or t) if faster else None
+    out[name] = since
+  return out
 
 
 def families_plot(rows: list[dict], path: pathlib.Path) -> None:
@@ -407,14 +441,18 @@ def families_plot(rows: list[dict], path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-  for ax, (key, title) in zip(axes, (("fwd_bwd_ms", "forward+backward"), ("fwd_ms", "forward"),
+  cross = crossovers(rows)
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+  for ax, (key, title) in zip(axes, (("fwd_bwd_ms", "forward+backward (exact: dashed)"), ("fwd_ms", "forward"),
                                      ("peak_bytes", "peak memory, forward+backward"))):
     for name in FAMILIES:
       pts = [(r["seq_len"], r[key] / (2**20 if key == "peak_bytes" else 1)) for r in rows
              if r["family"] == name and r["status"] == "ok" and r.get(key) is not None]
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=name)
+        label = name
+        if key == "fwd_bwd_ms" and name in cross:
+          label += f" (< exact from T={cross[name]})" if cross[name] else " (never < exact)"
+        ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if name.startswith("softmax") else "-")
       oom = [r["seq_len"] for r in rows if r["family"] == name and r["status"] == "OOM"]
       if oom and pts:
         ax.annotate("OOM", (oom[0], pts[-1][1]), fontsize=7)
@@ -744,7 +782,10 @@ def plot(speed_rows: list[dict], path: pathlib.Path) -> None:
     for name in IMPLS:
       pts = [(r["seq_len"], r["tflops"][name]) for r in rows if name in r["tflops"]]
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=name)
+        label = name
+        if key == "fwd_bwd_ms" and name in cross:
+          label += f" (< exact from T={cross[name]})" if cross[name] else " (never < exact)"
+        ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if name.startswith("softmax") else "-")
     ax.set_xscale("log", base=2)
     ax.set_title(f"H={h} {'causal' if c else 'full'} {p}")
     ax.set_xlabel("T")
@@ -796,15 +837,19 @@ def main(argv=None) -> pathlib.Path:
     print(table)
     return out
   if cfg.suite == "families":
-    rows = families(cfg)
-    r0 = rows[0]
-    header = (f"# Every family — {env['device']}, JAX {env['jax']}, {r0['dtype']}, B1 N{r0['num_heads']} "
-              f"H{r0['head_dim']}, causal (Linformer: non-causal), median of {cfg.repeats}")
-    table = families_markdown(rows, header)
-    (out / "families.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
-    (out / "families.md").write_text(table)
-    families_plot(rows, out / "families.png")
-    print(table)
+
+    def write(rows: list[dict]) -> str:
+      r0 = rows[0]
+      header = (f"# Every family — {env['device']}, JAX {env['jax']}, {r0['dtype']}, B1 N{r0['num_heads']} "
+                f"H{r0['head_dim']}, causal (Linformer: non-causal), median of {cfg.repeats}")
+      table = families_markdown(rows, header)
+      (out / "families.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows),
+                                                    indent=1))
+      (out / "families.md").write_text(table)
+      families_plot(rows, out / "families.png")
+      return table
+
+    print(write(families(cfg, on_length_done=write)))
     return out
   speed_rows = speed(cfg)
   memory_rows = memory(cfg) if cfg.memory_seq_lens else []
