@@ -128,3 +128,19 @@ def test_errors_name_the_values():
   ids = jnp.zeros((1, 8), jnp.int32)
   with pytest.raises(ValueError, match="one segment_ids array.*tuple of 2"):
     causal_linear_attention(q, k, v, segment_ids=(ids, ids))
+
+
+def test_favor_matches_xla_on_floored_keys():
+  # Logits up to ~60: many key features sit on LOG_FEATURE_FLOOR below the stabiliser, and queries
+  # whose keys are all floored have denominators near e^-35 and huge cotangents (a carried state
+  # formed by subtracting sums, not by adding them, loses them).
+  b, t, n, h = 1, 29, 2, 8
+  q, k, v = util.qkv(b, t, t, n, n, h)
+  q, k = 4.0 * q, 4.0 * k
+  w = _features(16, h)
+  fn = lambda q, k, v: ea.favor_attention(q, k, v, w, is_causal=True, chunk_size=16, implementation="pallas")
+  ref = lambda q, k, v: ea.favor_attention(q, k, v, w, is_causal=True, implementation="xla")
+  got, want = jax.vjp(fn, q, k, v), jax.vjp(ref, q, k, v)
+  chex.assert_trees_all_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+  d_out = util.normal(got[0].shape)
+  chex.assert_trees_all_close(got[1](d_out), want[1](d_out), atol=1e-4, rtol=2e-4)
