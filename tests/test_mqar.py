@@ -61,6 +61,7 @@ def test_smoke_run_writes_json_table_and_figure(tmp_path):
   assert len(result["runs"]) == int(np.prod(shape))
   for run in result["runs"]:
     assert run["steps"] == cfg["steps"] and run["seconds"] > 0 and 0 <= run["accuracy"] <= 1, run
+    assert run["trained_on"] == cfg["num_kv_pairs"], run  # Zoology's protocol: one model sees every pair count
 
   table = (out / "mqar.md").read_text()
   assert table.count("\n| ") == len(cfg["widths"]) * (1 + len(cfg["families"]))  # a header + a row per family
@@ -68,3 +69,26 @@ def test_smoke_run_writes_json_table_and_figure(tmp_path):
 
   png = (out / "mqar.png").read_bytes()
   assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_one_model_per_pair_count_without_mix(tmp_path):
+  result = mqar.main(["--smoke", "--no-mix", "--families", "softmax", "--steps", "3", "--out-dir", str(tmp_path),
+                      "--run", "per_count"])
+  assert [r["trained_on"] for r in result["runs"]] == [[n] for n in result["config"]["num_kv_pairs"]]
+  assert (tmp_path / "per_count" / "mqar.png").exists()
+
+
+def test_mixed_batches_must_split_evenly():
+  with pytest.raises(SystemExit):
+    mqar.parse_args(["--smoke", "--batch", "9"])  # two pair counts
+
+
+def test_training_steps_per_call_do_not_change_the_result():
+  cfg = mqar.parse_args(["--smoke", "--steps", "6", "--steps-per-call", "1"])
+  one = mqar.train_one(cfg, "softmax", 16, (2, 4), 0)
+  cfg4 = mqar.parse_args(["--smoke", "--steps", "6", "--steps-per-call", "4"])  # 4 + 2 steps
+  four = mqar.train_one(cfg4, "softmax", 16, (2, 4), 0)
+  for a, b in zip(one, four, strict=True):
+    assert a["steps"] == b["steps"] == 6
+    np.testing.assert_allclose(a["final_train_loss"], b["final_train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(a["eval_loss"], b["eval_loss"], rtol=1e-5)
