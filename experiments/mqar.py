@@ -25,7 +25,8 @@ see the value it has to predict. Writes `results/<run>/{mqar.json,mqar.md,mqar.p
 
     python experiments/mqar.py                     # CPU-sized defaults, about 7 minutes on 2 cores
     python experiments/mqar.py --smoke             # tiny sizes, seconds
-    python experiments/mqar.py --preset gpu --run mqar_gpu   # Zoology-like sizes
+    python experiments/mqar.py --preset gpu --run mqar_gpu   # GPU sizes, about 6.5 minutes on an H100
+    python experiments/mqar.py merge results/a results/b --run ab   # sweeps with other --seed, as one
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Config:
   seeds: int = 1
   steps_per_call: int = 100  # training steps per jitted call (a loop on the device)
   mix: bool = True  # one model per (family, width, seed) on batches mixing every pair count; else one per count
-  seed: int = 0
+  seed: int = 0  # shifts the data streams; model initialisation follows the seed index (0 .. seeds - 1)
   run: str = "mqar"
   out_dir: str = "results"
 
@@ -101,11 +102,12 @@ PRESETS = {
     "cpu": {},
     "smoke": dict(families=("softmax", "linear"), widths=(16,), num_kv_pairs=(2, 4), seq_len=32, vocab_size=64,
                   num_layers=1, steps=20, batch=8, warmup_steps=2, eval_batches=1, window=8, block_size=8, stride=2),
-    # Zoology-like sizes for one GPU (they use vocab 8192, T 64-512, widths 64-512 and tens of thousands of
-    # steps; a smaller vocabulary learns the task in fewer steps): about 10 minutes on an H100.
-    "gpu": dict(widths=(64, 128), num_kv_pairs=(4, 8, 16, 32, 64), seq_len=256, vocab_size=512, steps=8000,
-                batch=320, learning_rate=3e-3, warmup_steps=400, eval_batches=4, window=32, block_size=32,
-                chunk_size=64, steps_per_call=200),
+    # For one GPU, about 10 minutes on an H100. Zoology trains on vocab 8192 and T 64-512 for ~25k steps; in
+    # 8000 steps at vocab 512, T=256 no family got past copying a random context value (H100, lr 3e-3), so
+    # this preset trades the vocabulary for steps.
+    "gpu": dict(widths=(64, 128), num_kv_pairs=(2, 4, 8, 16), seq_len=64, vocab_size=64, steps=16000,
+                batch=256, learning_rate=1e-3, warmup_steps=500, eval_batches=4, window=16, block_size=16,
+                stride=2, chunk_size=16, steps_per_call=500),
 }
 
 
@@ -243,7 +245,8 @@ def train_one(cfg: Config, family: str, width: int, pair_counts: tuple[int, ...]
                f"(loss {losses[diverged_at]}); training stopped there")
   model.eval()
   tail = max(1, cfg.steps // 10)
-  shared = dict(family=family, width=width, seed=seed, trained_on=list(pair_counts),
+  shared = dict(family=family, width=width, seed=seed, init_seed=seed, data_seed=cfg.seed + seed,
+                trained_on=list(pair_counts),
                 final_train_loss=float(losses[-tail:].mean()), steps=len(losses), diverged_at_step=diverged_at,
                 train_seconds=train_seconds,
                 params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
@@ -307,18 +310,19 @@ def headline(cfg: Config, grid: np.ndarray) -> list[str]:
   return lines
 
 
-def to_markdown(cfg: Config, grid: np.ndarray, runs: list[dict], seconds: float) -> str:
+def to_markdown(cfg: Config, grid: np.ndarray, runs: list[dict], seconds: float, where: str) -> str:
   mean = grid.mean(axis=-1)
   spread = grid.std(axis=-1, ddof=1) if cfg.seeds > 1 else None
+  lo, hi = grid.min(axis=-1), grid.max(axis=-1)
   head = (f"MQAR (Zoology): T={cfg.seq_len}, vocab {cfg.vocab_size}, power-law query gaps (a={cfg.power_a}), "
           f"{cfg.num_layers} layers, {cfg.num_heads} heads, {cfg.steps} AdamW steps of {cfg.batch} sequences "
           f"(lr {cfg.learning_rate}), "
           + ("one model per width and seed trained on batches mixing every pair count in equal parts"
              if cfg.mix else "one model per pair count")
           + f", accuracy at the query positions of {cfg.eval_batches * cfg.batch} held-out "
-          f"sequences, mean{' ± std' if spread is not None else ''} over {cfg.seeds} seed(s). local: window "
+          f"sequences, mean{' (min–max)' if spread is not None else ''} over {cfg.seeds} seed(s). local: window "
           f"{cfg.window}, block {cfg.block_size}; block_sparse: local | strided (stride {cfg.stride} blocks). "
-          f"On {jax.devices()[0].device_kind} (jax {jax.__version__}), {seconds:.0f} s."
+          f"On {where}, {seconds:.0f} s."
           + ("" if np.isfinite(grid).all() else
              f" Partial: {int(np.isfinite(grid).sum())} of {grid.size} cells measured (– : not run).")
           + "\n"
@@ -328,7 +332,7 @@ def to_markdown(cfg: Config, grid: np.ndarray, runs: list[dict], seconds: float)
     lines = [f"\n### width {width}\n", "| family | " + " | ".join(f"{n} pairs" for n in cfg.num_kv_pairs) + " |",
              "|---|" + "---:|" * len(cfg.num_kv_pairs)]
     for f, family in enumerate(cfg.families):
-      cells = [_cell(mean[f, w, i], 3) + (f" ± {spread[f, w, i]:.3f}" if spread is not None
+      cells = [_cell(mean[f, w, i], 3) + (f" ({lo[f, w, i]:.2f}–{hi[f, w, i]:.2f})" if spread is not None
                                           and np.isfinite(spread[f, w, i]) else "")
                for i in range(len(cfg.num_kv_pairs))]
       lines.append(f"| {family} | " + " | ".join(cells) + " |")
@@ -351,8 +355,9 @@ def plot(cfg: Config, grid: np.ndarray, path: pathlib.Path) -> None:
     ax = axes[0, w]
     for f, family in enumerate(cfg.families):
       acc = grid[f, w]  # [num_kv_pairs, seed]
-      err = acc.std(axis=-1, ddof=1) / np.sqrt(cfg.seeds) if cfg.seeds > 1 else None
-      ax.errorbar(x, acc.mean(axis=-1), yerr=err, marker="o", markersize=4, capsize=2, label=family)
+      (line,) = ax.plot(x, acc.mean(axis=-1), marker="o", markersize=4, label=family)
+      if cfg.seeds > 1:  # outcomes are often all-or-nothing per seed: show the range, not a standard error
+        ax.fill_between(x, acc.min(axis=-1), acc.max(axis=-1), color=line.get_color(), alpha=0.15)
     ax.set(xscale="log", title=f"width {width}", xlabel="key-value pairs", ylim=(-0.02, 1.02))
     ax.set_xticks(x, [str(n) for n in x])
     ax.minorticks_off()
@@ -360,42 +365,98 @@ def plot(cfg: Config, grid: np.ndarray, path: pathlib.Path) -> None:
   axes[0, 0].set_ylabel("query accuracy (held out)")
   axes[0, -1].legend(fontsize=8)
   fig.suptitle(f"MQAR, T={cfg.seq_len}, vocab {cfg.vocab_size}, {cfg.steps} steps"
-               + (f" (mean ± s.e. over {cfg.seeds} seeds)" if cfg.seeds > 1 else ""))
+               + (f" (mean; band: min–max over {cfg.seeds} seeds)" if cfg.seeds > 1 else ""))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
+def write_outputs(cfg: Config, runs: list[dict], seconds: float, out_dir: pathlib.Path, *, device: str,
+                  jax_version: str) -> dict:
+  """Writes `mqar.json`, `mqar.md` and `mqar.png` for `runs` (cells not run yet are null / –)."""
+  grid = accuracy_grid(cfg, runs)
+  result = dict(
+      config=dataclasses.asdict(cfg),
+      device=device,
+      jax_version=jax_version,
+      seconds=seconds,
+      complete=bool(np.isfinite(grid).all()),
+      skipped=SKIPPED,
+      data=dict(keys="[1, vocab_size // 2)", values="[vocab_size // 2, vocab_size)", filler=FILLER,
+                query_positions=f"power law p(gap) ∝ gap**(power_a - 1), power_a={cfg.power_a}",
+                held_out=f"data seed + {EVAL_SEED_OFFSET}"),
+      axes=dict(family=list(cfg.families), width=list(cfg.widths), num_kv_pairs=list(cfg.num_kv_pairs),
+                seed=list(range(cfg.seeds))),
+      # [family, width, num_kv_pairs, seed]; null where not (yet) run
+      accuracy=np.where(np.isfinite(grid), grid, None).tolist(),
+      runs=runs,
+  )
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "mqar.json").write_text(json.dumps(result, indent=1))
+  (out_dir / "mqar.md").write_text(to_markdown(cfg, grid, runs, seconds, f"{device} (jax {jax_version})"))
+  plot(cfg, grid, out_dir / "mqar.png")
+  return result
+
+
+MERGE_FREE = ("seed", "seeds", "run", "out_dir")  # config fields that may differ between merged sweeps
+
+
+def merge(dirs: list[str], run: str, out_dir: str) -> dict:
+  """One result from sweeps of the same settings with other seeds (`--seed`), e.g. run on separate machines."""
+  results = []
+  for d in dirs:
+    path = pathlib.Path(d) / "mqar.json"
+    if not path.is_file():
+      raise SystemExit(f"merge: no {path}")
+    results.append(json.loads(path.read_text()))
+  base = {k: v for k, v in results[0]["config"].items() if k not in MERGE_FREE}
+  for d, res in zip(dirs[1:], results[1:]):
+    other = {k: v for k, v in res["config"].items() if k not in MERGE_FREE}
+    if other != base:
+      diff = sorted(k for k in base.keys() | other.keys() if base.get(k) != other.get(k))
+      raise SystemExit(f"merge: {d} was run with other settings than {dirs[0]}: {diff}")
+    if not res.get("complete", True):
+      raise SystemExit(f"merge: {d} is a partial sweep")
+  runs, offset = [], 0
+  for res in results:
+    for r in res["runs"]:
+      init, data = r.get("init_seed", r["seed"]), r.get("data_seed", res["config"]["seed"] + r["seed"])
+      runs.append(dict(r, seed=offset + r["seed"], init_seed=init, data_seed=data))
+    offset += res["config"]["seeds"]
+  pairs = {(r["family"], r["width"], r["num_kv_pairs"], r["init_seed"], r["data_seed"]) for r in runs}
+  if len(pairs) != len(runs):
+    raise SystemExit("merge: two sweeps trained the same model with the same seeds")
+  fields = {f.name: tuple(v) if isinstance(v, list) else v
+            for f in dataclasses.fields(Config) if (v := results[0]["config"].get(f.name)) is not None}
+  cfg = Config(**{**fields, "seeds": offset, "run": run, "out_dir": out_dir})
+  devices = sorted({res["device"] for res in results})
+  versions = sorted({res["jax_version"] for res in results})
+  result = write_outputs(cfg, runs, sum(res["seconds"] for res in results), pathlib.Path(out_dir) / run,
+                         device=" + ".join(devices), jax_version=" + ".join(versions))
+  print("\n".join(headline(cfg, accuracy_grid(cfg, runs))))
+  print(f"merged {len(dirs)} sweeps ({offset} seeds) into {pathlib.Path(out_dir) / run}")
+  return result
+
+
 def main(argv: list[str] | None = None) -> dict:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ["merge"]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="mqar.py merge", description=merge.__doc__)
+    parser.add_argument("dirs", nargs="+", help="result folders holding mqar.json, same settings, other --seed")
+    parser.add_argument("--run", default="mqar_merged")
+    parser.add_argument("--out-dir", default="results")
+    args = parser.parse_args(argv[1:])
+    return merge(args.dirs, args.run, args.out_dir)
   cfg = parse_args(argv)
   print("skipping " + "; ".join(f"{name}: {why}" for name, why in SKIPPED.items()))
   start = time.perf_counter()
   out_dir = pathlib.Path(cfg.out_dir) / cfg.run
-  out_dir.mkdir(parents=True, exist_ok=True)
 
   def write(runs: list[dict]) -> dict:
-    seconds = time.perf_counter() - start
-    grid = accuracy_grid(cfg, runs)
-    result = dict(
-        config=dataclasses.asdict(cfg),
-        device=jax.devices()[0].device_kind,
-        jax_version=jax.__version__,
-        seconds=seconds,
-        complete=bool(np.isfinite(grid).all()),
-        skipped=SKIPPED,
-        data=dict(keys="[1, vocab_size // 2)", values="[vocab_size // 2, vocab_size)", filler=FILLER,
-                  query_positions=f"power law p(gap) ∝ gap**(power_a - 1), power_a={cfg.power_a}",
-                  held_out=f"data seed + {EVAL_SEED_OFFSET}"),
-        axes=dict(family=list(cfg.families), width=list(cfg.widths), num_kv_pairs=list(cfg.num_kv_pairs),
-                  seed=list(range(cfg.seeds))),
-        # [family, width, num_kv_pairs, seed]; null where not (yet) run
-        accuracy=np.where(np.isfinite(grid), grid, None).tolist(),
-        runs=runs,
-    )
-    (out_dir / "mqar.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "mqar.md").write_text(to_markdown(cfg, grid, runs, seconds))
-    plot(cfg, grid, out_dir / "mqar.png")
-    return result
+    return write_outputs(cfg, runs, time.perf_counter() - start, out_dir, device=jax.devices()[0].device_kind,
+                         jax_version=jax.__version__)
 
   result = write(sweep(cfg, on_model_done=write))
   print("\n".join(headline(cfg, accuracy_grid(cfg, result["runs"]))))

@@ -92,3 +92,21 @@ def test_training_steps_per_call_do_not_change_the_result():
     assert a["steps"] == b["steps"] == 6
     np.testing.assert_allclose(a["final_train_loss"], b["final_train_loss"], rtol=1e-5)
     np.testing.assert_allclose(a["eval_loss"], b["eval_loss"], rtol=1e-5)
+
+
+def test_merge_joins_sweeps_of_other_seeds_and_refuses_other_settings(tmp_path):
+  common = ["--smoke", "--families", "softmax", "--steps", "3", "--out-dir", str(tmp_path)]
+  a = mqar.main([*common, "--seed", "0", "--run", "a"])
+  b = mqar.main([*common, "--seed", "5", "--run", "b"])
+  merged = mqar.main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--run", "ab", "--out-dir", str(tmp_path)])
+  assert merged["config"]["seeds"] == 2 and merged["axes"]["seed"] == [0, 1]
+  accuracy = np.asarray(merged["accuracy"])  # [family, width, pairs, seed]
+  np.testing.assert_array_equal(accuracy[..., 0], np.asarray(a["accuracy"])[..., 0])
+  np.testing.assert_array_equal(accuracy[..., 1], np.asarray(b["accuracy"])[..., 0])
+  assert sorted({r["data_seed"] for r in merged["runs"]}) == [0, 5]
+  assert (tmp_path / "ab" / "mqar.png").exists()
+  with pytest.raises(SystemExit, match="same seeds"):
+    mqar.main(["merge", str(tmp_path / "a"), str(tmp_path / "a"), "--out-dir", str(tmp_path)])
+  mqar.main([*common, "--seed", "1", "--steps", "4", "--run", "c"])
+  with pytest.raises(SystemExit, match="steps"):
+    mqar.main(["merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out-dir", str(tmp_path)])
