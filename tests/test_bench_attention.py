@@ -33,6 +33,23 @@ def test_families_suite_times_every_family(tmp_path):
   assert (out / "families.png").stat().st_size > 10_000
 
 
+def test_crossover_is_the_first_length_from_which_a_family_stays_faster_than_exact():
+  bench = load_experiment("bench_attention")
+
+  def row(family, t, ms, status="ok"):
+    return dict(family=family, seq_len=t, fwd_bwd_ms=ms, status=status)
+
+  rows = [row("softmax-xla", 1, 1.0), row("softmax-cudnn", 1, 0.5), row("linear", 1, 0.4), row("favor", 1, 2.0),
+          row("softmax-xla", 2, 4.0), row("softmax-cudnn", 2, 1.0), row("linear", 2, 1.5), row("favor", 2, 3.0),
+          row("softmax-xla", 4, None, "OOM"), row("softmax-cudnn", 4, 4.0), row("linear", 4, 3.0),
+          row("favor", 4, 5.0),
+          row("softmax-xla", 8, None, "OOM"), row("softmax-cudnn", 8, None, "OOM"), row("linear", 8, 6.0),
+          row("favor", 8, 9.0)]
+  # linear: faster at 1, slower at 2, faster from 4 on; favor: faster only once exact runs out of memory.
+  assert bench.crossovers(rows) == {"favor": 8, "linear": 4}
+  assert bench.crossovers(rows[:8]) == {"favor": None, "linear": None}
+
+
 def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
   bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "block_sparse", "--out-dir", str(tmp_path), "--run", "bs"])
