@@ -23,7 +23,7 @@ that mix every pair count in equal parts and is then evaluated on each count
 (`--no-mix`: one model per pair count instead). Linformer is left out: it has no causal form, so its model would
 see the value it has to predict. Writes `results/<run>/{mqar.json,mqar.md,mqar.png}`.
 
-    python experiments/mqar.py                     # CPU-sized defaults, about 7 minutes on 2 cores
+    python experiments/mqar.py                     # CPU-sized defaults, about 3 minutes on 2 cores
     python experiments/mqar.py --smoke             # tiny sizes, seconds
     python experiments/mqar.py --preset gpu --run mqar_gpu   # GPU sizes, about 6.5 minutes on an H100
     python experiments/mqar.py merge results/a results/b --run ab   # sweeps with other --seed, as one
