@@ -782,10 +782,7 @@ def plot(speed_rows: list[dict], path: pathlib.Path) -> None:
     for name in IMPLS:
       pts = [(r["seq_len"], r["tflops"][name]) for r in rows if name in r["tflops"]]
       if pts:
-        label = name
-        if key == "fwd_bwd_ms" and name in cross:
-          label += f" (< exact from T={cross[name]})" if cross[name] else " (never < exact)"
-        ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if name.startswith("softmax") else "-")
+        ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_title(f"H={h} {'causal' if c else 'full'} {p}")
     ax.set_xlabel("T")

@@ -326,7 +326,7 @@ def to_markdown(cfg: Config, grid: np.ndarray, runs: list[dict], seconds: float,
           + ("" if np.isfinite(grid).all() else
              f" Partial: {int(np.isfinite(grid).sum())} of {grid.size} cells measured (– : not run).")
           + "\n"
-          f"Skipped: " + "; ".join(f"{name} ({why})" for name, why in SKIPPED.items()) + ".\n")
+          "Skipped: " + "; ".join(f"{name} ({why})" for name, why in SKIPPED.items()) + ".\n")
   parts = [head]
   for w, width in enumerate(cfg.widths):
     lines = [f"\n### width {width}\n", "| family | " + " | ".join(f"{n} pairs" for n in cfg.num_kv_pairs) + " |",
