@@ -98,6 +98,7 @@ class _Pass:
   segments: bool  # run labels restrict sums to one run
   chunk: int
   span: int  # time steps per program, a multiple of chunk
+  spans: int  # programs along time (the padded length over span)
   block_c: int
   a_group: int  # grid heads per head of a (and alpha)
   b_group: int  # grid heads per head of b, c (and beta)
@@ -113,6 +114,7 @@ class _Static:
 
   chunk: int
   span: int
+  spans: int
   block_c: int
   group: int
   segments: bool
@@ -123,7 +125,7 @@ class _Static:
 
   def pass_(self, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int) -> _Pass:
     return _Pass(reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
-                 span=self.span, block_c=self.block_c, a_group=a_group, b_group=b_group,
+                 span=self.span, spans=self.spans, block_c=self.block_c, a_group=a_group, b_group=b_group,
                  interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages,
                  precision=self.precision)
 
@@ -177,7 +179,7 @@ def causal_linear_attention(
     span_chunks = -(-num_chunks // min(wanted_spans, num_chunks))
   span = min(span_chunks, num_chunks) * chunk
   t_pad = -(-t // span) * span
-  static = _Static(chunk=chunk, span=span, block_c=block_c, group=dims.group, segments=ids is not None,
+  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_c, group=dims.group, segments=ids is not None,
                    interpret=bool(interpret), num_warps=block_sizes.num_warps,
                    num_stages=block_sizes.num_stages,
                    precision=lax.Precision.HIGHEST if phi_q.dtype == jnp.float32 else None)
@@ -265,7 +267,6 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
   if not p.interpret:
     from jax.experimental.pallas import triton as pltriton
     params["compiler_params"] = pltriton.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
-  s0, z0, w0 = _span_states(_span_sums(b, c, beta, labels, p, params), labels, p)
   a_head = lambda n: n // p.a_group
   b_head = lambda n: n // p.b_group
   in_specs = [
@@ -281,14 +282,21 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
   if p.segments:
     in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
     args.append(labels)
-  in_specs.append(pl.BlockSpec((None, None, None, d, bc), lambda i, n, s, j: (i, s, b_head(n), 0, j)))
-  args.append(s0)
-  if p.rowsum:
-    in_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, n, s, j: (i, s, b_head(n), 0, 0)))
-    args.append(z0)
-  if p.bias:
-    in_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, n, s, j: (i, s, b_head(n), 0, j)))
-    args.append(w0)
+  if spans > 1:
+    # Every span's sums (S, then Z with rowsum, W with bias) and, with segments,
+    # the run each span hands on; the kernel adds up those that reach its span.
+    sums = _span_sums(b, c, beta, labels, p, params)
+    p_pad = sums[0].shape[1]
+    in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+    if p.rowsum:
+      in_specs.append(pl.BlockSpec((None, p_pad, None, d, _VEC), lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
+    if p.bias:
+      in_specs.append(pl.BlockSpec((None, p_pad, None, _VEC, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+    args += sums
+    if p.segments:
+      runs = labels.reshape(batch, spans, p.span)[:, :, 0 if p.reverse else -1]
+      in_specs.append(pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
+      args.append(jnp.pad(runs, ((0, 0), (0, p_pad - spans))))
   out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
   out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), jnp.float32)]
   if p.rowsum:
@@ -309,9 +317,9 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
 def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   """Per-span sums of the keys that a span hands on, in the pass's direction of time.
 
-  Returns float32 `[S [B, P, Hb, D, E]]`, then `Z [B, P, Hb, D, 16]` (with
-  `p.rowsum`) and `W [B, P, Hb, 16, E]` (with `p.bias`), the vectors in column /
-  row 0 (see `_kernel`). With segments only the keys of the span's last run
+  Returns float32 `[S [B, P', Hb, D, E]]`, then `Z [B, P', Hb, D, 16]` (with
+  `p.rowsum`) and `W [B, P', Hb, 16, E]` (with `p.bias`), the vectors in column /
+  row 0 (see `_kernel`); P' is the number of spans rounded up to a power of two. With segments only the keys of the span's last run
   (first, in reverse) count: earlier runs end inside the span.
   """
   batch, t_pad, hb, d = b.shape
@@ -327,14 +335,16 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   if p.segments:
     in_specs.append(pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
     args.append(labels)
+  # The span axis is padded to a power of two; the padding is never read.
+  p_pad = _pow2_at_least(spans, 1)
   out_specs = [pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, spans, hb, d, e), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((batch, p_pad, hb, d, e), jnp.float32)]
   if p.rowsum:
     out_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, spans, hb, d, _VEC), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, d, _VEC), jnp.float32))
   if p.bias:
     out_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, spans, hb, _VEC, e), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, _VEC, e), jnp.float32))
   return pl.pallas_call(
       functools.partial(_sums_kernel, p=p),
       grid=(batch, hb, spans, e // bc),
@@ -347,43 +357,6 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   )(*args)
 
 
-def _span_states(local: list[jax.Array], labels, p: _Pass):
-  """States entering each span from the per-span sums `local` (see `_span_sums`).
-
-  Returns `s0`, and `z0` (with `p.rowsum`), `w0` (with `p.bias`), shaped as the
-  sums; None where unused. A span's state holds only keys of the run its first
-  step (in the pass's direction) belongs to: zero when the span starts a run.
-  """
-  batch, spans = local[0].shape[:2]
-  lab = None if labels is None else labels.reshape(batch, spans, p.span)
-  if p.reverse:
-    local = [jnp.flip(x, axis=1) for x in local]
-    lab = None if lab is None else jnp.flip(lab, axis=(1, 2))
-  exclusive = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
-  if lab is None:
-    states = [exclusive(jnp.cumsum(x, axis=1)) for x in local]
-  else:
-    first, last = lab[:, :, 0], lab[:, :, -1]
-    # [B, P]: the run the state entering span p belongs to (span p - 1's last run).
-    before = jnp.concatenate([first[:, :1], last[:, :-1]], axis=1)
-    keep = (last == before).astype(jnp.float32)
-    starts = (first == before).astype(jnp.float32)
-    states = []
-    for x in local:
-      expand = lambda y: y.reshape(y.shape + (1,) * (x.ndim - 2))  # noqa: B023
-      # state_{p+1} = keep_p * state_p + local_p, an associative scan over
-      # (keep, local) pairs (Blelloch 1990, "Prefix sums and their applications").
-      _, inclusive = lax.associative_scan(
-          lambda u, w: (u[0] * w[0], w[0] * u[1] + w[1]), (expand(keep), x), axis=1)
-      states.append(exclusive(inclusive) * expand(starts))
-  if p.reverse:
-    states = [jnp.flip(x, axis=1) for x in states]
-  s0 = states.pop(0)
-  z0 = states.pop(0) if p.rowsum else None
-  w0 = states.pop(0) if p.bias else None
-  return s0, z0, w0
-
-
 # --------------------------------------------------------------------------- #
 # the kernel
 # --------------------------------------------------------------------------- #
@@ -393,8 +366,15 @@ def _kernel(*refs, p: _Pass):
   """One program: a span of `p.span` steps, a block of `bc` output columns.
 
   Refs, in order: a `[L, D]`, b `[L, D]`, c `[L, bc]`, alpha `[L]`, beta `[L]`
-  (bias), labels `[L]` (segments), s0 `[D, bc]`, z0 `[D, 16]` (rowsum), w0
-  `[16, bc]` (bias); outputs o `[L, bc]`, den `[L]` (rowsum).
+  (bias), labels `[L]` (segments); with more than one span, every span's sums
+  S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
+  run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
+  (rowsum).
+
+  The state entering the span is the sum of the spans before it (after it, in
+  reverse) whose handed-on run is the run of the span's first step: labels do
+  not decrease, so those spans lie inside that run (the span sums only hold
+  keys of the run they hand on).
 
   The vector states `z = sum_s b_s` and `w = sum_s beta_s c_s` live in column /
   row 0 of `[D, 16]` / `[16, bc]` blocks (the rest is 0), so that their updates
@@ -407,7 +387,9 @@ def _kernel(*refs, p: _Pass):
   a_ref, b_ref, c_ref = take(True), take(True), take(True)
   alpha_ref, beta_ref = take(p.bias), take(p.bias)
   lab_ref = take(p.segments)
-  s0_ref, z0_ref, w0_ref = take(True), take(p.rowsum), take(p.bias)
+  states = p.spans > 1
+  s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
+  runs_ref = take(states and p.segments)
   o_ref, den_ref = take(True), take(p.rowsum)
   f32 = jnp.float32
   size = p.chunk
@@ -468,13 +450,28 @@ def _kernel(*refs, p: _Pass):
       w = keep * w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
     return s, z, w, label
 
-  s = s0_ref[...]
-  z = z0_ref[...] if p.rowsum else f32(0.0)
-  w = w0_ref[...] if p.bias else f32(0.0)
+  d, bc = a_ref.shape[1], c_ref.shape[1]
+  s = jnp.zeros((d, bc), f32)
+  z = jnp.zeros((d, _VEC), f32) if p.rowsum else f32(0.0)
+  w = jnp.zeros((_VEC, bc), f32) if p.bias else f32(0.0)
   label = jnp.int32(0)
   if p.segments:
-    # The run of the span's first step in the pass's direction (s0 is zero if it starts there).
+    # The run of the span's first step in the pass's direction.
     label = jnp.max(lab_ref[pl.ds(p.span - size, size)]) if p.reverse else jnp.min(lab_ref[pl.ds(0, size)])
+  if states:
+    me = pl.program_id(2)
+
+    def gather(q, carry):
+      s, z, w = carry
+      weight = (runs_ref[q] == label).astype(f32) if p.segments else f32(1.0)
+      s = s + weight * s_sums[q]
+      if p.rowsum:
+        z = z + weight * z_sums[q]
+      if p.bias:
+        w = w + weight * w_sums[q]
+      return s, z, w
+
+    s, z, w = lax.fori_loop(me + 1, p.spans, gather, (s, z, w)) if p.reverse else lax.fori_loop(0, me, gather, (s, z, w))
   lax.fori_loop(0, num_chunks, body, (s, z, w, label))
 
 

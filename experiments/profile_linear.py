@@ -1,0 +1,170 @@
+"""Where the time of causal FAVOR+ goes: per-kernel GPU time from a device trace.
+
+For each (H, M, T) case and implementation (`pallas`, `xla`, and cuDNN exact causal
+attention for scale) it compiles forward+backward (as `bench_attention.py --suite
+linear` does: B1, N heads, bf16), warms up, traces `--calls` calls with
+`jax.profiler`, and reads the GPU kernels back from the trace: per call, the wall
+time on the host, the GPU busy time (union of kernel intervals), the number of
+kernel launches, and the kernels grouped by name (the Pallas kernels by their
+`pallas_call` name, XLA's by fusion name).
+
+    python experiments/profile_linear.py --run h100/linear_profile
+    python experiments/profile_linear.py --cases 64,128,16384 128,256,4096 --impls pallas
+
+Writes `results/<run>/profile.{json,md}`, rewritten after every case. Needs a GPU
+(the trace of a CPU run holds no device kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_attention import compile_pass, inputs, linear_fn  # noqa: E402
+
+IMPLS = ("pallas", "xla", "cudnn")
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+  try:
+    h, m, t = (int(x) for x in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"a case is H,M,T (three ints), got {text!r}") from None
+  if min(h, m, t) <= 0:
+    raise argparse.ArgumentTypeError(f"H, M and T must be positive, got {text!r}")
+  return h, m, t
+
+
+def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
+  """(name, start_ns, end_ns) of every kernel on the GPU planes' stream lines."""
+  from jax.profiler import ProfileData
+
+  events = []
+  for plane in ProfileData.from_file(xplane).planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      # "Stream #N(...)" lines hold the kernels; "XLA Modules" / "XLA Ops" are summaries.
+      if not line.name.startswith("Stream"):
+        continue
+      events += [(e.name, int(e.start_ns), int(e.end_ns)) for e in line.events]
+  return events
+
+
+def busy_ns(events: list[tuple[str, int, int]]) -> int:
+  """Length of the union of the kernels' intervals."""
+  total, end = 0, None
+  for _, s, e in sorted(events, key=lambda x: x[1]):
+    if end is None or s >= end:
+      total += e - s
+      end = e
+    elif e > end:
+      total += e - end
+      end = e
+  return total
+
+
+def profile(fn, args, calls: int, warmup: int) -> dict:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  walls = []
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        walls.append(time.perf_counter() - start)
+    files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    if len(files) != 1:
+      raise RuntimeError(f"expected one trace file under {tmp}, found {files}")
+    events = kernel_events(files[0])
+  if not events:
+    raise RuntimeError("the trace holds no GPU kernels (is this a GPU run?)")
+  by_name: dict[str, list[int]] = collections.defaultdict(list)
+  for name, s, e in events:
+    by_name[name].append(e - s)
+  kernels = sorted(({"name": n, "launches": len(d) / calls, "us": sum(d) / calls / 1e3} for n, d in by_name.items()),
+                   key=lambda k: -k["us"])
+  return {"wall_ms": 1e3 * statistics.median(walls), "busy_ms": busy_ns(events) / calls / 1e6,
+          "kernel_ms": sum(k["us"] for k in kernels) / 1e3, "launches": len(events) / calls, "kernels": kernels}
+
+
+def group(name: str) -> str:
+  """Coarse class of a kernel name for the summary table."""
+  if name.startswith("linear_attention_span_sums"):
+    return "span sums"
+  if name.startswith("linear_attention"):
+    return "main kernels"
+  if "cudnn" in name.lower() or "sm90" in name or "flash" in name.lower():
+    return "cuDNN"
+  if "gemm" in name or "cutlass" in name or "dot" in name:
+    return "matmuls"
+  return "other XLA"
+
+
+def markdown(rows: list[dict], header: str, top: int) -> str:
+  out = [f"# {header}", "",
+         "Per call of forward+backward; GPU time from the device trace. `busy` is the union of kernel intervals,",
+         "`wall` the host time around one call (launch and dispatch included).", "",
+         "| H | M | T | impl | wall ms | busy ms | launches | main kernels | span sums | matmuls | other XLA | cuDNN |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    g = collections.Counter()
+    for k in r["kernels"]:
+      g[group(k["name"])] += k["us"] / 1e3
+    out.append(f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['impl']} | {r['wall_ms']:.3g} | "
+               f"{r['busy_ms']:.3g} | {r['launches']:.0f} | " +
+               " | ".join(f"{g[c]:.3g}" for c in ("main kernels", "span sums", "matmuls", "other XLA", "cuDNN")) + " |")
+  for r in rows:
+    out += ["", f"## H={r['head_dim']} M={r['num_features']} T={r['seq_len']} {r['impl']}: top {top} kernels", "",
+            "| kernel | launches | µs |", "|---|---|---|"]
+    out += [f"| `{k['name'][:90]}` | {k['launches']:g} | {k['us']:.1f} |" for k in r["kernels"][:top]]
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", type=parse_case, nargs="+",
+                      default=[(64, 128, 16384), (128, 256, 16384), (128, 256, 4096)], help="H,M,T triples")
+  parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+  parser.add_argument("--num-heads", type=int, default=8)
+  parser.add_argument("--calls", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--run", default="linear_profile")
+  args = parser.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    parser.error("needs a GPU: a CPU trace holds no device kernels")
+  import efficient_attention as ea
+
+  out = pathlib.Path("results") / args.run
+  out.mkdir(parents=True, exist_ok=True)
+  header = (f"Causal FAVOR+ forward+backward per kernel — {jax.devices()[0].device_kind}, JAX {jax.__version__}, "
+            f"bfloat16, B1 N{args.num_heads}")
+  rows = []
+  for h, m, t in tqdm(args.cases, desc="cases"):
+    features = ea.orthogonal_random_features(jax.random.key(1), m, h)
+    qkvd = inputs(jax.random.key(3), 1, t, args.num_heads, h, jnp.bfloat16)
+    for impl in args.impls:
+      fn = compile_pass(linear_fn(impl, features), True, True)
+      rows.append({"head_dim": h, "num_features": m, "seq_len": t, "impl": impl,
+                   **profile(fn, qkvd, args.calls, args.warmup)})
+      (out / "profile.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+      (out / "profile.md").write_text(markdown(rows, header, args.top))
+  print((out / "profile.md").read_text())
+
+
+if __name__ == "__main__":
+  main()
