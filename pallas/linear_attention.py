@@ -106,6 +106,7 @@ class _Pass:
   num_warps: int
   num_stages: int
   precision: Any = None
+  out_dtype: Any = jnp.float32  # of o (a gradient summed over no GQA group is written in the input dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +124,12 @@ class _Static:
   num_stages: int
   precision: Any = None
 
-  def pass_(self, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int) -> _Pass:
+  def pass_(self, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int,
+            out_dtype: Any = jnp.float32) -> _Pass:
     return _Pass(reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
                  span=self.span, spans=self.spans, block_c=self.block_c, a_group=a_group, b_group=b_group,
                  interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages,
-                 precision=self.precision)
+                 precision=self.precision, out_dtype=jnp.dtype(out_dtype))
 
 
 def causal_linear_attention(
@@ -228,11 +230,13 @@ def _core_bwd(static: _Static, residuals, cotangents):
   d_den = jnp.sum(d_den, axis=2)
   d_num = d_num.astype(q.dtype)
   ones = jnp.ones((b, kh, t_pad), jnp.float32)
-  fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g)
+  fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
   dq = _run(d_num, v, k, d_den, ones, labels, fwd)[0]
-  rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1)
+  # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
+  rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
+                     out_dtype=k.dtype if g == 1 else jnp.float32)
   dk = _sum_group(_run(v, d_num, q, ones, d_den, labels, rev)[0], kh)
-  rev = dataclasses.replace(rev, bias=False)
+  rev = dataclasses.replace(rev, bias=False, out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
   dv = _sum_group(_run(k, q, d_num, None, None, labels, rev)[0], kh)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -255,8 +259,8 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
   """One pass over `a [B, T, Ha, D]`, `b [B, T, Hb, D]`, `c [B, T, Hb, E]`.
 
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
-  `p.segments`). Returns float32 `o [B, T, Ho, E]`, Ho = max(Ha, Hb), and, with
-  `p.rowsum`, `den [B, Ho, J, T]` (one copy per column block).
+  `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb), and,
+  with `p.rowsum`, float32 `den [B, Ho, J, T]` (one copy per column block).
   """
   batch, t_pad, ha, d = a.shape
   hb, e = b.shape[2], c.shape[3]
@@ -298,7 +302,7 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
       in_specs.append(pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
       args.append(jnp.pad(runs, ((0, 0), (0, p_pad - spans))))
   out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)]
   if p.rowsum:
     out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))

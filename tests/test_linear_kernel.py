@@ -19,6 +19,7 @@ from pallas import (
   causal_linear_attention,
   causal_linear_attention_reference,
 )
+from pallas.favor_features import positive_features, positive_features_reference
 from tests import util
 
 
@@ -144,3 +145,59 @@ def test_favor_matches_xla_on_floored_keys():
   chex.assert_trees_all_close(got[0], want[0], atol=1e-4, rtol=1e-4)
   d_out = util.normal(got[0].shape)
   chex.assert_trees_all_close(got[1](d_out), want[1](d_out), atol=1e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype, b, t, n, kh, h, m",
+    [
+        (jnp.float32, 2, 37, 4, 2, 8, 20),  # odd T (a ragged time block), GQA, M not a power of two
+        (jnp.float32, 1, 64, 2, 2, 16, 16),  # whole time blocks
+        (jnp.bfloat16, 1, 33, 2, 1, 8, 16),
+    ],
+)
+def test_positive_features_value_and_grad_vs_f64(dtype, b, t, n, kh, h, m):
+  q, k = util.normal((b, t, n, h), dtype), util.normal((b, t, kh, h), dtype)
+  w = _features(m, h)
+  scale = h**-0.5
+  fn = lambda q, k, w: positive_features(q, k, w, scale=scale)
+  ref = lambda q, k, w: positive_features_reference(q, k, w, scale=scale)
+  (phi_q, phi_k), pull = jax.vjp(fn, q, k, w)
+  m_pad = max(16, 1 << (m - 1).bit_length())
+  chex.assert_shape([phi_q, phi_k], [(b, t, n, m_pad), (b, t, kh, m_pad)])
+  assert phi_q.dtype == phi_k.dtype == dtype
+  # Padding columns are exactly zero; live ones positive.
+  assert not np.any(np.asarray(phi_q[..., m:], np.float32)) and not np.any(np.asarray(phi_k[..., m:], np.float32))
+  assert np.all(np.asarray(phi_q[..., :m], np.float32) > 0) and np.all(np.asarray(phi_k[..., :m], np.float32) > 0)
+  d_q, d_k = util.normal(phi_q.shape, dtype), util.normal(phi_k.shape, dtype)
+  grads = pull((d_q, d_k))
+  with jax.enable_x64(True):
+    args64 = util.f64((q, k, w))
+    want, pull64 = jax.vjp(ref, *args64)
+    want_grads = pull64(util.f64((d_q, d_k)))
+  tol = util.TOL[dtype]
+  for name, got, ref_value in [("phi_q", phi_q, want[0]), ("phi_k", phi_k, want[1]), ("dq", grads[0], want_grads[0]),
+                               ("dk", grads[1], want_grads[1]), ("dw", grads[2], want_grads[2])]:
+    got, ref_value = np.asarray(got, np.float64), np.asarray(ref_value)
+    chex.assert_trees_all_close(got, ref_value, rtol=tol["rtol"], atol=tol["atol"] * np.abs(ref_value).max(),
+                                custom_message=name)
+    assert util.relative_error(got, ref_value) <= util.NORM_TOL[dtype], name
+
+
+@pytest.mark.parametrize(
+    "dtype, b, t, n, kh, h, segments",
+    [
+        (jnp.float32, 2, 37, 4, 2, 8, True),  # odd T, GQA, packed runs: Pallas features end to end
+        (jnp.bfloat16, 1, 48, 2, 2, 16, False),
+    ],
+)
+def test_favor_pallas_features_vs_f64(dtype, b, t, n, kh, h, segments):
+  q, k, v = util.qkv(b, t, t, n, kh, h, dtype=dtype)
+  opts = {"is_causal": True}
+  if segments:
+    opts["segment_ids"] = util.packed_segment_ids(b, t, 3)
+  w = _features(24, h)
+  fn = lambda q, k, v: ea.favor_attention(q, k, v, w, chunk_size=16, implementation="pallas", **opts)
+  ref = lambda q, k, v: ea.favor_attention_reference(q, k, v, w, **opts)
+  # The features come from the Pallas feature kernels (no key mask).
+  assert "favor_key_features" in util.pallas_call_names(fn, q, k, v)
+  util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype])

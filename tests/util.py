@@ -202,3 +202,14 @@ def load_experiment(name: str):
   sys.modules[name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
+
+
+def pallas_call_names(fn: Callable, *args) -> list[str]:
+  """Names of the `pallas_call`s in `fn`'s jaxpr (nested jaxprs included)."""
+  names = []
+  for eqn in _equations(jax.make_jaxpr(fn)(*args).jaxpr):
+    if eqn.primitive.name == "pallas_call":
+      # "name" (a str) in some JAX versions, "name_and_src_info" (with a .name) in others.
+      name = eqn.params.get("name", eqn.params.get("name_and_src_info"))
+      names.append(str(getattr(name, "name", name)))
+  return names
