@@ -10,9 +10,13 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
 
     python experiments/profile_linear.py --run h100/linear_profile
     python experiments/profile_linear.py --cases 64,128,16384 128,256,4096 --impls pallas
+    python experiments/profile_linear.py --tune-features     # FAVOR+ feature kernels' tiling
 
-Writes `results/<run>/profile.{json,md}`, rewritten after every case. Needs a GPU
-(the trace of a CPU run holds no device kernels).
+Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
+`--tune-features` it instead times `pallas.favor_features.positive_features`
+(forward: the three feature kernels) for every `FeatureBlockSizes` of a grid and
+writes `results/<run>/feature_tune.{json,md}`. Needs a GPU (the trace of a CPU run
+holds no device kernels).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import compile_pass, inputs, linear_fn  # noqa: E402
+from bench_attention import compile_pass, inputs, linear_fn
 
 IMPLS = ("pallas", "xla", "cudnn")
 
@@ -134,6 +138,40 @@ def markdown(rows: list[dict], header: str, top: int) -> str:
   return "\n".join(out) + "\n"
 
 
+def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> None:
+  """Forward time of the feature kernels for every tiling of a small grid, fastest first per case."""
+  import itertools
+
+  from bench_attention import median_time
+
+  import efficient_attention as ea
+  from pallas.favor_features import FeatureBlockSizes, positive_features
+
+  rows = []
+  grid = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2,)))
+  for h, m, t in cases:
+    w = ea.orthogonal_random_features(jax.random.key(1), m, h)
+    q, k = inputs(jax.random.key(3), 1, t, num_heads, h, jnp.bfloat16)[:2]
+    for bt, bm, warps, stages in tqdm(grid, desc=f"H={h} M={m} T={t}"):
+      blocks = FeatureBlockSizes(block_t=bt, block_m=bm, num_warps=warps, num_stages=stages)
+      fn = jax.jit(lambda q, k, blocks=blocks, w=w, h=h: positive_features(q, k, w, scale=h**-0.5, block_sizes=blocks))
+      row = {"head_dim": h, "num_features": m, "seq_len": t, "block_t": bt, "block_m": bm, "num_warps": warps,
+             "num_stages": stages}
+      try:
+        row["us"] = 1e6 * median_time(fn, (q, k), repeats=repeats, warmup=2)
+      except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      rows.append(row)
+    (out / "feature_tune.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| H | M | T | block_t | block_m | warps | stages | µs |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get("us", 1e30))):
+      lines.append(f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
+                   f"{r['num_warps']} | {r['num_stages']} | {r['us']:.1f} |" if "us" in r else
+                   f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
+                   f"{r['num_warps']} | {r['num_stages']} | {r['error']} |")
+    (out / "feature_tune.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", type=parse_case, nargs="+",
@@ -144,6 +182,8 @@ def main(argv=None) -> None:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--run", default="linear_profile")
+  parser.add_argument("--tune-features", action="store_true", help="time the feature kernels' tilings instead")
+  parser.add_argument("--repeats", type=int, default=20, help="calls per median (--tune-features)")
   args = parser.parse_args(argv)
   if jax.default_backend() != "gpu":
     parser.error("needs a GPU: a CPU trace holds no device kernels")
@@ -151,6 +191,10 @@ def main(argv=None) -> None:
 
   out = pathlib.Path("results") / args.run
   out.mkdir(parents=True, exist_ok=True)
+  if args.tune_features:
+    tune_features(args.cases, args.num_heads, out, args.repeats)
+    print((out / "feature_tune.md").read_text())
+    return
   header = (f"Causal FAVOR+ forward+backward per kernel — {jax.devices()[0].device_kind}, JAX {jax.__version__}, "
             f"bfloat16, B1 N{args.num_heads}")
   rows = []

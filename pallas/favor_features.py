@@ -38,17 +38,45 @@ _VEC = 16
 
 
 @dataclasses.dataclass(frozen=True)
+class FeatureBlockSizes:
+  """Tiling of the feature kernels: `block_t` rows per program, feature columns
+  computed `block_m` at a time (capped at the padded feature count)."""
+
+  block_t: int = 64
+  block_m: int = 128
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_t", "block_m"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name}={value!r} must be a power of two >= 16")
+    for name in ("num_warps", "num_stages"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
 class _Static:
   scale: float
   num_features: int  # M, the real number of features (the rest is padding)
   block_t: int
+  block_m: int
   interpret: bool
   num_warps: int
   num_stages: int
 
 
 def positive_features(
-    q: jax.Array, k: jax.Array, w: jax.Array, *, scale: float, block_t: int = 64, interpret: bool | None = None
+    q: jax.Array,
+    k: jax.Array,
+    w: jax.Array,
+    *,
+    scale: float,
+    block_sizes: FeatureBlockSizes | None = None,
+    interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Positive FAVOR+ features of `q [B, T, N, H]` and `k [B, S, K, H]` for `w [M, H]`.
 
@@ -62,16 +90,17 @@ def positive_features(
     raise ValueError(f"positive_features: w must be [M, H={q.shape[3]}], got {w.shape=}")
   if q.dtype != k.dtype or q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise TypeError(f"positive_features: q and k of one dtype among bfloat16, float16, float32, got {q.dtype}, {k.dtype}")
-  if block_t < 16 or block_t & (block_t - 1):
-    raise ValueError(f"positive_features: block_t must be a power of two >= 16, got {block_t=}")
+  if block_sizes is None:
+    block_sizes = FeatureBlockSizes()
+  if not isinstance(block_sizes, FeatureBlockSizes):
+    raise TypeError(f"block_sizes must be a FeatureBlockSizes, got {type(block_sizes).__name__}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   m = w.shape[0]
   m_pad = max(16, 1 << (m - 1).bit_length())
-  # Wide feature rows take shorter time blocks (the [block_t, M'] float32 tile stays in registers).
-  block_t = min(block_t, max(16, 8192 // m_pad))
-  static = _Static(scale=float(scale), num_features=m, block_t=block_t, interpret=bool(interpret),
-                   num_warps=4, num_stages=2)
+  static = _Static(scale=float(scale), num_features=m, block_t=block_sizes.block_t,
+                   block_m=min(block_sizes.block_m, m_pad), interpret=bool(interpret),
+                   num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
   # [M', H]: scaled projection rows, zero rows past M.
   w_s = jnp.pad(w.astype(jnp.float32) * math.sqrt(scale), ((0, m_pad - m), (0, 0)))
   return _features(q, k, w_s, static)
@@ -95,16 +124,23 @@ def _features_bwd(static: _Static, residuals, cotangents):
   q, k, w_s, phi_q, phi_k = residuals
   d_phi_q, d_phi_k = cotangents
   f32 = jnp.float32
+  # The feature cotangents times the features enter the matmuls in the input dtype when it
+  # is 16-bit (the gradients are written in it), float32 otherwise; sums are float32.
+  low = q.dtype if jnp.dtype(q.dtype).itemsize == 2 else f32
   # [B, T, N, M']
-  g_q = d_phi_q.astype(f32) * phi_q.astype(f32)
+  g_q = (d_phi_q.astype(f32) * phi_q.astype(f32)).astype(low)
   # Floored key features carry no gradient (the floor is a constant); their
   # value in the features' dtype marks them.
-  floor = jnp.asarray(math.exp(LOG_FEATURE_FLOOR) / math.sqrt(static.num_features), f32)
-  floor = (floor * (1 + 4 * jnp.finfo(phi_k.dtype).eps)).astype(f32)
-  g_k = jnp.where(phi_k.astype(f32) > floor, d_phi_k.astype(f32) * phi_k.astype(f32), 0.0)
-  dq = jnp.einsum("btnm,mh->btnh", g_q, w_s)
-  dk = jnp.einsum("bsnm,mh->bsnh", g_k, w_s) - static.scale * k.astype(f32) * jnp.sum(g_k, -1, keepdims=True)
-  dw_s = jnp.einsum("btnm,btnh->mh", g_q, q.astype(f32)) + jnp.einsum("bsnm,bsnh->mh", g_k, k.astype(f32))
+  floor = math.exp(LOG_FEATURE_FLOOR) / math.sqrt(static.num_features) * (1 + 4 * float(jnp.finfo(phi_k.dtype).eps))
+  g_k = jnp.where(phi_k.astype(f32) > floor, d_phi_k.astype(f32) * phi_k.astype(f32), 0.0).astype(low)
+  h = w_s.shape[1]
+  dq = jnp.einsum("btnm,mh->btnh", g_q, w_s.astype(low), preferred_element_type=f32)
+  # One matmul gives g w' and, in its last column, sum_m g.
+  w_aug = jnp.concatenate([w_s, jnp.ones((w_s.shape[0], 1), f32)], axis=1).astype(low)
+  gw = jnp.einsum("bsnm,mh->bsnh", g_k, w_aug, preferred_element_type=f32)
+  dk = gw[..., :h] - static.scale * k.astype(f32) * gw[..., h:]
+  dw_s = jnp.einsum("btnm,btnh->mh", g_q, q.astype(low), preferred_element_type=f32) + jnp.einsum(
+      "bsnm,bsnh->mh", g_k, k.astype(low), preferred_element_type=f32)
   return dq.astype(q.dtype), dk.astype(k.dtype), dw_s
 
 
@@ -146,9 +182,8 @@ def _call(kernel, x, w_s, stabiliser, static: _Static, name: str):
   )(*args)
 
 
-def _projection(x_ref, w_ref, static: _Static, length: int):
-  """`[C, M']` float32 `w' x` of the block's rows, the rows' live mask `[C, 1]` and
-  the live-column mask `[1, M']`; rows past the sequence read as 0."""
+def _rows(x_ref, static: _Static, length: int):
+  """The block's rows `[C, H]` in float32 (rows past the sequence read as 0) and their live mask `[C, 1]`."""
   from jax.experimental.pallas import triton as pltriton
 
   c = static.block_t
@@ -158,47 +193,86 @@ def _projection(x_ref, w_ref, static: _Static, length: int):
     x = pltriton.load(x_ref, mask=jnp.broadcast_to(live_rows, x_ref.shape), other=0.0)
   else:
     x = x_ref[...]
-  x = x.astype(jnp.float32)
-  w = w_ref[...]
+  return x.astype(jnp.float32), live_rows
+
+
+def _columns(x, w_ref, j, static: _Static):
+  """`w' x` for the feature columns of block j, `[C, bm]` float32, and the live-column mask `[1, bm]`."""
+  bm = static.block_m
+  w = w_ref[pl.ds(pl.multiple_of(j * bm, bm), bm), :]
   wx = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  cols = lax.broadcasted_iota(jnp.int32, (1, w.shape[0]), 1) < static.num_features
-  return x, wx, live_rows, cols
+  cols = j * bm + lax.broadcasted_iota(jnp.int32, (1, bm), 1) < static.num_features
+  return wx, cols
 
 
-def _store(o_ref, value, live_rows, length: int, c: int):
+def _store(o_ref, j, value, live_rows, static: _Static, length: int):
   from jax.experimental.pallas import triton as pltriton
 
-  if length % c:
-    pltriton.store(o_ref, value.astype(o_ref.dtype), mask=jnp.broadcast_to(live_rows, value.shape))
+  bm = static.block_m
+  at = (slice(None), pl.ds(pl.multiple_of(j * bm, bm), bm))
+  if length % static.block_t:
+    pltriton.store(o_ref.at[at], value.astype(o_ref.dtype), mask=jnp.broadcast_to(live_rows, value.shape))
   else:
-    o_ref[...] = value.astype(o_ref.dtype)
+    o_ref[at] = value.astype(o_ref.dtype)
+
+
+def _num_blocks(w_ref, static: _Static) -> int:
+  return w_ref.shape[0] // static.block_m
 
 
 def _query_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
-  _, wx, live_rows, cols = _projection(x_ref, w_ref, static, length)
-  wx = jnp.where(cols, wx, -jnp.inf)
-  phi = jnp.exp(wx - jnp.max(wx, axis=1, keepdims=True)) * (1.0 / math.sqrt(static.num_features))
-  _store(o_ref, phi, live_rows, length, static.block_t)
+  x, live_rows = _rows(x_ref, static, length)
+  norm = 1.0 / math.sqrt(static.num_features)
+  blocks = _num_blocks(w_ref, static)
+  if blocks == 1:
+    wx, cols = _columns(x, w_ref, 0, static)
+    wx = jnp.where(cols, wx, -jnp.inf)
+    _store(o_ref, 0, jnp.exp(wx - jnp.max(wx, axis=1, keepdims=True)) * norm, live_rows, static, length)
+    return
+
+  # Wide rows: the row maximum over every column block first, then the features block by block.
+  def row_max(j, top):
+    wx, cols = _columns(x, w_ref, j, static)
+    return jnp.maximum(top, jnp.max(jnp.where(cols, wx, -jnp.inf), axis=1))
+
+  top = lax.fori_loop(0, blocks, row_max, jnp.full((static.block_t,), -jnp.inf, jnp.float32))
+
+  def write(j, carry):
+    wx, cols = _columns(x, w_ref, j, static)
+    _store(o_ref, j, jnp.where(cols, jnp.exp(wx - top[:, None]), 0.0) * norm, live_rows, static, length)
+    return carry
+
+  lax.fori_loop(0, blocks, write, 0)
 
 
-def _log_factor(x_ref, w_ref, static: _Static, length: int):
-  x, wx, live_rows, cols = _projection(x_ref, w_ref, static, length)
-  log_factor = wx - (0.5 * static.scale) * jnp.sum(x * x, axis=1, keepdims=True)
-  return log_factor, live_rows, cols
+def _log_factors(x, w_ref, j, static: _Static):
+  wx, cols = _columns(x, w_ref, j, static)
+  return wx - (0.5 * static.scale) * jnp.sum(x * x, axis=1, keepdims=True), cols
 
 
 def _key_max_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
-  log_factor, live_rows, cols = _log_factor(x_ref, w_ref, static, length)
-  top = jnp.max(jnp.where(live_rows & cols, log_factor, -jnp.inf))
+  x, live_rows = _rows(x_ref, static, length)
+
+  def block_max(j, top):
+    log_factor, cols = _log_factors(x, w_ref, j, static)
+    return jnp.maximum(top, jnp.max(jnp.where(live_rows & cols, log_factor, -jnp.inf)))
+
+  top = lax.fori_loop(0, _num_blocks(w_ref, static), block_max, jnp.float32(-jnp.inf))
   o_ref[...] = jnp.full(o_ref.shape, top, jnp.float32)
 
 
 def _key_kernel(x_ref, w_ref, stab_ref, o_ref, *, static: _Static, length: int):
-  log_factor, live_rows, cols = _log_factor(x_ref, w_ref, static, length)
+  x, live_rows = _rows(x_ref, static, length)
   stabiliser = jnp.max(stab_ref[...])
-  log_factor = jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR)
-  phi = jnp.where(cols, jnp.exp(log_factor), 0.0) * (1.0 / math.sqrt(static.num_features))
-  _store(o_ref, phi, live_rows, length, static.block_t)
+  norm = 1.0 / math.sqrt(static.num_features)
+
+  def write(j, carry):
+    log_factor, cols = _log_factors(x, w_ref, j, static)
+    phi = jnp.exp(jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR))
+    _store(o_ref, j, jnp.where(cols, phi, 0.0) * norm, live_rows, static, length)
+    return carry
+
+  lax.fori_loop(0, _num_blocks(w_ref, static), write, 0)
 
 
 # --------------------------------------------------------------------------- #

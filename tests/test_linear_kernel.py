@@ -19,7 +19,7 @@ from pallas import (
   causal_linear_attention,
   causal_linear_attention_reference,
 )
-from pallas.favor_features import positive_features, positive_features_reference
+from pallas.favor_features import FeatureBlockSizes, positive_features, positive_features_reference
 from tests import util
 
 
@@ -148,18 +148,19 @@ def test_favor_matches_xla_on_floored_keys():
 
 
 @pytest.mark.parametrize(
-    "dtype, b, t, n, kh, h, m",
+    "dtype, b, t, n, kh, h, m, blocks",
     [
-        (jnp.float32, 2, 37, 4, 2, 8, 20),  # odd T (a ragged time block), GQA, M not a power of two
-        (jnp.float32, 1, 64, 2, 2, 16, 16),  # whole time blocks
-        (jnp.bfloat16, 1, 33, 2, 1, 8, 16),
+        # odd T (ragged time blocks), GQA, M not a power of two, two column blocks
+        (jnp.float32, 2, 37, 4, 2, 8, 20, FeatureBlockSizes(block_t=16, block_m=16)),
+        (jnp.float32, 1, 64, 2, 2, 16, 16, None),  # whole time blocks, one column block
+        (jnp.bfloat16, 1, 33, 2, 1, 8, 40, FeatureBlockSizes(block_t=32, block_m=32)),
     ],
 )
-def test_positive_features_value_and_grad_vs_f64(dtype, b, t, n, kh, h, m):
+def test_positive_features_value_and_grad_vs_f64(dtype, b, t, n, kh, h, m, blocks):
   q, k = util.normal((b, t, n, h), dtype), util.normal((b, t, kh, h), dtype)
   w = _features(m, h)
   scale = h**-0.5
-  fn = lambda q, k, w: positive_features(q, k, w, scale=scale)
+  fn = lambda q, k, w: positive_features(q, k, w, scale=scale, block_sizes=blocks)
   ref = lambda q, k, w: positive_features_reference(q, k, w, scale=scale)
   (phi_q, phi_k), pull = jax.vjp(fn, q, k, w)
   m_pad = max(16, 1 << (m - 1).bit_length())
