@@ -106,17 +106,28 @@ def positive_features(
   return _features(q, k, w_s, static)
 
 
+def _split(w_s: jax.Array, dtype) -> jax.Array:
+  """`[P, M', H]` parts of the projection for matmuls with inputs of `dtype`: for 16-bit
+  inputs (exact in their dtype) a high and a low part in that dtype, whose products add up
+  to float32 accuracy on the matrix units; for float32 inputs the float32 rows."""
+  if jnp.dtype(dtype).itemsize != 2:
+    return w_s[None]
+  hi = w_s.astype(dtype)
+  return jnp.stack([hi, (w_s - hi.astype(jnp.float32)).astype(dtype)])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _features(q, k, w_s, static: _Static):
   return _features_fwd(q, k, w_s, static)[0]
 
 
 def _features_fwd(q, k, w_s, static: _Static):
-  phi_q = _call(_query_kernel, q, w_s, None, static, "favor_query_features")
-  maxima = _call(_key_max_kernel, k, w_s, None, static, "favor_key_maxima")
+  parts = _split(w_s, q.dtype)
+  phi_q = _call(_query_kernel, q, parts, None, static, "favor_query_features")
+  maxima = _call(_key_max_kernel, k, parts, None, static, "favor_key_maxima")
   # [B, K]: the keys' stabiliser (every key is live; T > 0 keys make it finite).
   stabiliser = jnp.max(maxima, axis=(1, 3))
-  phi_k = _call(_key_kernel, k, w_s, stabiliser, static, "favor_key_features")
+  phi_k = _call(_key_kernel, k, parts, stabiliser, static, "favor_key_features")
   return (phi_q, phi_k), (q, k, w_s, phi_q, phi_k)
 
 
@@ -147,10 +158,10 @@ def _features_bwd(static: _Static, residuals, cotangents):
 _features.defvjp(_features_fwd, _features_bwd)
 
 
-def _call(kernel, x, w_s, stabiliser, static: _Static, name: str):
+def _call(kernel, x, parts, stabiliser, static: _Static, name: str):
   """One feature kernel over `x [B, T, N, H]`: a program per (batch, head, time block)."""
   b, t, n, h = x.shape
-  m_pad = w_s.shape[0]
+  m_pad = parts.shape[1]
   c = static.block_t
   blocks = -(-t // c)
   params = {}
@@ -158,8 +169,8 @@ def _call(kernel, x, w_s, stabiliser, static: _Static, name: str):
     from jax.experimental.pallas import triton as pltriton
     params["compiler_params"] = pltriton.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
   in_specs = [pl.BlockSpec((None, c, None, h), lambda i, j, s: (i, s, j, 0)),
-              pl.BlockSpec((m_pad, h), lambda i, j, s: (0, 0))]
-  args = [x, w_s]
+              pl.BlockSpec(parts.shape, lambda i, j, s: (0, 0, 0))]
+  args = [x, parts]
   if stabiliser is not None:
     # [B, N, 16]: the head's stabiliser, broadcast to a loadable block.
     in_specs.append(pl.BlockSpec((None, None, _VEC), lambda i, j, s: (i, j, 0)))
@@ -183,7 +194,7 @@ def _call(kernel, x, w_s, stabiliser, static: _Static, name: str):
 
 
 def _rows(x_ref, static: _Static, length: int):
-  """The block's rows `[C, H]` in float32 (rows past the sequence read as 0) and their live mask `[C, 1]`."""
+  """The block's rows `[C, H]` in the input dtype (rows past the sequence read as 0) and their live mask `[C, 1]`."""
   from jax.experimental.pallas import triton as pltriton
 
   c = static.block_t
@@ -193,14 +204,23 @@ def _rows(x_ref, static: _Static, length: int):
     x = pltriton.load(x_ref, mask=jnp.broadcast_to(live_rows, x_ref.shape), other=0.0)
   else:
     x = x_ref[...]
-  return x.astype(jnp.float32), live_rows
+  return x, live_rows
+
+
+def _start(j, size: int):
+  return j * size if isinstance(j, int) else pl.multiple_of(j * size, size)
 
 
 def _columns(x, w_ref, j, static: _Static):
-  """`w' x` for the feature columns of block j, `[C, bm]` float32, and the live-column mask `[1, bm]`."""
+  """`w' x` for the feature columns of block j, `[C, bm]` float32 (a matmul per part of the
+  projection, see `_split`), and the live-column mask `[1, bm]`."""
   bm = static.block_m
-  w = w_ref[pl.ds(pl.multiple_of(j * bm, bm), bm), :]
-  wx = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  x = x.astype(w_ref.dtype)
+  wx = None
+  for part in range(w_ref.shape[0]):
+    w = w_ref[part, pl.ds(_start(j, bm), bm), :]
+    term = lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    wx = term if wx is None else wx + term
   cols = j * bm + lax.broadcasted_iota(jnp.int32, (1, bm), 1) < static.num_features
   return wx, cols
 
@@ -209,7 +229,7 @@ def _store(o_ref, j, value, live_rows, static: _Static, length: int):
   from jax.experimental.pallas import triton as pltriton
 
   bm = static.block_m
-  at = (slice(None), pl.ds(pl.multiple_of(j * bm, bm), bm))
+  at = (slice(None), pl.ds(_start(j, bm), bm))
   if length % static.block_t:
     pltriton.store(o_ref.at[at], value.astype(o_ref.dtype), mask=jnp.broadcast_to(live_rows, value.shape))
   else:
@@ -217,7 +237,7 @@ def _store(o_ref, j, value, live_rows, static: _Static, length: int):
 
 
 def _num_blocks(w_ref, static: _Static) -> int:
-  return w_ref.shape[0] // static.block_m
+  return w_ref.shape[1] // static.block_m
 
 
 def _query_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
@@ -245,17 +265,19 @@ def _query_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
   lax.fori_loop(0, blocks, write, 0)
 
 
-def _log_factors(x, w_ref, j, static: _Static):
-  wx, cols = _columns(x, w_ref, j, static)
-  return wx - (0.5 * static.scale) * jnp.sum(x * x, axis=1, keepdims=True), cols
+def _half_sq_norm(x, static: _Static):
+  """`[C, 1]`: scale |x|^2 / 2 per row, float32."""
+  x = x.astype(jnp.float32)
+  return (0.5 * static.scale) * jnp.sum(x * x, axis=1, keepdims=True)
 
 
 def _key_max_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
   x, live_rows = _rows(x_ref, static, length)
+  sq = _half_sq_norm(x, static)
 
   def block_max(j, top):
-    log_factor, cols = _log_factors(x, w_ref, j, static)
-    return jnp.maximum(top, jnp.max(jnp.where(live_rows & cols, log_factor, -jnp.inf)))
+    wx, cols = _columns(x, w_ref, j, static)
+    return jnp.maximum(top, jnp.max(jnp.where(live_rows & cols, wx - sq, -jnp.inf)))
 
   top = lax.fori_loop(0, _num_blocks(w_ref, static), block_max, jnp.float32(-jnp.inf))
   o_ref[...] = jnp.full(o_ref.shape, top, jnp.float32)
@@ -263,12 +285,13 @@ def _key_max_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
 
 def _key_kernel(x_ref, w_ref, stab_ref, o_ref, *, static: _Static, length: int):
   x, live_rows = _rows(x_ref, static, length)
-  stabiliser = jnp.max(stab_ref[...])
+  # [C, 1]: the stabiliser joins the row term.
+  shift = _half_sq_norm(x, static) + jnp.max(stab_ref[...])
   norm = 1.0 / math.sqrt(static.num_features)
 
   def write(j, carry):
-    log_factor, cols = _log_factors(x, w_ref, j, static)
-    phi = jnp.exp(jnp.maximum(log_factor - stabiliser, LOG_FEATURE_FLOOR))
+    wx, cols = _columns(x, w_ref, j, static)
+    phi = jnp.exp(jnp.maximum(wx - shift, LOG_FEATURE_FLOOR))
     _store(o_ref, j, jnp.where(cols, phi, 0.0) * norm, live_rows, static, length)
     return carry
 
