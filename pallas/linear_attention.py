@@ -209,20 +209,22 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _core(q, k, v, labels, static: _Static):
   """Numerator `[B, T, N, Hv]` and denominator `[B, N, J, T]` (J copies), both float32."""
-  return _forward(q, k, v, labels, static)
+  return _forward(q, k, v, labels, static)[0]
 
 
 def _forward(q, k, v, labels, static: _Static):
+  """(num, den), and the per-span sums the forward used (None with one span)."""
   p = static.pass_(reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group)
   return _run(q, k, v, None, None, labels, p)
 
 
 def _core_fwd(q, k, v, labels, static: _Static):
-  return _forward(q, k, v, labels, static), (q, k, v, labels)
+  outs, sums = _forward(q, k, v, labels, static)
+  return outs, (q, k, v, labels, sums)
 
 
 def _core_bwd(static: _Static, residuals, cotangents):
-  q, k, v, labels = residuals
+  q, k, v, labels, sums = residuals
   d_num, d_den = cotangents
   b, t_pad, kh = k.shape[:3]
   g = static.group
@@ -231,13 +233,17 @@ def _core_bwd(static: _Static, residuals, cotangents):
   d_num = d_num.astype(q.dtype)
   ones = jnp.ones((b, kh, t_pad), jnp.float32)
   fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
-  dq = _run(d_num, v, k, d_den, ones, labels, fwd)[0]
+  # The dq pass's span sums are the forward's, transposed (sum_s v_s^T k_s and sum_s k_s); the
+  # dv pass's are the dk pass's, transposed (sum_s q_s^T d_num_s).
+  swap = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
+  dq = _run(d_num, v, k, d_den, ones, labels, fwd, sums=None if sums is None else [swap(sums[0]), swap(sums[1])])[0][0]
   # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
   rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
                      out_dtype=k.dtype if g == 1 else jnp.float32)
-  dk = _sum_group(_run(v, d_num, q, ones, d_den, labels, rev)[0], kh)
+  (dk,), sums = _run(v, d_num, q, ones, d_den, labels, rev)
+  dk = _sum_group(dk, kh)
   rev = dataclasses.replace(rev, bias=False, out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
-  dv = _sum_group(_run(k, q, d_num, None, None, labels, rev)[0], kh)
+  dv = _sum_group(_run(k, q, d_num, None, None, labels, rev, sums=None if sums is None else [swap(sums[0])])[0][0], kh)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -255,12 +261,14 @@ def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
 # --------------------------------------------------------------------------- #
 
 
-def _run(a, b, c, alpha, beta, labels, p: _Pass):
+def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None):
   """One pass over `a [B, T, Ha, D]`, `b [B, T, Hb, D]`, `c [B, T, Hb, E]`.
 
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
   `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb), and,
-  with `p.rowsum`, float32 `den [B, Ho, J, T]` (one copy per column block).
+  with `p.rowsum`, float32 `den [B, Ho, J, T]` (one copy per column block); and
+  the per-span sums it used (None with one span): given as `sums`, or computed
+  by `_span_sums`.
   """
   batch, t_pad, ha, d = a.shape
   hb, e = b.shape[2], c.shape[3]
@@ -289,7 +297,8 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
   if spans > 1:
     # Every span's sums (S, then Z with rowsum, W with bias) and, with segments,
     # the run each span hands on; the kernel adds up those that reach its span.
-    sums = _span_sums(b, c, beta, labels, p, params)
+    if sums is None:
+      sums = _span_sums(b, c, beta, labels, p, params)
     p_pad = sums[0].shape[1]
     in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
     if p.rowsum:
@@ -306,7 +315,7 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
   if p.rowsum:
     out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
-  return pl.pallas_call(
+  outs = pl.pallas_call(
       functools.partial(_kernel, p=p),
       grid=(batch, heads, spans, blocks),
       in_specs=in_specs,
@@ -316,6 +325,7 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass):
       name="linear_attention_" + ("reverse" if p.reverse else "forward"),
       **params,
   )(*args)
+  return outs, (sums if spans > 1 else None)
 
 
 def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
