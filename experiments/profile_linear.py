@@ -13,8 +13,8 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
     python experiments/profile_linear.py --tune-features     # FAVOR+ feature kernels' tiling
 
 Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
-`--tune-features` it instead times `pallas.favor_features.positive_features`
-(forward: the three feature kernels) for every `FeatureBlockSizes` of a grid and
+`--tune-features` it instead traces `pallas.favor_features.positive_features`
+(forward: GPU time of its kernels) for every `FeatureBlockSizes` of a grid and
 writes `results/<run>/feature_tune.{json,md}`. Needs a GPU (the trace of a CPU run
 holds no device kernels).
 """
@@ -139,10 +139,8 @@ def markdown(rows: list[dict], header: str, top: int) -> str:
 
 
 def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> None:
-  """Forward time of the feature kernels for every tiling of a small grid, fastest first per case."""
+  """GPU time of the feature kernels (forward) for every tiling of a small grid, fastest first per case."""
   import itertools
-
-  from bench_attention import median_time
 
   import efficient_attention as ea
   from pallas.favor_features import FeatureBlockSizes, positive_features
@@ -158,7 +156,7 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
       row = {"head_dim": h, "num_features": m, "seq_len": t, "block_t": bt, "block_m": bm, "num_warps": warps,
              "num_stages": stages}
       try:
-        row["us"] = 1e6 * median_time(fn, (q, k), repeats=repeats, warmup=2)
+        row["us"] = 1e3 * profile(fn, (q, k), repeats, 2)["kernel_ms"]
       except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       rows.append(row)
@@ -183,7 +181,7 @@ def main(argv=None) -> None:
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--run", default="linear_profile")
   parser.add_argument("--tune-features", action="store_true", help="time the feature kernels' tilings instead")
-  parser.add_argument("--repeats", type=int, default=20, help="calls per median (--tune-features)")
+  parser.add_argument("--repeats", type=int, default=5, help="calls traced per tiling (--tune-features)")
   args = parser.parse_args(argv)
   if jax.default_backend() != "gpu":
     parser.error("needs a GPU: a CPU trace holds no device kernels")
