@@ -40,10 +40,12 @@ _VEC = 16
 @dataclasses.dataclass(frozen=True)
 class FeatureBlockSizes:
   """Tiling of the feature kernels: `block_t` rows per program, feature columns
-  computed `block_m` at a time (capped at the padded feature count)."""
+  computed `block_m` at a time (capped at the padded feature count). Defaults: the
+  fastest on an H100 at H=128, M=256 and within 4% of it at H=64, M=128 (B1 N8
+  bf16; `experiments/profile_linear.py --tune-features`, results/h100/feature_tune)."""
 
-  block_t: int = 64
-  block_m: int = 128
+  block_t: int = 128
+  block_m: int = 64
   num_warps: int = 4
   num_stages: int = 2
 
