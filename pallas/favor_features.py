@@ -111,8 +111,9 @@ def positive_features(
 def _split(w_s: jax.Array, dtype) -> jax.Array:
   """`[P, M', H]` parts of the projection for matmuls with inputs of `dtype`: for 16-bit
   inputs (exact in their dtype) a high and a low part in that dtype, whose products add up
-  to float32 accuracy on the matrix units; for float32 inputs the float32 rows."""
-  if jnp.dtype(dtype).itemsize != 2:
+  to float32 accuracy on the matrix units; for float32 inputs, and head widths that are not
+  a multiple of 16 (too narrow a contraction for 16-bit matrix instructions), the float32 rows."""
+  if jnp.dtype(dtype).itemsize != 2 or w_s.shape[1] % 16:
     return w_s[None]
   hi = w_s.astype(dtype)
   return jnp.stack([hi, (w_s - hi.astype(jnp.float32)).astype(dtype)])

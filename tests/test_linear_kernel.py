@@ -153,7 +153,9 @@ def test_favor_matches_xla_on_floored_keys():
         # odd T (ragged time blocks), GQA, M not a power of two, two column blocks
         (jnp.float32, 2, 37, 4, 2, 8, 20, FeatureBlockSizes(block_t=16, block_m=16)),
         (jnp.float32, 1, 64, 2, 2, 16, 16, None),  # whole time blocks, one column block
-        (jnp.bfloat16, 1, 33, 2, 1, 8, 40, FeatureBlockSizes(block_t=32, block_m=32)),
+        # 16-bit matmuls on a high and a low part of the projection, two column blocks
+        (jnp.bfloat16, 1, 33, 2, 1, 16, 40, FeatureBlockSizes(block_t=32, block_m=32)),
+        (jnp.bfloat16, 1, 20, 2, 2, 8, 16, None),  # H=8: float32 matmuls
     ],
 )
 def test_positive_features_value_and_grad_vs_f64(dtype, b, t, n, kh, h, m, blocks):
