@@ -172,11 +172,12 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
   w = features.astype(acc)
   plan = _linear.plan_masks(mask, ids, is_causal, dims)
   if pallas and kernel == "softmax" and _linear.live_keys(plan, dims) is None and dims.kv_len > 0:
-    # Every key live: positive features from Pallas kernels that write only the features.
-    from pallas.favor_features import positive_features
+    # Every key live: features from Pallas kernels, and one custom VJP over them and the chunked kernel.
+    from pallas import LinearBlockSizes
+    from pallas.favor_features import causal_favor_attention
 
-    phi_q, phi_k = positive_features(q, k, features, scale=scale)
-    return _linear.attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
+    return causal_favor_attention(q, k, v, features, scale=scale, segment_ids=plan.ids,
+                                  block_sizes=LinearBlockSizes(chunk=chunk_size))
   phi_q = _query_features(kernel, q.astype(acc) * math.sqrt(scale), w)
   x_k = k.astype(acc) * math.sqrt(scale)
   # [B, S, K, M]

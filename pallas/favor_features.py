@@ -96,16 +96,118 @@ def positive_features(
     block_sizes = FeatureBlockSizes()
   if not isinstance(block_sizes, FeatureBlockSizes):
     raise TypeError(f"block_sizes must be a FeatureBlockSizes, got {type(block_sizes).__name__}")
+  static, w_s = _settings(w, scale, block_sizes, interpret)
+  return _features(q, k, w_s, static)
+
+
+def _settings(w, scale: float, block_sizes: FeatureBlockSizes, interpret: bool | None):
+  """Static settings and the scaled projection rows `[M', H]` (zero rows past M)."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   m = w.shape[0]
-  m_pad = max(16, 1 << (m - 1).bit_length())
+  m_pad = _width(m)
   static = _Static(scale=float(scale), num_features=m, block_t=block_sizes.block_t,
                    block_m=min(block_sizes.block_m, m_pad), interpret=bool(interpret),
                    num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
-  # [M', H]: scaled projection rows, zero rows past M.
-  w_s = jnp.pad(w.astype(jnp.float32) * math.sqrt(scale), ((0, m_pad - m), (0, 0)))
-  return _features(q, k, w_s, static)
+  return static, jnp.pad(w.astype(jnp.float32) * math.sqrt(scale), ((0, m_pad - m), (0, 0)))
+
+
+def _width(m: int) -> int:
+  """The padded feature count M'."""
+  return max(16, 1 << (m - 1).bit_length())
+
+
+def causal_favor_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    w: jax.Array,
+    *,
+    scale: float,
+    segment_ids: jax.Array | None = None,
+    block_sizes=None,
+    feature_block_sizes: FeatureBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """Causal FAVOR+ attention (positive features, every key live) through Pallas end to end.
+
+  The features of `positive_features` feed `pallas.causal_linear_attention`'s
+  kernel under one custom VJP, so that the backward passes write the
+  cotangents of the features' logarithms (dphi * phi, 0 on floored keys)
+  directly, and q's and k's gradients are two matmuls with the projection.
+
+  Args:
+    q: `[B, T, N, H]`, k: `[B, T, K, H]` (N % K == 0), v: `[B, T, K, Hv]`.
+    w: `[M, H]` projection rows; scale: the logit scale (q and k are each
+      multiplied by its square root).
+    segment_ids: optional int `[B, T]` (sums restart with every run of equal ids).
+    block_sizes: a `pallas.LinearBlockSizes` for the chunked kernel.
+    feature_block_sizes: tiling of the feature kernels.
+    interpret: run in Pallas' interpreter; default True off GPU.
+
+  Returns:
+    `[B, T, N, Hv]` in q's dtype.
+  """
+  from efficient_attention import _checks, _linear
+  from pallas import linear_attention as la
+
+  family = "causal_favor_attention"
+  dims = _checks.check_qkv(q, k, v)
+  _checks.check_causal(True, dims, family=family, need_square=True)
+  if w.ndim != 2 or w.shape[1] != dims.head_dim:
+    raise ValueError(f"{family}: w must be [M, H={dims.head_dim}], got {w.shape=}")
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise TypeError(f"{family}: q, k, v in bfloat16, float16 or float32, got {q.dtype}")
+  ids = _linear.check_shared_segment_ids(segment_ids, dims, family=family)
+  block_sizes = la.LinearBlockSizes() if block_sizes is None else block_sizes
+  if not isinstance(block_sizes, la.LinearBlockSizes):
+    raise TypeError(f"block_sizes must be a LinearBlockSizes, got {type(block_sizes).__name__}")
+  feature_block_sizes = FeatureBlockSizes() if feature_block_sizes is None else feature_block_sizes
+  if not isinstance(feature_block_sizes, FeatureBlockSizes):
+    raise TypeError(f"feature_block_sizes must be a FeatureBlockSizes, got {type(feature_block_sizes).__name__}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  if dims.q_len == 0:
+    return jnp.zeros((dims.batch, 0, dims.num_heads, dims.v_head_dim), q.dtype)
+  fstatic, w_s = _settings(w, scale, feature_block_sizes, interpret)
+  static, t_pad, labels = la._prepare(dims, w_s.shape[0], q.dtype, ids, block_sizes, interpret)
+  v = la._pad(v, t_pad, la._pow2_at_least(dims.v_head_dim))
+  num, den = _favor_core(q, k, v, w_s, labels, static, fstatic)
+  return la._finish(num, den, dims, q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _favor_core(q, k, v, w_s, labels, static, fstatic: _Static):
+  return _favor_core_fwd(q, k, v, w_s, labels, static, fstatic)[0]
+
+
+def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
+  from pallas import linear_attention as la
+
+  (phi_q, phi_k), _ = _features_fwd(q, k, w_s, fstatic)
+  t_pad, m_pad = v.shape[1], w_s.shape[0]
+  phi_q, phi_k = la._pad(phi_q, t_pad, m_pad), la._pad(phi_k, t_pad, m_pad)
+  outs, sums = la._forward(phi_q, phi_k, v, labels, static)
+  return outs, (q, k, v, w_s, labels, phi_q, phi_k, sums)
+
+
+def _favor_core_bwd(static, fstatic: _Static, residuals, cotangents):
+  from pallas import linear_attention as la
+
+  q, k, v, w_s, labels, phi_q, phi_k, sums = residuals
+  g_q, g_k, dv = la._backward(static, phi_q, phi_k, v, labels, sums, *cotangents,
+                              key_floor=_floor_threshold(fstatic, phi_k.dtype))
+  t = q.shape[1]
+  dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t])
+  return dq, dk, dv, dw_s, None
+
+
+_favor_core.defvjp(_favor_core_fwd, _favor_core_bwd)
+
+
+def _floor_threshold(static: _Static, dtype) -> float:
+  """Key features at or below this value sit on the floor (in `dtype`, with rounding room)."""
+  return math.exp(LOG_FEATURE_FLOOR) / math.sqrt(static.num_features) * (1 + 4 * float(jnp.finfo(dtype).eps))
 
 
 def _split(w_s: jax.Array, dtype) -> jax.Array:
@@ -138,15 +240,23 @@ def _features_bwd(static: _Static, residuals, cotangents):
   q, k, w_s, phi_q, phi_k = residuals
   d_phi_q, d_phi_k = cotangents
   f32 = jnp.float32
-  # The feature cotangents times the features enter the matmuls in the input dtype when it
-  # is 16-bit (the gradients are written in it), float32 otherwise; sums are float32.
+  # The cotangents of the features' logarithms; floored key features carry none
+  # (the floor is a constant), their value in the features' dtype marks them.
+  g_q = d_phi_q.astype(f32) * phi_q.astype(f32)
+  floored = phi_k.astype(f32) <= _floor_threshold(static, phi_k.dtype)
+  g_k = jnp.where(floored, 0.0, d_phi_k.astype(f32) * phi_k.astype(f32))
+  return _input_grads(static, q, k, w_s, g_q, g_k)
+
+
+def _input_grads(static: _Static, q, k, w_s, g_q, g_k):
+  """dq, dk, dw' from the cotangents `g = dphi * phi` of the features' logarithms `[B, T, N|K, M']`.
+
+  The matmuls take g in the input dtype when it is 16-bit (the gradients are
+  written in it), float32 otherwise; their sums are float32.
+  """
+  f32 = jnp.float32
   low = q.dtype if jnp.dtype(q.dtype).itemsize == 2 else f32
-  # [B, T, N, M']
-  g_q = (d_phi_q.astype(f32) * phi_q.astype(f32)).astype(low)
-  # Floored key features carry no gradient (the floor is a constant); their
-  # value in the features' dtype marks them.
-  floor = math.exp(LOG_FEATURE_FLOOR) / math.sqrt(static.num_features) * (1 + 4 * float(jnp.finfo(phi_k.dtype).eps))
-  g_k = jnp.where(phi_k.astype(f32) > floor, d_phi_k.astype(f32) * phi_k.astype(f32), 0.0).astype(low)
+  g_q, g_k = g_q.astype(low), g_k.astype(low)
   h = w_s.shape[1]
   dq = jnp.einsum("btnm,mh->btnh", g_q, w_s.astype(low), preferred_element_type=f32)
   # One matmul gives g w' and, in its last column, sum_m g.
@@ -310,7 +420,7 @@ def positive_features_reference(q, k, w, *, scale: float):
   """fp32 einsum form of the same contract (the XLA path's feature maps), padded as the kernels pad."""
   f32 = jnp.promote_types(q.dtype, jnp.float32)
   m = w.shape[0]
-  m_pad = max(16, 1 << (m - 1).bit_length())
+  m_pad = _width(m)
   norm = 1.0 / math.sqrt(m)
   hi = lax.Precision.HIGHEST
   w_s = w.astype(f32) * math.sqrt(scale)

@@ -107,6 +107,9 @@ class _Pass:
   num_stages: int
   precision: Any = None
   out_dtype: Any = jnp.float32  # of o (a gradient summed over no GQA group is written in the input dtype)
+  times: bool = False  # o is multiplied by a tile of `times` (see `_backward`)
+  f_group: int = 1  # grid heads per head of `times`
+  floor: float | None = None  # entries of `times` at or below it multiply by 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,16 @@ def causal_linear_attention(
   b, t, n, m = phi_q.shape
   if t == 0:
     return jnp.zeros((b, 0, n, dims.v_head_dim), phi_q.dtype)
+  static, t_pad, labels = _prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret)
   m_pad, hv_pad = _pow2_at_least(m), _pow2_at_least(dims.v_head_dim)
+  num, den = _core(_pad(phi_q, t_pad, m_pad), _pad(phi_k, t_pad, m_pad), _pad(v, t_pad, hv_pad), labels, static)
+  return _finish(num, den, dims, phi_q.dtype)
+
+
+def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool):
+  """Static settings, the padded length and the run labels `[B, T']` (None without segments)."""
+  b, t, n = dims.batch, dims.q_len, dims.num_heads
+  hv_pad = _pow2_at_least(dims.v_head_dim)
   chunk = min(block_sizes.chunk, _pow2_at_least(t))
   block_c = min(block_sizes.block_c, hv_pad)
   num_chunks = -(-t // chunk)
@@ -181,20 +193,29 @@ def causal_linear_attention(
     span_chunks = -(-num_chunks // min(wanted_spans, num_chunks))
   span = min(span_chunks, num_chunks) * chunk
   t_pad = -(-t // span) * span
-  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_c, group=dims.group, segments=ids is not None,
-                   interpret=bool(interpret), num_warps=block_sizes.num_warps,
+  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_c, group=dims.group,
+                   segments=ids is not None, interpret=bool(interpret), num_warps=block_sizes.num_warps,
                    num_stages=block_sizes.num_stages,
-                   precision=lax.Precision.HIGHEST if phi_q.dtype == jnp.float32 else None)
+                   precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
   labels = None
   if ids is not None:
     # Run labels: non-decreasing, a new label per run; padded steps continue the last run.
     labels = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
     labels = jnp.pad(labels, ((0, 0), (0, t_pad - t)), mode="edge")
-  pad = lambda x, width: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, width - x.shape[3])))
-  num, den = _core(pad(phi_q, m_pad), pad(phi_k, m_pad), pad(v, hv_pad), labels, static)
+  return static, t_pad, labels
+
+
+def _pad(x: jax.Array, t_pad: int, width: int) -> jax.Array:
+  """`[B, T, H, D]` zero-padded to `[B, t_pad, H, width]`."""
+  return jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, width - x.shape[3])))
+
+
+def _finish(num: jax.Array, den: jax.Array, dims: _checks.Dims, dtype) -> jax.Array:
+  """`num / den` of the real steps and value columns, in `dtype` (0 where den is 0)."""
+  t = dims.q_len
   # [B, T, N, 1]
   den = den[:, :, 0, :t].transpose(0, 2, 1)[..., None]
-  return _linear._safe_divide(num[:, :t, :, : dims.v_head_dim], den).astype(phi_q.dtype)
+  return _linear._safe_divide(num[:, :t, :, : dims.v_head_dim], den).astype(dtype)
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -225,7 +246,16 @@ def _core_fwd(q, k, v, labels, static: _Static):
 
 def _core_bwd(static: _Static, residuals, cotangents):
   q, k, v, labels, sums = residuals
-  d_num, d_den = cotangents
+  return (*_backward(static, q, k, v, labels, sums, *cotangents), None)
+
+
+def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: float | None = None):
+  """dq, dk, dv of `_core` from the cotangents of (num, den) and the forward's span sums.
+
+  With `key_floor`, the cotangents of the features' logarithms instead: dq times
+  q and dk times k (0 where k <= key_floor: floored features are constants), as
+  the passes write them (no separate product over `[T, M]`).
+  """
   b, t_pad, kh = k.shape[:3]
   g = static.group
   # [B, N, T]: every copy of the denominator gets its share.
@@ -233,18 +263,24 @@ def _core_bwd(static: _Static, residuals, cotangents):
   d_num = d_num.astype(q.dtype)
   ones = jnp.ones((b, kh, t_pad), jnp.float32)
   fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
+  logs = key_floor is not None
+  if logs:
+    fwd = dataclasses.replace(fwd, times=True, f_group=1)
   # The dq pass's span sums are the forward's, transposed (sum_s v_s^T k_s and sum_s k_s); the
   # dv pass's are the dk pass's, transposed (sum_s q_s^T d_num_s).
   swap = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
-  dq = _run(d_num, v, k, d_den, ones, labels, fwd, sums=None if sums is None else [swap(sums[0]), swap(sums[1])])[0][0]
+  dq = _run(d_num, v, k, d_den, ones, labels, fwd, sums=None if sums is None else [swap(sums[0]), swap(sums[1])],
+            times=q if logs else None)[0][0]
   # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
   rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
                      out_dtype=k.dtype if g == 1 else jnp.float32)
-  (dk,), sums = _run(v, d_num, q, ones, d_den, labels, rev)
+  if logs:
+    rev_k = dataclasses.replace(rev, times=True, f_group=g, floor=key_floor)
+  (dk,), sums = _run(v, d_num, q, ones, d_den, labels, rev_k if logs else rev, times=k if logs else None)
   dk = _sum_group(dk, kh)
   rev = dataclasses.replace(rev, bias=False, out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
   dv = _sum_group(_run(k, q, d_num, None, None, labels, rev, sums=None if sums is None else [swap(sums[0])])[0][0], kh)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -261,14 +297,15 @@ def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
 # --------------------------------------------------------------------------- #
 
 
-def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None):
+def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times: jax.Array | None = None):
   """One pass over `a [B, T, Ha, D]`, `b [B, T, Hb, D]`, `c [B, T, Hb, E]`.
 
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
   `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb), and,
   with `p.rowsum`, float32 `den [B, Ho, J, T]` (one copy per column block); and
   the per-span sums it used (None with one span): given as `sums`, or computed
-  by `_span_sums`.
+  by `_span_sums`. With `p.times`, `o` is multiplied element-wise by `times
+  [B, T, Ho / p.f_group, E]` (zeroed where `times <= p.floor`).
   """
   batch, t_pad, ha, d = a.shape
   hb, e = b.shape[2], c.shape[3]
@@ -294,6 +331,9 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None):
   if p.segments:
     in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
     args.append(labels)
+  if p.times:
+    in_specs.append(pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n // p.f_group, j)))
+    args.append(times)
   if spans > 1:
     # Every span's sums (S, then Z with rowsum, W with bias) and, with segments,
     # the run each span hands on; the kernel adds up those that reach its span.
@@ -380,7 +420,7 @@ def _kernel(*refs, p: _Pass):
   """One program: a span of `p.span` steps, a block of `bc` output columns.
 
   Refs, in order: a `[L, D]`, b `[L, D]`, c `[L, bc]`, alpha `[L]`, beta `[L]`
-  (bias), labels `[L]` (segments); with more than one span, every span's sums
+  (bias), labels `[L]` (segments), a factor `[L, bc]` of the output (times); with more than one span, every span's sums
   S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
   run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
   (rowsum).
@@ -401,6 +441,7 @@ def _kernel(*refs, p: _Pass):
   a_ref, b_ref, c_ref = take(True), take(True), take(True)
   alpha_ref, beta_ref = take(p.bias), take(p.bias)
   lab_ref = take(p.segments)
+  times_ref = take(p.times)
   states = p.spans > 1
   s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
   runs_ref = take(states and p.segments)
@@ -444,6 +485,11 @@ def _kernel(*refs, p: _Pass):
     if p.segments:
       inter = jnp.where(sees[:, None], inter, 0.0)
     out = _dot(scores.astype(c.dtype), c, p) + inter
+    if p.times:
+      factor = times_ref[at, :].astype(f32)
+      if p.floor is not None:
+        factor = jnp.where(factor > p.floor, factor, 0.0)
+      out = out * factor
     o_ref[at, :] = out.astype(o_ref.dtype)
     if p.rowsum:
       den_inter = jnp.sum(_dot(a, z.astype(a.dtype), p), axis=1)

@@ -204,3 +204,15 @@ def test_favor_pallas_features_vs_f64(dtype, b, t, n, kh, h, segments):
   # The features come from the Pallas feature kernels (no key mask).
   assert "favor_key_features" in util.pallas_call_names(fn, q, k, v)
   util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype])
+
+
+def test_favor_pallas_gradient_of_the_projection_vs_f64():
+  # The projection rows are differentiable too (features learned or tuned by a caller).
+  b, t, n, kh, h = 1, 27, 2, 1, 16
+  q, k, v = util.qkv(b, t, t, n, kh, h)
+  w = _features(20, h)
+  ids = util.packed_segment_ids(b, t, 2)
+  fn = lambda w, q, k, v: ea.favor_attention(q, k, v, w, is_causal=True, segment_ids=ids, chunk_size=16,
+                                             implementation="pallas")
+  ref = lambda w, q, k, v: ea.favor_attention_reference(q, k, v, w, is_causal=True, segment_ids=ids)
+  util.check_against_f64(fn, ref, (w, q, k, v), argnums=(0,), **util.TOL[jnp.float32])
