@@ -110,6 +110,9 @@ class _Pass:
   times: bool = False  # o is multiplied by a tile of `times` (see `_backward`)
   f_group: int = 1  # grid heads per head of `times`
   floor: float | None = None  # entries of `times` at or below it multiply by 0
+  alpha_ones: bool = False  # alpha is 1 (no alpha input)
+  beta_ones: bool = False  # beta is 1 (no beta input)
+  sums_t: bool = False  # given span sums are transposed: S as [E, D], W as Z-shaped [E, 16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,30 +259,25 @@ def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: f
   q and dk times k (0 where k <= key_floor: floored features are constants), as
   the passes write them (no separate product over `[T, M]`).
   """
-  b, t_pad, kh = k.shape[:3]
-  g = static.group
+  kh, g = k.shape[2], static.group
+  logs = key_floor is not None
   # [B, N, T]: every copy of the denominator gets its share.
   d_den = jnp.sum(d_den, axis=2)
   d_num = d_num.astype(q.dtype)
-  ones = jnp.ones((b, kh, t_pad), jnp.float32)
+  # The dq pass's span sums are the forward's, read transposed (sum_s v_s^T k_s and sum_s k_s);
+  # the dv pass's are the dk pass's, read transposed (sum_s q_s^T d_num_s).
   fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
-  logs = key_floor is not None
-  if logs:
-    fwd = dataclasses.replace(fwd, times=True, f_group=1)
-  # The dq pass's span sums are the forward's, transposed (sum_s v_s^T k_s and sum_s k_s); the
-  # dv pass's are the dk pass's, transposed (sum_s q_s^T d_num_s).
-  swap = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
-  dq = _run(d_num, v, k, d_den, ones, labels, fwd, sums=None if sums is None else [swap(sums[0]), swap(sums[1])],
-            times=q if logs else None)[0][0]
+  fwd = dataclasses.replace(fwd, beta_ones=True, sums_t=sums is not None, times=logs, f_group=1)
+  dq = _run(d_num, v, k, d_den, None, labels, fwd, sums=sums, times=q if logs else None)[0][0]
   # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
   rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
                      out_dtype=k.dtype if g == 1 else jnp.float32)
-  if logs:
-    rev_k = dataclasses.replace(rev, times=True, f_group=g, floor=key_floor)
-  (dk,), sums = _run(v, d_num, q, ones, d_den, labels, rev_k if logs else rev, times=k if logs else None)
+  rev_k = dataclasses.replace(rev, alpha_ones=True, times=logs, f_group=g, floor=key_floor)
+  (dk,), sums = _run(v, d_num, q, None, d_den, labels, rev_k, times=k if logs else None)
   dk = _sum_group(dk, kh)
-  rev = dataclasses.replace(rev, bias=False, out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
-  dv = _sum_group(_run(k, q, d_num, None, None, labels, rev, sums=None if sums is None else [swap(sums[0])])[0][0], kh)
+  rev_v = dataclasses.replace(rev, bias=False, sums_t=sums is not None,
+                              out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
+  dv = _sum_group(_run(k, q, d_num, None, None, labels, rev_v, sums=None if sums is None else sums[:1])[0][0], kh)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -324,10 +322,12 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
       pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j)),
   ]
   args = [a, b, c]
-  if p.bias:
-    in_specs += [pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)),
-                 pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s))]
-    args += [alpha, beta]
+  if p.bias and not p.alpha_ones:
+    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)))
+    args.append(alpha)
+  if p.bias and not p.beta_ones:
+    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s)))
+    args.append(beta)
   if p.segments:
     in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
     args.append(labels)
@@ -340,12 +340,19 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
     if sums is None:
       sums = _span_sums(b, c, beta, labels, p, params)
     p_pad = sums[0].shape[1]
-    in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
-    if p.rowsum:
-      in_specs.append(pl.BlockSpec((None, p_pad, None, d, _VEC), lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
-    if p.bias:
-      in_specs.append(pl.BlockSpec((None, p_pad, None, _VEC, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
-    args += sums
+    if p.sums_t:
+      # Another pass's sums, read transposed (the kernel transposes each block back).
+      assert not p.rowsum, "transposed sums serve passes without a row sum"
+      in_specs.append(pl.BlockSpec((None, p_pad, None, bc, d), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+      if p.bias:
+        in_specs.append(pl.BlockSpec((None, p_pad, None, bc, _VEC), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+    else:
+      in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+      if p.rowsum:
+        in_specs.append(pl.BlockSpec((None, p_pad, None, d, _VEC), lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
+      if p.bias:
+        in_specs.append(pl.BlockSpec((None, p_pad, None, _VEC, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+    args += list(sums)
     if p.segments:
       runs = labels.reshape(batch, spans, p.span)[:, :, 0 if p.reverse else -1]
       in_specs.append(pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
@@ -383,7 +390,7 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   in_specs = [pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0)),
               pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))]
   args = [b, c]
-  if p.bias:
+  if p.bias and not p.beta_ones:
     in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
     args.append(beta)
   if p.segments:
@@ -439,7 +446,7 @@ def _kernel(*refs, p: _Pass):
   refs = list(refs)
   take = lambda on: refs.pop(0) if on else None
   a_ref, b_ref, c_ref = take(True), take(True), take(True)
-  alpha_ref, beta_ref = take(p.bias), take(p.bias)
+  alpha_ref, beta_ref = take(p.bias and not p.alpha_ones), take(p.bias and not p.beta_ones)
   lab_ref = take(p.segments)
   times_ref = take(p.times)
   states = p.spans > 1
@@ -466,7 +473,9 @@ def _kernel(*refs, p: _Pass):
     # [C, C]
     scores = _dot_nt(a, b, p)
     if p.bias:
-      alpha, beta = alpha_ref[at], beta_ref[at]
+      ones = jnp.ones((size,), f32)
+      alpha = ones if p.alpha_ones else alpha_ref[at]
+      beta = ones if p.beta_ones else beta_ref[at]
       scores = scores + alpha[:, None] * beta[None, :]
     live = order
     if p.segments:
@@ -524,11 +533,11 @@ def _kernel(*refs, p: _Pass):
     def gather(q, carry):
       s, z, w = carry
       weight = (runs_ref[q] == label).astype(f32) if p.segments else f32(1.0)
-      s = s + weight * s_sums[q]
+      s = s + weight * (s_sums[q].T if p.sums_t else s_sums[q])
       if p.rowsum:
         z = z + weight * z_sums[q]
       if p.bias:
-        w = w + weight * w_sums[q]
+        w = w + weight * (w_sums[q].T if p.sums_t else w_sums[q])
       return s, z, w
 
     s, z, w = lax.fori_loop(me + 1, p.spans, gather, (s, z, w)) if p.reverse else lax.fori_loop(0, me, gather, (s, z, w))
@@ -543,7 +552,7 @@ def _sums_kernel(*refs, p: _Pass):
   """
   refs = list(refs)
   take = lambda on: refs.pop(0) if on else None
-  b_ref, c_ref, beta_ref, lab_ref = take(True), take(True), take(p.bias), take(p.segments)
+  b_ref, c_ref, beta_ref, lab_ref = take(True), take(True), take(p.bias and not p.beta_ones), take(p.segments)
   s_ref, z_ref, w_ref = take(True), take(p.rowsum), take(p.bias)
   size = p.chunk
   first = lax.broadcasted_iota(jnp.int32, (size, _VEC), 1) == 0
@@ -562,7 +571,8 @@ def _sums_kernel(*refs, p: _Pass):
     if p.rowsum:
       z = z + _dot_tn(b, first.astype(b.dtype), p)
     if p.bias:
-      beta = jnp.where(carried, beta_ref[at], 0.0) if p.segments else beta_ref[at]
+      beta = jnp.ones((size,), jnp.float32) if p.beta_ones else beta_ref[at]
+      beta = jnp.where(carried, beta, 0.0) if p.segments else beta
       w = w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
     return s, z, w
 
