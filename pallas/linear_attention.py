@@ -61,7 +61,11 @@ class LinearBlockSizes:
   """Tiling and launch settings of the chunked kernel.
 
   `chunk`: time steps per chunk (the intra-chunk quadratic form is chunk x chunk).
-  `block_c`: output columns per program (a pass's c width is split into blocks).
+  `block_c`: output columns per program (a pass's c width is split into blocks);
+  None: each pass takes max(64, 8192 // D) of its columns for a D-wide b, which
+  keeps the float32 state `[D, block_c]` at 8192 values from D = 128 down and
+  spares narrow passes (the H=64 gradient passes) recomputing the chunk scores
+  for a second block of columns.
   `span_chunks`: chunks per program; None picks the fewest that give at least
   `min_programs` programs. `num_warps` / `num_stages`: Triton launch settings
   (H100, B1 N8, T=16k: 4 warps and 2 stages are the fastest forward+backward at
@@ -69,7 +73,7 @@ class LinearBlockSizes:
   """
 
   chunk: int = 64
-  block_c: int = 64
+  block_c: int | None = None
   span_chunks: int | None = None
   min_programs: int = 256
   num_warps: int = 4
@@ -78,6 +82,8 @@ class LinearBlockSizes:
   def __post_init__(self):
     for name in ("chunk", "block_c"):
       value = getattr(self, name)
+      if name == "block_c" and value is None:
+        continue
       if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"{name}={value!r} must be a power of two >= 16")
     if self.span_chunks is not None and (not isinstance(self.span_chunks, int) or self.span_chunks <= 0):
@@ -99,7 +105,7 @@ class _Pass:
   chunk: int
   span: int  # time steps per program, a multiple of chunk
   spans: int  # programs along time (the padded length over span)
-  block_c: int
+  block_c: int | None
   a_group: int  # grid heads per head of a (and alpha)
   b_group: int  # grid heads per head of b, c (and beta)
   interpret: bool
@@ -122,7 +128,7 @@ class _Static:
   chunk: int
   span: int
   spans: int
-  block_c: int
+  block_c: int | None
   group: int
   segments: bool
   interpret: bool
@@ -188,7 +194,8 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
   b, t, n = dims.batch, dims.q_len, dims.num_heads
   hv_pad = _pow2_at_least(dims.v_head_dim)
   chunk = min(block_sizes.chunk, _pow2_at_least(t))
-  block_c = min(block_sizes.block_c, hv_pad)
+  m_pad = _pow2_at_least(m)
+  block_c = _block_c(block_sizes.block_c, m_pad, hv_pad)
   num_chunks = -(-t // chunk)
   span_chunks = block_sizes.span_chunks
   if span_chunks is None:
@@ -196,7 +203,7 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
     span_chunks = -(-num_chunks // min(wanted_spans, num_chunks))
   span = min(span_chunks, num_chunks) * chunk
   t_pad = -(-t // span) * span
-  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_c, group=dims.group,
+  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_sizes.block_c, group=dims.group,
                    segments=ids is not None, interpret=bool(interpret), num_warps=block_sizes.num_warps,
                    num_stages=block_sizes.num_stages,
                    precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
@@ -206,6 +213,11 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
     labels = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
     labels = jnp.pad(labels, ((0, 0), (0, t_pad - t)), mode="edge")
   return static, t_pad, labels
+
+
+def _block_c(cap: int | None, d: int, e: int) -> int:
+  """Output columns per program of a pass with a D-wide b and E-wide c (see LinearBlockSizes)."""
+  return min(e, max(64, 8192 // d) if cap is None else cap)
 
 
 def _pad(x: jax.Array, t_pad: int, width: int) -> jax.Array:
@@ -308,7 +320,7 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   batch, t_pad, ha, d = a.shape
   hb, e = b.shape[2], c.shape[3]
   heads = max(ha, hb)
-  bc = min(p.block_c, e)
+  bc = _block_c(p.block_c, d, e)
   spans, blocks = t_pad // p.span, e // bc
   params = {}
   if not p.interpret:
@@ -385,7 +397,7 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   """
   batch, t_pad, hb, d = b.shape
   e = c.shape[3]
-  bc = min(p.block_c, e)
+  bc = _block_c(p.block_c, d, e)
   spans = t_pad // p.span
   in_specs = [pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0)),
               pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))]
