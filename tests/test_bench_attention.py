@@ -72,8 +72,10 @@ def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   assert len(data["rows"]) == 4 and len(data["targets"]) == 2
   for row in data["rows"]:
     assert row["ms"]["pallas"] > 0 and row["ms"]["xla"] > 0, row
+    assert row["ms_pipelined"]["pallas"] > 0 and row["ms_pipelined"]["xla"] > 0, row
   for target in data["targets"]:
     assert target["longest_over_base"] > 0 and target["xla_over_pallas"] > 0, target
+    assert target["longest_over_base_pipelined"] > 0 and target["xla_over_pallas_pipelined"] > 0, target
   table = (out / "linear.md").read_text()
   assert table.count("\n| ") == len(data["rows"]) + 1 + len(data["targets"]) + 1
   assert (out / "linear.png").stat().st_size > 10_000
