@@ -4,6 +4,12 @@ Each kernel file ends with its fp32 `*_reference`.
 """
 
 from pallas.block_sparse import block_sparse_attention, block_sparse_attention_reference
+from pallas.favor_features import (
+    FeatureBlockSizes,
+    causal_favor_attention,
+    positive_features,
+    positive_features_reference,
+)
 from pallas.flash_attention import (
     BlockSizes,
     flash_attention,
@@ -17,11 +23,15 @@ from pallas.linear_attention import (
 
 __all__ = [
     "BlockSizes",
+    "FeatureBlockSizes",
     "LinearBlockSizes",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "causal_favor_attention",
     "causal_linear_attention",
     "causal_linear_attention_reference",
     "flash_attention",
     "flash_attention_reference",
+    "positive_features",
+    "positive_features_reference",
 ]
