@@ -139,7 +139,9 @@ def favor_attention(
     bias: not supported; must be None.
     implementation: None or "xla" (the default), or "pallas": the chunked
       causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
-      segment_ids and key-padding masks, not masks with a T axis).
+      segment_ids and key-padding masks, not masks with a T axis). With
+      kernel="softmax" and no key mask, the features too come from Pallas
+      kernels (`pallas.causal_favor_attention`); otherwise from XLA.
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 (no
