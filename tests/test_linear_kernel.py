@@ -19,7 +19,12 @@ from pallas import (
   causal_linear_attention,
   causal_linear_attention_reference,
 )
-from pallas.favor_features import FeatureBlockSizes, positive_features, positive_features_reference
+from pallas.favor_features import (
+  FeatureBlockSizes,
+  causal_favor_attention,
+  positive_features,
+  positive_features_reference,
+)
 from tests import util
 
 
@@ -216,3 +221,22 @@ def test_favor_pallas_gradient_of_the_projection_vs_f64():
                                              implementation="pallas")
   ref = lambda w, q, k, v: ea.favor_attention_reference(q, k, v, w, is_causal=True, segment_ids=ids)
   util.check_against_f64(fn, ref, (w, q, k, v), argnums=(0,), **util.TOL[jnp.float32])
+
+
+def test_favor_kernels_errors_name_the_values():
+  q = util.normal((1, 16, 2, 16))
+  w = _features(16, 16)
+  with pytest.raises(ValueError, match=r"w must be \[M, H=16\], got w.shape=\(16, 8\)"):
+    causal_favor_attention(q, q, q, w[:, :8], scale=0.25)
+  with pytest.raises(ValueError, match="needs as many queries as keys"):
+    causal_favor_attention(q, q[:, :8], q[:, :8], w, scale=0.25)
+  with jax.enable_x64(True):
+    q64 = q.astype(jnp.float64)
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32, got float64"):
+      causal_favor_attention(q64, q64, q64, w, scale=0.25)
+  with pytest.raises(TypeError, match="block_sizes must be a LinearBlockSizes"):
+    causal_favor_attention(q, q, q, w, scale=0.25, block_sizes=(16, 16))
+  with pytest.raises(ValueError, match="block_m=24 must be a power of two"):
+    FeatureBlockSizes(block_m=24)
+  with pytest.raises(ValueError, match=r"w must be \[M, H=16\]"):
+    positive_features(q, q, w[:, :8], scale=0.25)
