@@ -17,6 +17,11 @@ the backward is XLA (two matmuls and a row sum over the feature cotangents):
 
   dq = (dphi_q * phi_q) w',   dk = g w' - scale k sum_m g,   g = dphi_k * phi_k (0 where floored)
 
+`causal_favor_attention(q, k, v, w, scale=...)` is causal FAVOR+ through these
+kernels and `pallas.causal_linear_attention`'s chunked kernel under one custom
+VJP: its dq and dk passes write dphi * phi themselves (no separate product over
+`[T, M]`), then the same two matmuls.
+
 Einsum alphabet: B batch, T time, N heads, M features, H head width.
 """
 
