@@ -36,7 +36,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from efficient_attention import _checks, _linear
 from efficient_attention._favor import LOG_FEATURE_FLOOR
+from pallas import linear_attention as la
 
 # Columns of the per-block maxima (the narrowest block a store takes).
 _VEC = 16
@@ -55,14 +57,7 @@ class FeatureBlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_t", "block_m"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"{name}={value!r} must be a power of two >= 16")
-    for name in ("num_warps", "num_stages"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    la.check_tiling(self, pow2=("block_t", "block_m"), positive=("num_warps", "num_stages"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +105,11 @@ def _settings(w, scale: float, block_sizes: FeatureBlockSizes, interpret: bool |
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   m = w.shape[0]
-  m_pad = _width(m)
+  m_pad = la._pow2_at_least(m)
   static = _Static(scale=float(scale), num_features=m, block_t=block_sizes.block_t,
                    block_m=min(block_sizes.block_m, m_pad), interpret=bool(interpret),
                    num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
   return static, jnp.pad(w.astype(jnp.float32) * math.sqrt(scale), ((0, m_pad - m), (0, 0)))
-
-
-def _width(m: int) -> int:
-  """The padded feature count M'."""
-  return max(16, 1 << (m - 1).bit_length())
 
 
 def causal_favor_attention(
@@ -130,7 +120,7 @@ def causal_favor_attention(
     *,
     scale: float,
     segment_ids: jax.Array | None = None,
-    block_sizes=None,
+    block_sizes: la.LinearBlockSizes | None = None,
     feature_block_sizes: FeatureBlockSizes | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -153,9 +143,6 @@ def causal_favor_attention(
   Returns:
     `[B, T, N, Hv]` in q's dtype.
   """
-  from efficient_attention import _checks, _linear
-  from pallas import linear_attention as la
-
   family = "causal_favor_attention"
   dims = _checks.check_qkv(q, k, v)
   _checks.check_causal(True, dims, family=family, need_square=True)
@@ -187,8 +174,6 @@ def _favor_core(q, k, v, w_s, labels, static, fstatic: _Static):
 
 
 def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
-  from pallas import linear_attention as la
-
   (phi_q, phi_k), _ = _features_fwd(q, k, w_s, fstatic)
   t_pad, m_pad = v.shape[1], w_s.shape[0]
   phi_q, phi_k = la._pad(phi_q, t_pad, m_pad), la._pad(phi_k, t_pad, m_pad)
@@ -197,8 +182,6 @@ def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
 
 
 def _favor_core_bwd(static, fstatic: _Static, residuals, cotangents):
-  from pallas import linear_attention as la
-
   q, k, v, w_s, labels, phi_q, phi_k, sums = residuals
   g_q, g_k, dv = la._backward(static, phi_q, phi_k, v, labels, sums, *cotangents,
                               key_floor=_floor_threshold(fstatic, phi_k.dtype))
@@ -425,7 +408,7 @@ def positive_features_reference(q, k, w, *, scale: float):
   """fp32 einsum form of the same contract (the XLA path's feature maps), padded as the kernels pad."""
   f32 = jnp.promote_types(q.dtype, jnp.float32)
   m = w.shape[0]
-  m_pad = _width(m)
+  m_pad = la._pow2_at_least(m)
   norm = 1.0 / math.sqrt(m)
   hi = lax.Precision.HIGHEST
   w_s = w.astype(f32) * math.sqrt(scale)

@@ -80,18 +80,24 @@ class LinearBlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("chunk", "block_c"):
-      value = getattr(self, name)
-      if name == "block_c" and value is None:
-        continue
-      if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"{name}={value!r} must be a power of two >= 16")
     if self.span_chunks is not None and (not isinstance(self.span_chunks, int) or self.span_chunks <= 0):
       raise ValueError(f"span_chunks={self.span_chunks!r} must be None or a positive int")
-    for name in ("min_programs", "num_warps", "num_stages"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+    check_tiling(self, pow2=("chunk", "block_c"), positive=("min_programs", "num_warps", "num_stages"),
+                 optional=("block_c",))
+
+
+def check_tiling(sizes, *, pow2: tuple[str, ...], positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+  """Raises unless the fields `pow2` of `sizes` are powers of two >= 16 and `positive` positive ints
+  (fields in `optional` may also be None)."""
+  for name in pow2 + positive:
+    value = getattr(sizes, name)
+    if value is None and name in optional:
+      continue
+    ok = not isinstance(value, bool) and isinstance(value, int) and value > 0
+    if name in pow2 and not (ok and value >= 16 and not value & (value - 1)):
+      raise ValueError(f"{name}={value!r} must be a power of two >= 16")
+    if not ok:
+      raise ValueError(f"{name}={value!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True)
