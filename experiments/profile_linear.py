@@ -11,11 +11,17 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
     python experiments/profile_linear.py --run h100/linear_profile
     python experiments/profile_linear.py --cases 64,128,16384 128,256,4096 --impls pallas
     python experiments/profile_linear.py --tune-features     # FAVOR+ feature kernels' tiling
+    python experiments/profile_linear.py --tune-linear --cases 128,256,4096   # chunked kernel's tiling
 
 Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
 `--tune-features` it instead traces `pallas.favor_features.positive_features`
 (forward: GPU time of its kernels) for every `FeatureBlockSizes` of a grid and
-writes `results/<run>/feature_tune.{json,md}`. Needs a GPU (the trace of a CPU run
+writes `results/<run>/feature_tune.{json,md}`. With `--tune-linear` it traces causal
+FAVOR+ forward+backward (`pallas.favor_features.causal_favor_attention`) for every
+`LinearBlockSizes` of a grid (chunk, span, columns per program, warps) and writes
+each pass's kernel time (`linear_attention_{forward,dq,dk,dv}` and their span sums)
+to `results/<run>/linear_tune.{json,md}`, so that each pass's best tiling can be
+read off for a given chunk and span. Needs a GPU (the trace of a CPU run
 holds no device kernels).
 """
 
@@ -170,6 +176,64 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
     (out / "feature_tune.md").write_text("\n".join(lines) + "\n")
 
 
+def pass_times(kernels: list[dict]) -> dict[str, float]:
+  """µs per chunked-kernel pass (its span sums included) from a profile's kernels."""
+  times = collections.Counter()
+  for k in kernels:
+    name = k["name"]
+    if name.startswith("linear_attention_"):
+      times[name.removeprefix("linear_attention_").removeprefix("span_sums_").split("__")[0]] += k["us"]
+  return dict(times)
+
+
+def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s: float) -> None:
+  """GPU time per pass of causal FAVOR+ forward+backward for every tiling of a grid."""
+  import itertools
+
+  import efficient_attention as ea
+  from pallas import LinearBlockSizes
+  from pallas.favor_features import causal_favor_attention
+
+  start = time.perf_counter()
+  rows = []
+  for h, m, t in cases:
+    w = ea.orthogonal_random_features(jax.random.key(1), m, h)
+    q, k, v, do = inputs(jax.random.key(3), 1, t, num_heads, h, jnp.bfloat16)
+    spans = sorted({s for s in (t // 32, t // 16, t // 8, t // 4) if s >= 64})
+    grid = [(c, s, bc, wp) for c, s, bc, wp in itertools.product((64, 32, 128), spans, (None, 32, 128), (4, 8))
+            if s % c == 0 and s >= 2 * c]
+    for chunk, span, block_c, warps in tqdm(grid, desc=f"H={h} M={m} T={t}"):
+      if time.perf_counter() - start > budget_s:
+        print(f"time budget of {budget_s:.0f} s spent; stopping the sweep")
+        break
+      blocks = LinearBlockSizes(chunk=chunk, block_c=block_c, span_chunks=span // chunk, num_warps=warps)
+
+      def fwd_bwd(q, k, v, do, blocks=blocks, w=w, h=h):
+        _, vjp = jax.vjp(lambda q, k, v: causal_favor_attention(q, k, v, w, scale=h**-0.5, block_sizes=blocks), q, k, v)
+        return vjp(do)
+
+      row = {"head_dim": h, "num_features": m, "seq_len": t, "chunk": chunk, "span": span, "block_c": block_c,
+             "num_warps": warps}
+      try:
+        prof = profile(jax.jit(fwd_bwd), (q, k, v, do), repeats, 2)
+        row.update(busy_us=1e3 * prof["busy_ms"], passes=pass_times(prof["kernels"]))
+      except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+      rows.append(row)
+      (out / "linear_tune.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| H | M | T | chunk | span | block_c | warps | busy µs | forward | dq | dk | dv |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get("busy_us", 1e30))):
+      head = (f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['chunk']} | {r['span']} | "
+              f"{r['block_c'] or 'auto'} | {r['num_warps']} | ")
+      if "error" in r:
+        lines.append(head + f"{r['error']} | | | | |")
+      else:
+        lines.append(head + f"{r['busy_us']:.1f} | " +
+                     " | ".join(f"{r['passes'].get(x, 0):.1f}" for x in ("forward", "dq", "dk", "dv")) + " |")
+    (out / "linear_tune.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", type=parse_case, nargs="+",
@@ -181,7 +245,9 @@ def main(argv=None) -> None:
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--run", default="linear_profile")
   parser.add_argument("--tune-features", action="store_true", help="time the feature kernels' tilings instead")
-  parser.add_argument("--repeats", type=int, default=5, help="calls traced per tiling (--tune-features)")
+  parser.add_argument("--tune-linear", action="store_true", help="time the chunked kernel's tilings instead")
+  parser.add_argument("--repeats", type=int, default=5, help="calls traced per tiling (--tune-*)")
+  parser.add_argument("--budget", type=float, default=540.0, help="seconds after which --tune-linear stops")
   args = parser.parse_args(argv)
   if jax.default_backend() != "gpu":
     parser.error("needs a GPU: a CPU trace holds no device kernels")
@@ -192,6 +258,10 @@ def main(argv=None) -> None:
   if args.tune_features:
     tune_features(args.cases, args.num_heads, out, args.repeats)
     print((out / "feature_tune.md").read_text())
+    return
+  if args.tune_linear:
+    tune_linear(args.cases, args.num_heads, out, args.repeats, args.budget)
+    print((out / "linear_tune.md").read_text())
     return
   header = (f"Causal FAVOR+ forward+backward per kernel — {jax.devices()[0].device_kind}, JAX {jax.__version__}, "
             f"bfloat16, B1 N{args.num_heads}")

@@ -125,6 +125,7 @@ class _Pass:
   alpha_ones: bool = False  # alpha is 1 (no alpha input)
   beta_ones: bool = False  # beta is 1 (no beta input)
   sums_t: bool = False  # given span sums are transposed: S as [E, D], W as Z-shaped [E, 16]
+  label: str = "forward"  # names the kernels: linear_attention_{label}, linear_attention_span_sums_{label}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +143,9 @@ class _Static:
   num_stages: int
   precision: Any = None
 
-  def pass_(self, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int,
+  def pass_(self, label: str, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int,
             out_dtype: Any = jnp.float32) -> _Pass:
-    return _Pass(reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
+    return _Pass(label=label, reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
                  span=self.span, spans=self.spans, block_c=self.block_c, a_group=a_group, b_group=b_group,
                  interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages,
                  precision=self.precision, out_dtype=jnp.dtype(out_dtype))
@@ -256,7 +257,7 @@ def _core(q, k, v, labels, static: _Static):
 
 def _forward(q, k, v, labels, static: _Static):
   """(num, den), and the per-span sums the forward used (None with one span)."""
-  p = static.pass_(reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group)
+  p = static.pass_("forward", reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group)
   return _run(q, k, v, None, None, labels, p)
 
 
@@ -284,16 +285,16 @@ def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: f
   d_num = d_num.astype(q.dtype)
   # The dq pass's span sums are the forward's, read transposed (sum_s v_s^T k_s and sum_s k_s);
   # the dv pass's are the dk pass's, read transposed (sum_s q_s^T d_num_s).
-  fwd = static.pass_(reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
+  fwd = static.pass_("dq", reverse=False, bias=True, rowsum=False, a_group=1, b_group=g, out_dtype=q.dtype)
   fwd = dataclasses.replace(fwd, beta_ones=True, sums_t=sums is not None, times=logs, f_group=1)
   dq = _run(d_num, v, k, d_den, None, labels, fwd, sums=sums, times=q if logs else None)[0][0]
   # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
-  rev = static.pass_(reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
+  rev = static.pass_("dk", reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
                      out_dtype=k.dtype if g == 1 else jnp.float32)
   rev_k = dataclasses.replace(rev, alpha_ones=True, times=logs, f_group=g, floor=key_floor)
   (dk,), sums = _run(v, d_num, q, None, d_den, labels, rev_k, times=k if logs else None)
   dk = _sum_group(dk, kh)
-  rev_v = dataclasses.replace(rev, bias=False, sums_t=sums is not None,
+  rev_v = dataclasses.replace(rev, label="dv", bias=False, sums_t=sums is not None,
                               out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
   dv = _sum_group(_run(k, q, d_num, None, None, labels, rev_v, sums=None if sums is None else sums[:1])[0][0], kh)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
@@ -387,7 +388,7 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=p.interpret,
-      name="linear_attention_" + ("reverse" if p.reverse else "forward"),
+      name=f"linear_attention_{p.label}",
       **params,
   )(*args)
   return outs, (sums if spans > 1 else None)
@@ -431,7 +432,7 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=p.interpret,
-      name="linear_attention_span_sums",
+      name=f"linear_attention_span_sums_{p.label}",
       **params,
   )(*args)
 
