@@ -164,8 +164,7 @@ def causal_favor_attention(
   fstatic, w_s = _settings(w, scale, feature_block_sizes, interpret)
   static, t_pad, labels = la._prepare(dims, w_s.shape[0], q.dtype, ids, block_sizes, interpret)
   v = la._pad(v, t_pad, la._pow2_at_least(dims.v_head_dim))
-  num, den = _favor_core(q, k, v, w_s, labels, static, fstatic)
-  return la._finish(num, den, dims, q.dtype)
+  return la._finish(_favor_core(q, k, v, w_s, labels, static, fstatic), dims)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -177,13 +176,13 @@ def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
   (phi_q, phi_k), _ = _features_fwd(q, k, w_s, fstatic)
   t_pad, m_pad = v.shape[1], w_s.shape[0]
   phi_q, phi_k = la._pad(phi_q, t_pad, m_pad), la._pad(phi_k, t_pad, m_pad)
-  outs, sums = la._forward(phi_q, phi_k, v, labels, static)
-  return outs, (q, k, v, w_s, labels, phi_q, phi_k, sums)
+  (out, den), sums = la._forward(phi_q, phi_k, v, labels, static)
+  return out, (q, k, v, w_s, labels, phi_q, phi_k, sums, out, den)
 
 
-def _favor_core_bwd(static, fstatic: _Static, residuals, cotangents):
-  q, k, v, w_s, labels, phi_q, phi_k, sums = residuals
-  g_q, g_k, dv = la._backward(static, phi_q, phi_k, v, labels, sums, *cotangents,
+def _favor_core_bwd(static, fstatic: _Static, residuals, g):
+  q, k, v, w_s, labels, phi_q, phi_k, sums, out, den = residuals
+  g_q, g_k, dv = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, den),
                               key_floor=_floor_threshold(fstatic, phi_k.dtype))
   t = q.shape[1]
   dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t])

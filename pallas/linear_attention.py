@@ -23,10 +23,12 @@ One kernel serves the forward and the three backward passes:
   o_t = sum_{s <= t, same run} (a_t . b_s + alpha_t beta_s) c_s   (forward in time)
   o_t = sum_{s >= t, same run} (a_t . b_s + alpha_t beta_s) c_s   (reverse)
 
-With num = A v, den = A 1 and A_ts = phi_q_t . phi_k_s (s <= t, same run), and
-cotangents dnum `[T, Hv]`, dden `[T]`:
+With num = A v, den = A 1 and A_ts = phi_q_t . phi_k_s (s <= t, same run), the
+forward writes out = num / den (0 where den is 0) in the input dtype and den in
+float32; from out's cotangent g the backward takes dnum = g / den and
+dden = -(g . out) / den (0 where den is 0):
 
-  forward  a=phi_q b=phi_k c=v                      (+ den_t = sum_s A_ts)
+  forward  a=phi_q b=phi_k c=v                      (+ den_t = sum_s A_ts; writes num / den)
   dphi_q   a=dnum  b=v     c=phi_k  alpha=dden beta=1   forward in time
   dphi_k   a=v     b=dnum  c=phi_q  alpha=1 beta=dden   reverse
   dv       a=phi_k b=phi_q c=dnum                   reverse
@@ -67,7 +69,9 @@ class LinearBlockSizes:
   spares narrow passes (the H=64 gradient passes) recomputing the chunk scores
   for a second block of columns.
   `span_chunks`: chunks per program; None picks the fewest that give at least
-  `min_programs` programs. `num_warps` / `num_stages`: Triton launch settings
+  `min_programs` programs in the forward pass (H100, B1 N8 at T=4k and 16k: 128
+  programs beat 256 by 10-25%, the span states' sums being fewer to gather; see
+  pallas/NOTES.md). `num_warps` / `num_stages`: Triton launch settings
   (H100, B1 N8, T=16k: 4 warps and 2 stages are the fastest forward+backward at
   M=256, H=128 and within 2% of it at M=128, H=64; see pallas/NOTES.md).
   """
@@ -75,7 +79,7 @@ class LinearBlockSizes:
   chunk: int = 64
   block_c: int | None = None
   span_chunks: int | None = None
-  min_programs: int = 256
+  min_programs: int = 128
   num_warps: int = 4
   num_stages: int = 2
 
@@ -125,6 +129,7 @@ class _Pass:
   alpha_ones: bool = False  # alpha is 1 (no alpha input)
   beta_ones: bool = False  # beta is 1 (no beta input)
   sums_t: bool = False  # given span sums are transposed: S as [E, D], W as Z-shaped [E, 16]
+  normalise: bool = False  # (with rowsum) o is written divided by den (0 where den is 0)
   label: str = "forward"  # names the kernels: linear_attention_{label}, linear_attention_span_sums_{label}
 
 
@@ -192,8 +197,8 @@ def causal_linear_attention(
     return jnp.zeros((b, 0, n, dims.v_head_dim), phi_q.dtype)
   static, t_pad, labels = _prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret)
   m_pad, hv_pad = _pow2_at_least(m), _pow2_at_least(dims.v_head_dim)
-  num, den = _core(_pad(phi_q, t_pad, m_pad), _pad(phi_k, t_pad, m_pad), _pad(v, t_pad, hv_pad), labels, static)
-  return _finish(num, den, dims, phi_q.dtype)
+  out = _core(_pad(phi_q, t_pad, m_pad), _pad(phi_k, t_pad, m_pad), _pad(v, t_pad, hv_pad), labels, static)
+  return _finish(out, dims)
 
 
 def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool):
@@ -232,12 +237,9 @@ def _pad(x: jax.Array, t_pad: int, width: int) -> jax.Array:
   return jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, width - x.shape[3])))
 
 
-def _finish(num: jax.Array, den: jax.Array, dims: _checks.Dims, dtype) -> jax.Array:
-  """`num / den` of the real steps and value columns, in `dtype` (0 where den is 0)."""
-  t = dims.q_len
-  # [B, T, N, 1]
-  den = den[:, :, 0, :t].transpose(0, 2, 1)[..., None]
-  return _linear._safe_divide(num[:, :t, :, : dims.v_head_dim], den).astype(dtype)
+def _finish(out: jax.Array, dims: _checks.Dims) -> jax.Array:
+  """The real steps and value columns of the padded output."""
+  return out[:, : dims.q_len, :, : dims.v_head_dim]
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -251,28 +253,43 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _core(q, k, v, labels, static: _Static):
-  """Numerator `[B, T, N, Hv]` and denominator `[B, N, J, T]` (J copies), both float32."""
-  return _forward(q, k, v, labels, static)[0]
+  """`num / den` `[B, T, N, Hv]` in q's dtype (0 where den is 0)."""
+  return _forward(q, k, v, labels, static)[0][0]
 
 
 def _forward(q, k, v, labels, static: _Static):
-  """(num, den), and the per-span sums the forward used (None with one span)."""
-  p = static.pass_("forward", reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group)
-  return _run(q, k, v, None, None, labels, p)
+  """([out, den]), and the per-span sums the forward used (None with one span).
+
+  out `[B, T, N, Hv]` in q's dtype; den float32 `[B, N, J, T]` (J copies).
+  """
+  p = static.pass_("forward", reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group,
+                   out_dtype=q.dtype)
+  return _run(q, k, v, None, None, labels, dataclasses.replace(p, normalise=True))
 
 
 def _core_fwd(q, k, v, labels, static: _Static):
-  outs, sums = _forward(q, k, v, labels, static)
-  return outs, (q, k, v, labels, sums)
+  (out, den), sums = _forward(q, k, v, labels, static)
+  return out, (q, k, v, labels, sums, out, den)
 
 
-def _core_bwd(static: _Static, residuals, cotangents):
-  q, k, v, labels, sums = residuals
-  return (*_backward(static, q, k, v, labels, sums, *cotangents), None)
+def _core_bwd(static: _Static, residuals, g):
+  q, k, v, labels, sums, out, den = residuals
+  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, den)), None)
+
+
+def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array):
+  """Cotangents of (num, den) from out's `g [B, T, N, E]`, out = num / den: g / den `[B, T, N, E]`
+  and -(g . out) / den `[B, N, T]` (float32), both 0 where den is 0."""
+  # [B, T, N, 1]
+  den = den[:, :, 0].transpose(0, 2, 1)[..., None]
+  inv = jnp.where(den == 0, 0.0, 1.0 / jnp.where(den == 0, 1.0, den))
+  g = g.astype(jnp.float32)
+  d_den = -jnp.sum(g * out.astype(jnp.float32), axis=-1, keepdims=True) * inv
+  return g * inv, d_den[..., 0].transpose(0, 2, 1)
 
 
 def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: float | None = None):
-  """dq, dk, dv of `_core` from the cotangents of (num, den) and the forward's span sums.
+  """dq, dk, dv of num and den from their cotangents (`[B, T, N, E]`, `[B, N, T]`) and the forward's span sums.
 
   With `key_floor`, the cotangents of the features' logarithms instead: dq times
   q and dk times k (0 where k <= key_floor: floored features are constants), as
@@ -280,8 +297,6 @@ def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: f
   """
   kh, g = k.shape[2], static.group
   logs = key_floor is not None
-  # [B, N, T]: every copy of the denominator gets its share.
-  d_den = jnp.sum(d_den, axis=2)
   d_num = d_num.astype(q.dtype)
   # The dq pass's span sums are the forward's, read transposed (sum_s v_s^T k_s and sum_s k_s);
   # the dv pass's are the dk pass's, read transposed (sum_s q_s^T d_num_s).
@@ -318,8 +333,9 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   """One pass over `a [B, T, Ha, D]`, `b [B, T, Hb, D]`, `c [B, T, Hb, E]`.
 
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
-  `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb), and,
-  with `p.rowsum`, float32 `den [B, Ho, J, T]` (one copy per column block); and
+  `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb)
+  (divided by the row sums with `p.normalise`), and, with `p.rowsum`, float32
+  `den [B, Ho, J, T]` (one copy per column block); and
   the per-span sums it used (None with one span): given as `sums`, or computed
   by `_span_sums`. With `p.times`, `o` is multiplied element-wise by `times
   [B, T, Ho / p.f_group, E]` (zeroed where `times <= p.floor`).
@@ -513,17 +529,21 @@ def _kernel(*refs, p: _Pass):
     if p.segments:
       inter = jnp.where(sees[:, None], inter, 0.0)
     out = _dot(scores.astype(c.dtype), c, p) + inter
+    if p.rowsum:
+      den_inter = jnp.sum(_dot(a, z.astype(a.dtype), p), axis=1)
+      if p.segments:
+        den_inter = jnp.where(sees, den_inter, 0.0)
+      den = jnp.sum(scores, axis=1) + den_inter
+      den_ref[at] = den
+      if p.normalise:
+        empty = den == 0
+        out = jnp.where(empty[:, None], 0.0, out / jnp.where(empty, 1.0, den)[:, None])
     if p.times:
       factor = times_ref[at, :].astype(f32)
       if p.floor is not None:
         factor = jnp.where(factor > p.floor, factor, 0.0)
       out = out * factor
     o_ref[at, :] = out.astype(o_ref.dtype)
-    if p.rowsum:
-      den_inter = jnp.sum(_dot(a, z.astype(a.dtype), p), axis=1)
-      if p.segments:
-        den_inter = jnp.where(sees, den_inter, 0.0)
-      den_ref[at] = jnp.sum(scores, axis=1) + den_inter
     # Carry the state on: restart it when a run begins inside the chunk.
     keep = 1.0
     if p.segments:
