@@ -182,10 +182,10 @@ def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
 
 def _favor_core_bwd(static, fstatic: _Static, residuals, g):
   q, k, v, w_s, labels, phi_q, phi_k, sums, out, den = residuals
-  g_q, g_k, dv = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, den),
-                              key_floor=_floor_threshold(fstatic, phi_k.dtype))
+  g_q, g_k, dv, k_sums = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, den),
+                                      key_floor=_floor_threshold(fstatic, phi_k.dtype))
   t = q.shape[1]
-  dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t])
+  dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t], k_sums[:, :t])
   return dq, dk, dv, dw_s, None
 
 
@@ -232,11 +232,12 @@ def _features_bwd(static: _Static, residuals, cotangents):
   g_q = d_phi_q.astype(f32) * phi_q.astype(f32)
   floored = phi_k.astype(f32) <= _floor_threshold(static, phi_k.dtype)
   g_k = jnp.where(floored, 0.0, d_phi_k.astype(f32) * phi_k.astype(f32))
-  return _input_grads(static, q, k, w_s, g_q, g_k)
+  return _input_grads(static, q, k, w_s, g_q, g_k, jnp.sum(g_k, axis=-1))
 
 
-def _input_grads(static: _Static, q, k, w_s, g_q, g_k):
-  """dq, dk, dw' from the cotangents `g = dphi * phi` of the features' logarithms `[B, T, N|K, M']`.
+def _input_grads(static: _Static, q, k, w_s, g_q, g_k, k_sums):
+  """dq, dk, dw' from the cotangents `g = dphi * phi` of the features' logarithms `[B, T, N|K, M']`
+  and the float32 row sums of g_k `[B, T, K]` (the gradient of k's -|k|^2 / 2 term).
 
   The matmuls take g in the input dtype when it is 16-bit (the gradients are
   written in it), float32 otherwise; their sums are float32.
@@ -244,12 +245,9 @@ def _input_grads(static: _Static, q, k, w_s, g_q, g_k):
   f32 = jnp.float32
   low = q.dtype if jnp.dtype(q.dtype).itemsize == 2 else f32
   g_q, g_k = g_q.astype(low), g_k.astype(low)
-  h = w_s.shape[1]
   dq = jnp.einsum("btnm,mh->btnh", g_q, w_s.astype(low), preferred_element_type=f32)
-  # One matmul gives g w' and, in its last column, sum_m g.
-  w_aug = jnp.concatenate([w_s, jnp.ones((w_s.shape[0], 1), f32)], axis=1).astype(low)
-  gw = jnp.einsum("bsnm,mh->bsnh", g_k, w_aug, preferred_element_type=f32)
-  dk = gw[..., :h] - static.scale * k.astype(f32) * gw[..., h:]
+  gw = jnp.einsum("bsnm,mh->bsnh", g_k, w_s.astype(low), preferred_element_type=f32)
+  dk = gw - static.scale * k.astype(f32) * k_sums[..., None]
   dw_s = jnp.einsum("btnm,btnh->mh", g_q, q.astype(low), preferred_element_type=f32) + jnp.einsum(
       "bsnm,bsnh->mh", g_k, k.astype(low), preferred_element_type=f32)
   return dq.astype(q.dtype), dk.astype(k.dtype), dw_s

@@ -126,6 +126,7 @@ class _Pass:
   times: bool = False  # o is multiplied by a tile of `times` (see `_backward`)
   f_group: int = 1  # grid heads per head of `times`
   floor: float | None = None  # entries of `times` at or below it multiply by 0
+  times_sum: bool = False  # (with times) also write o's row sums, float32 [B, Ho, J, T]
   alpha_ones: bool = False  # alpha is 1 (no alpha input)
   beta_ones: bool = False  # beta is 1 (no beta input)
   sums_t: bool = False  # given span sums are transposed: S as [E, D], W as Z-shaped [E, 16]
@@ -274,7 +275,7 @@ def _core_fwd(q, k, v, labels, static: _Static):
 
 def _core_bwd(static: _Static, residuals, g):
   q, k, v, labels, sums, out, den = residuals
-  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, den)), None)
+  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, den))[:3], None)
 
 
 def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array):
@@ -293,7 +294,8 @@ def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: f
 
   With `key_floor`, the cotangents of the features' logarithms instead: dq times
   q and dk times k (0 where k <= key_floor: floored features are constants), as
-  the passes write them (no separate product over `[T, M]`).
+  the passes write them (no separate product over `[T, M]`); then a fourth
+  result, dk's float32 row sums `[B, T, K]` (None without `key_floor`).
   """
   kh, g = k.shape[2], static.group
   logs = key_floor is not None
@@ -306,13 +308,16 @@ def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: f
   # dk, dv sum over each GQA group in float32 (with groups of one, written in the input dtype).
   rev = static.pass_("dk", reverse=True, bias=True, rowsum=False, a_group=g, b_group=1,
                      out_dtype=k.dtype if g == 1 else jnp.float32)
-  rev_k = dataclasses.replace(rev, alpha_ones=True, times=logs, f_group=g, floor=key_floor)
-  (dk,), sums = _run(v, d_num, q, None, d_den, labels, rev_k, times=k if logs else None)
+  rev_k = dataclasses.replace(rev, alpha_ones=True, times=logs, f_group=g, floor=key_floor, times_sum=logs)
+  (dk, *k_sums), sums = _run(v, d_num, q, None, d_den, labels, rev_k, times=k if logs else None)
   dk = _sum_group(dk, kh)
+  if logs:
+    # [B, N, J, T] -> [B, T, K]
+    k_sums = _sum_group(jnp.sum(k_sums[0], axis=2).transpose(0, 2, 1)[..., None], kh)[..., 0]
   rev_v = dataclasses.replace(rev, label="dv", bias=False, sums_t=sums is not None,
                               out_dtype=jnp.dtype(v.dtype if g == 1 else jnp.float32))
   dv = _sum_group(_run(k, q, d_num, None, None, labels, rev_v, sums=None if sums is None else sums[:1])[0][0], kh)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), (k_sums if logs else None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -335,7 +340,8 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
   `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb)
   (divided by the row sums with `p.normalise`), and, with `p.rowsum`, float32
-  `den [B, Ho, J, T]` (one copy per column block); and
+  `den [B, Ho, J, T]` (one copy per column block), and with `p.times_sum` o's
+  float32 row sums per column block `[B, Ho, J, T]`; and
   the per-span sums it used (None with one span): given as `sums`, or computed
   by `_span_sums`. With `p.times`, `o` is multiplied element-wise by `times
   [B, T, Ho / p.f_group, E]` (zeroed where `times <= p.floor`).
@@ -394,7 +400,8 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
       args.append(jnp.pad(runs, ((0, 0), (0, p_pad - spans))))
   out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
   out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)]
-  if p.rowsum:
+  assert not (p.rowsum and p.times_sum), "one row-sum output per pass"
+  if p.rowsum or p.times_sum:
     out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
   outs = pl.pallas_call(
@@ -465,7 +472,7 @@ def _kernel(*refs, p: _Pass):
   (bias), labels `[L]` (segments), a factor `[L, bc]` of the output (times); with more than one span, every span's sums
   S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
   run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
-  (rowsum).
+  (rowsum) or o's row sums `[L]` (times_sum).
 
   The state entering the span is the sum of the spans before it (after it, in
   reverse) whose handed-on run is the run of the span's first step: labels do
@@ -487,7 +494,7 @@ def _kernel(*refs, p: _Pass):
   states = p.spans > 1
   s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
   runs_ref = take(states and p.segments)
-  o_ref, den_ref = take(True), take(p.rowsum)
+  o_ref, den_ref, sum_ref = take(True), take(p.rowsum), take(p.times_sum)
   f32 = jnp.float32
   size = p.chunk
   num_chunks = p.span // size
@@ -543,6 +550,8 @@ def _kernel(*refs, p: _Pass):
       if p.floor is not None:
         factor = jnp.where(factor > p.floor, factor, 0.0)
       out = out * factor
+      if p.times_sum:
+        sum_ref[at] = jnp.sum(out, axis=1)
     o_ref[at, :] = out.astype(o_ref.dtype)
     # Carry the state on: restart it when a run begins inside the chunk.
     keep = 1.0
