@@ -236,21 +236,63 @@ def _features_bwd(static: _Static, residuals, cotangents):
 
 
 def _input_grads(static: _Static, q, k, w_s, g_q, g_k, k_sums):
-  """dq, dk, dw' from the cotangents `g = dphi * phi` of the features' logarithms `[B, T, N|K, M']`
-  and the float32 row sums of g_k `[B, T, K]` (the gradient of k's -|k|^2 / 2 term).
+  """dq, dk, dw' from the cotangents `g = dphi * phi` of the features' logarithms `[B, T', N|K, M']`
+  and the float32 row sums of g_k `[B, T', K]` (the gradient of k's -|k|^2 / 2 term); rows past
+  q's length T <= T' are ignored.
 
-  The matmuls take g in the input dtype when it is 16-bit (the gradients are
-  written in it), float32 otherwise; their sums are float32.
+  dq = g_q w' and dk = g_k w' - scale k sum_m g_k come from a kernel each (the
+  float32 product never leaves it) for head widths that are powers of two >= 16,
+  from XLA matmuls otherwise; dw' from two XLA matmuls (dropped when unused).
+  The matmuls take g in the input dtype when it is 16-bit, float32 otherwise;
+  their sums are float32.
   """
   f32 = jnp.float32
+  t = q.shape[1]
   low = q.dtype if jnp.dtype(q.dtype).itemsize == 2 else f32
-  g_q, g_k = g_q.astype(low), g_k.astype(low)
-  dq = jnp.einsum("btnm,mh->btnh", g_q, w_s.astype(low), preferred_element_type=f32)
-  gw = jnp.einsum("bsnm,mh->bsnh", g_k, w_s.astype(low), preferred_element_type=f32)
-  dk = gw - static.scale * k.astype(f32) * k_sums[..., None]
-  dw_s = jnp.einsum("btnm,btnh->mh", g_q, q.astype(low), preferred_element_type=f32) + jnp.einsum(
-      "bsnm,bsnh->mh", g_k, k.astype(low), preferred_element_type=f32)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dw_s
+  g_q, g_k, w_low = g_q.astype(low), g_k.astype(low), w_s.astype(low)
+  h = w_s.shape[1]
+  if h >= 16 and not h & (h - 1):
+    dq = _grad_call(g_q, w_low, None, None, static, t, "favor_query_gradient")
+    # [B, K, T']
+    sums = jnp.transpose(k_sums.astype(f32), (0, 2, 1))
+    dk = _grad_call(g_k, w_low, k, sums, static, t, "favor_key_gradient")
+  else:
+    dq = jnp.einsum("btnm,mh->btnh", g_q[:, :t], w_low, preferred_element_type=f32).astype(q.dtype)
+    gw = jnp.einsum("bsnm,mh->bsnh", g_k[:, :t], w_low, preferred_element_type=f32)
+    dk = (gw - static.scale * k.astype(f32) * k_sums[:, :t, :, None]).astype(k.dtype)
+  dw_s = jnp.einsum("btnm,btnh->mh", g_q[:, :t], q.astype(low), preferred_element_type=f32) + jnp.einsum(
+      "bsnm,bsnh->mh", g_k[:, :t], k.astype(low), preferred_element_type=f32)
+  return dq, dk, dw_s
+
+
+def _grad_call(g, w, x, sums, static: _Static, length: int, name: str):
+  """`g [B, T', N, M'] w [M', H]`, minus `scale x sums` with x `[B, T, N, H]` and
+  `sums [B, N, T']`, for the first `length` rows, `[B, length, N, H]` in the input dtype."""
+  b, _, n, m_pad = g.shape
+  h = w.shape[1]
+  c = static.block_t
+  params = {}
+  if not static.interpret:
+    from jax.experimental.pallas import triton as pltriton
+    params["compiler_params"] = pltriton.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
+  in_specs = [pl.BlockSpec((None, c, None, m_pad), lambda i, j, s: (i, s, j, 0)),
+              pl.BlockSpec((m_pad, h), lambda i, j, s: (0, 0))]
+  args = [g, w]
+  if x is not None:
+    in_specs += [pl.BlockSpec((None, c, None, h), lambda i, j, s: (i, s, j, 0)),
+                 pl.BlockSpec((None, None, c), lambda i, j, s: (i, j, s))]
+    args += [x, sums]
+  dtype = x.dtype if x is not None else (g.dtype if jnp.dtype(g.dtype).itemsize == 2 else jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_grad_kernel, static=static, length=length, key=x is not None),
+      grid=(b, n, -(-length // c)),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, c, None, h), lambda i, j, s: (i, s, j, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, length, n, h), dtype),
+      interpret=static.interpret,
+      name=name,
+      **params,
+  )(*args)
 
 
 _features.defvjp(_features_fwd, _features_bwd)
@@ -361,6 +403,28 @@ def _query_kernel(x_ref, w_ref, o_ref, *, static: _Static, length: int):
     return carry
 
   lax.fori_loop(0, blocks, write, 0)
+
+
+def _grad_kernel(g_ref, w_ref, *refs, static: _Static, length: int, key: bool):
+  """One block of rows of `_grad_call`: `g w`, minus `scale x sums` for keys."""
+  from jax.experimental.pallas import triton as pltriton
+
+  x_ref, s_ref, o_ref = refs if key else (None, None, *refs)
+  g, live_rows = _rows(g_ref, static, length)
+  precision = lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
+  out = lax.dot_general(g, w_ref[...], (((1,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+  if key:
+    x, _ = _rows(x_ref, static, length)
+    if length % static.block_t:
+      sums = pltriton.load(s_ref, mask=live_rows[:, 0], other=0.0)
+    else:
+      sums = s_ref[...]
+    out = out - static.scale * x.astype(jnp.float32) * sums[:, None]
+  if length % static.block_t:
+    pltriton.store(o_ref, out.astype(o_ref.dtype), mask=jnp.broadcast_to(live_rows, out.shape))
+  else:
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _half_sq_norm(x, static: _Static):

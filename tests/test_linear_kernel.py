@@ -195,6 +195,7 @@ def test_positive_features_value_and_grad_vs_f64(dtype, b, t, n, kh, h, m, block
     "dtype, b, t, n, kh, h, segments",
     [
         (jnp.float32, 2, 37, 4, 2, 8, True),  # odd T, GQA, packed runs: Pallas features end to end
+        (jnp.float32, 2, 37, 4, 2, 16, True),  # the same through the gradient kernels (H a power of two)
         (jnp.bfloat16, 1, 48, 2, 2, 16, False),
     ],
 )
@@ -206,8 +207,12 @@ def test_favor_pallas_features_vs_f64(dtype, b, t, n, kh, h, segments):
   w = _features(24, h)
   fn = lambda q, k, v: ea.favor_attention(q, k, v, w, chunk_size=16, implementation="pallas", **opts)
   ref = lambda q, k, v: ea.favor_attention_reference(q, k, v, w, **opts)
-  # The features come from the Pallas feature kernels (no key mask).
+  # The features come from the Pallas feature kernels (no key mask); q's and k's gradients from
+  # kernels where H is a power of two >= 16 (XLA matmuls otherwise).
   assert "favor_key_features" in util.pallas_call_names(fn, q, k, v)
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
+  names = util.pallas_call_names(jax.grad(loss, argnums=(0, 1)), q, k, v)
+  assert ("favor_query_gradient" in names and "favor_key_gradient" in names) == (h % 16 == 0), names
   util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype])
 
 
