@@ -15,7 +15,7 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
 
 Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
 `--tune-features` it instead traces `pallas.favor_features.positive_features`
-(forward: GPU time of its kernels) for every `FeatureBlockSizes` of a grid and
+(GPU time of its three forward kernels and of the q / k gradient kernels) for every `FeatureBlockSizes` of a grid and
 writes `results/<run>/feature_tune.{json,md}`. With `--tune-linear` it traces causal
 FAVOR+ forward+backward (`pallas.favor_features.causal_favor_attention`) for every
 `LinearBlockSizes` of a grid (chunk, span, columns per program, warps) and writes
@@ -144,8 +144,13 @@ def markdown(rows: list[dict], header: str, top: int) -> str:
   return "\n".join(out) + "\n"
 
 
+FEATURE_KERNELS = ("favor_query_features", "favor_key_maxima", "favor_key_features", "favor_query_gradient",
+                   "favor_key_gradient")
+
+
 def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> None:
-  """GPU time of the feature kernels (forward) for every tiling of a small grid, fastest first per case."""
+  """GPU time of the feature kernels (forward, and the q / k gradient kernels of the backward) for every
+  tiling of a small grid, fastest first per case."""
   import itertools
 
   import efficient_attention as ea
@@ -158,21 +163,28 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
     q, k = inputs(jax.random.key(3), 1, t, num_heads, h, jnp.bfloat16)[:2]
     for bt, bm, warps, stages in tqdm(grid, desc=f"H={h} M={m} T={t}"):
       blocks = FeatureBlockSizes(block_t=bt, block_m=bm, num_warps=warps, num_stages=stages)
-      fn = jax.jit(lambda q, k, blocks=blocks, w=w, h=h: positive_features(q, k, w, scale=h**-0.5, block_sizes=blocks))
+
+      def fwd_bwd(q, k, blocks=blocks, w=w, h=h):
+        phi, pull = jax.vjp(lambda q, k: positive_features(q, k, w, scale=h**-0.5, block_sizes=blocks), q, k)
+        return pull(phi)
+
       row = {"head_dim": h, "num_features": m, "seq_len": t, "block_t": bt, "block_m": bm, "num_warps": warps,
              "num_stages": stages}
       try:
-        row["us"] = 1e3 * profile(fn, (q, k), repeats, 2)["kernel_ms"]
+        kernels = {k["name"]: k["us"] for k in profile(jax.jit(fwd_bwd), (q, k), repeats, 2)["kernels"]}
+        row["kernels"] = {name: kernels.get(name, 0.0) for name in FEATURE_KERNELS}
+        row["us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[:3])
+        row["grad_us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[3:])
       except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       rows.append(row)
     (out / "feature_tune.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| H | M | T | block_t | block_m | warps | stages | µs |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| H | M | T | block_t | block_m | warps | stages | features µs | gradients µs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get("us", 1e30))):
-      lines.append(f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
-                   f"{r['num_warps']} | {r['num_stages']} | {r['us']:.1f} |" if "us" in r else
-                   f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
-                   f"{r['num_warps']} | {r['num_stages']} | {r['error']} |")
+      head = (f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
+              f"{r['num_warps']} | {r['num_stages']} | ")
+      lines.append(head + (f"{r['us']:.1f} | {r['grad_us']:.1f} |" if "us" in r else f"{r['error']} | |"))
     (out / "feature_tune.md").write_text("\n".join(lines) + "\n")
 
 

@@ -410,10 +410,23 @@ def _grad_kernel(g_ref, w_ref, *refs, static: _Static, length: int, key: bool):
   from jax.experimental.pallas import triton as pltriton
 
   x_ref, s_ref, o_ref = refs if key else (None, None, *refs)
-  g, live_rows = _rows(g_ref, static, length)
-  precision = lax.Precision.HIGHEST if g.dtype == jnp.float32 else None
-  out = lax.dot_general(g, w_ref[...], (((1,), (0,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32)
+  c, bm = static.block_t, static.block_m
+  rows = pl.program_id(2) * c + lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+  live_rows = rows < length
+  precision = lax.Precision.HIGHEST if g_ref.dtype == jnp.float32 else None
+
+  # A block of feature columns at a time (loads of the next one overlap the matmul of this one).
+  def add(j, out):
+    at = (slice(None), pl.ds(_start(j, bm), bm))
+    if length % c:
+      g = pltriton.load(g_ref.at[at], mask=jnp.broadcast_to(live_rows, (c, bm)), other=0.0)
+    else:
+      g = g_ref[at]
+    w = w_ref[pl.ds(_start(j, bm), bm), :]
+    return out + lax.dot_general(g, w, (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
+
+  out = lax.fori_loop(0, w_ref.shape[0] // bm, add, jnp.zeros((c, o_ref.shape[1]), jnp.float32))
   if key:
     x, _ = _rows(x_ref, static, length)
     if length % static.block_t:
