@@ -114,7 +114,7 @@ def favor_attention(
     mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     scale: float | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     bias: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
@@ -135,7 +135,8 @@ def favor_attention(
       starts a new segment).
     scale: logit scale, default `H**-0.5`; q and k are each multiplied by `scale**0.5`.
     chunk_size: time steps per chunk of the causal / segmented form (static);
-      "pallas": a power of two >= 16.
+      "pallas": a power of two >= 16. None: 64 for "xla", the kernel's choice
+      for "pallas" (`pallas.LinearBlockSizes`).
     bias: not supported; must be None.
     implementation: None or "xla" (the default), or "pallas": the chunked
       causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
@@ -200,7 +201,8 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
   phi_k = _key_features(kernel, wx, log_factor)
   if pallas:
     return _linear.attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
-  out = _linear.attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
+  out = _linear.attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size or _linear.XLA_CHUNK_SIZE,
+                       dims=dims)
   return out.astype(q.dtype)
 
 

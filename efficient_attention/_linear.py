@@ -98,7 +98,7 @@ def linear_attention(
     is_causal: bool = False,
     mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     scale: float | None = None,
     bias: jax.Array | None = None,
     implementation: str | None = None,
@@ -120,7 +120,8 @@ def linear_attention(
       attend within maximal runs of equal ids (an id recurring after another id
       starts a new segment).
     chunk_size: time steps per chunk of the causal / segmented form (static);
-      any T works (padded internally). "pallas": a power of two >= 16.
+      any T works (padded internally). "pallas": a power of two >= 16. None:
+      64 for "xla", the kernel's choice for "pallas" (`pallas.LinearBlockSizes`).
     scale: not meaningful for linear attention (the feature map fixes the
       kernel); must be None.
     bias: not supported; must be None.
@@ -164,7 +165,7 @@ def _linear_attention(q, k, v, mask, ids, *, fmap, is_causal, chunk_size, dims, 
   plan = plan_masks(mask, ids, is_causal, dims)
   if pallas:
     return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
-  out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size, dims=dims)
+  out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size or XLA_CHUNK_SIZE, dims=dims)
   return out.astype(q.dtype)
 
 
@@ -283,9 +284,15 @@ def check_shared_segment_ids(segment_ids: Any, dims: _checks.Dims, *, family: st
   return _checks.check_segment_ids(segment_ids, dims)[0]
 
 
-def check_chunk_size(chunk_size: Any) -> int:
+# Steps per chunk of the XLA chunked form when chunk_size is None.
+XLA_CHUNK_SIZE = 64
+
+
+def check_chunk_size(chunk_size: Any) -> int | None:
+  if chunk_size is None:
+    return None
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-    raise ValueError(f"chunk_size must be a positive int (it is static), got {chunk_size=}")
+    raise ValueError(f"chunk_size must be None or a positive int (it is static), got {chunk_size=}")
   return chunk_size
 
 
@@ -404,7 +411,8 @@ def attend(
   return _normalise(out).reshape(b, t, n, dims.v_head_dim)
 
 
-def check_pallas_options(dtype: Any, mask: jax.Array | None, is_causal: bool, chunk_size: int, *, family: str) -> None:
+def check_pallas_options(dtype: Any, mask: jax.Array | None, is_causal: bool, chunk_size: int | None, *,
+                         family: str) -> None:
   """Raises for options `implementation="pallas"` (the chunked causal kernel) cannot honour."""
   if not is_causal:
     raise ValueError(
@@ -416,14 +424,15 @@ def check_pallas_options(dtype: Any, mask: jax.Array | None, is_causal: bool, ch
         f"{family}: implementation='pallas' honours key-padding masks [B|1, N|1, 1, S] (and is_causal, "
         f"segment_ids), got {mask.shape=}; use implementation='xla' for masks with a T axis"
     )
-  if chunk_size < 16 or chunk_size & (chunk_size - 1):
+  if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
     raise ValueError(f"{family}: implementation='pallas' needs a power-of-two chunk_size >= 16, got {chunk_size=}")
   if dtype == jnp.float64:
     raise TypeError(f"{family}: implementation='pallas' computes in float32 at most, got {dtype=}")
 
 
 def attend_pallas(
-    phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, plan: MaskPlan, *, chunk_size: int, dims: _checks.Dims, dtype: Any
+    phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, plan: MaskPlan, *, chunk_size: int | None, dims: _checks.Dims,
+    dtype: Any
 ) -> jax.Array:
   """The causal core through the Pallas kernel: `[B, T, N, Hv]` in `dtype`.
 

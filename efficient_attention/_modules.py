@@ -231,14 +231,16 @@ class LinearAttention(AttentionModule):
 
   Args:
     feature_map: "elu+1", "relu" or a hashable callable `[..., H] -> [..., M]`.
-    chunk_size: time steps per chunk of the causal form.
+    chunk_size: time steps per chunk of the causal form (None: the
+      implementation's default, see `linear_attention`).
     **kwargs: the shared arguments of `AttentionModule`.
   """
 
   family = "linear"
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
-               feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1", chunk_size: int = 64, **kwargs):
+               feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1", chunk_size: int | None = None,
+               **kwargs):
     super().__init__(num_heads, in_features, qkv_features, **kwargs)
     _linear.feature_map_fn(feature_map)
     self.feature_map, self.chunk_size = feature_map, _linear.check_chunk_size(chunk_size)
@@ -285,7 +287,8 @@ class FavorAttention(AttentionModule):
     kernel: "softmax" (positive features), "trig" or "relu" (see `favor_attention`).
     orthogonal, scaling: how rows are drawn (see `orthogonal_random_features`).
     redraw_interval: redraw after this many training calls; 0 never redraws.
-    chunk_size: time steps per chunk of the causal form.
+    chunk_size: time steps per chunk of the causal form (None: the
+      implementation's default, see `linear_attention`).
     deterministic: start in eval mode (no redraws).
     **kwargs: the shared arguments of `AttentionModule`; `rngs` also seeds the
       `features` stream (falling back to `default`).
@@ -295,7 +298,7 @@ class FavorAttention(AttentionModule):
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                num_features: int | None = None, kernel: str = "softmax", orthogonal: bool = True,
-               scaling: str = "chi", redraw_interval: int = 0, chunk_size: int = 64,
+               scaling: str = "chi", redraw_interval: int = 0, chunk_size: int | None = None,
                deterministic: bool = False, rngs: nnx.Rngs, **kwargs):
     super().__init__(num_heads, in_features, qkv_features, rngs=rngs, **kwargs)
     if kernel not in _favor.KERNELS:

@@ -62,7 +62,10 @@ _VEC = 16
 class LinearBlockSizes:
   """Tiling and launch settings of the chunked kernel.
 
-  `chunk`: time steps per chunk (the intra-chunk quadratic form is chunk x chunk).
+  `chunk`: time steps per chunk (the intra-chunk quadratic form is chunk x chunk);
+  None: 128 where the padded feature and value widths multiply to at most
+  128 * 64 (H100, B1 N8, H=64 M=128: 7-10% faster than 64 at T=4k and 16k), else
+  64 (at H=128 M=256 a 128-step chunk exceeds the shared memory).
   `block_c`: output columns per program (a pass's c width is split into blocks);
   None: each pass takes max(64, 8192 // D) of its columns for a D-wide b, which
   keeps the float32 state `[D, block_c]` at 8192 values from D = 128 down and
@@ -71,23 +74,24 @@ class LinearBlockSizes:
   `span_chunks`: chunks per program; None picks the fewest that give at least
   `min_programs` programs in the forward pass (H100, B1 N8 at T=4k and 16k: 128
   programs beat 256 by 10-25%, the span states' sums being fewer to gather; see
-  pallas/NOTES.md). `num_warps` / `num_stages`: Triton launch settings
-  (H100, B1 N8, T=16k: 4 warps and 2 stages are the fastest forward+backward at
-  M=256, H=128 and within 2% of it at M=128, H=64; see pallas/NOTES.md).
+  pallas/NOTES.md). `num_warps` / `num_stages`: Triton launch settings; num_warps
+  None: 8 with 128-step chunks, else 4 (H100, B1 N8, T=16k: with 64-step chunks 4
+  warps and 2 stages are the fastest forward+backward at M=256, H=128 and within
+  2% of it at M=128, H=64; see pallas/NOTES.md).
   """
 
-  chunk: int = 64
+  chunk: int | None = None
   block_c: int | None = None
   span_chunks: int | None = None
   min_programs: int = 128
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 2
 
   def __post_init__(self):
     if self.span_chunks is not None and (not isinstance(self.span_chunks, int) or self.span_chunks <= 0):
       raise ValueError(f"span_chunks={self.span_chunks!r} must be None or a positive int")
     check_tiling(self, pow2=("chunk", "block_c"), positive=("min_programs", "num_warps", "num_stages"),
-                 optional=("block_c",))
+                 optional=("chunk", "block_c", "num_warps"))
 
 
 def check_tiling(sizes, *, pow2: tuple[str, ...], positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
@@ -206,8 +210,14 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
   """Static settings, the padded length and the run labels `[B, T']` (None without segments)."""
   b, t, n = dims.batch, dims.q_len, dims.num_heads
   hv_pad = _pow2_at_least(dims.v_head_dim)
-  chunk = min(block_sizes.chunk, _pow2_at_least(t))
   m_pad = _pow2_at_least(m)
+  chunk = block_sizes.chunk
+  if chunk is None:
+    chunk = 128 if m_pad * hv_pad <= 128 * 64 else 64
+  num_warps = block_sizes.num_warps
+  if num_warps is None:
+    num_warps = 8 if chunk >= 128 else 4
+  chunk = min(chunk, _pow2_at_least(t))
   block_c = _block_c(block_sizes.block_c, m_pad, hv_pad)
   num_chunks = -(-t // chunk)
   span_chunks = block_sizes.span_chunks
@@ -217,7 +227,7 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
   span = min(span_chunks, num_chunks) * chunk
   t_pad = -(-t // span) * span
   static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_sizes.block_c, group=dims.group,
-                   segments=ids is not None, interpret=bool(interpret), num_warps=block_sizes.num_warps,
+                   segments=ids is not None, interpret=bool(interpret), num_warps=num_warps,
                    num_stages=block_sizes.num_stages,
                    precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
   labels = None

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 import efficient_attention as ea
+from efficient_attention import _checks
 from pallas import (
   LinearBlockSizes,
   causal_linear_attention,
   causal_linear_attention_reference,
+  linear_attention,
 )
 from pallas.favor_features import (
   FeatureBlockSizes,
@@ -82,6 +84,26 @@ def test_kernel_recurring_ids_and_spans_vs_f64():
   ref = lambda q, k, v: ea.linear_attention_reference(
       q, k, v, feature_map=lambda x: x, is_causal=True, segment_ids=ids)
   util.check_against_f64(fn, ref, (phi_q, phi_k, v), **util.TOL[jnp.float32])
+
+
+def test_default_tiling_vs_f64():
+  # chunk_size=None: the kernel picks its chunk (128 steps for narrow features and values) and warps;
+  # T=300 spans three chunks, several spans, a ragged tail and packed runs. FAVOR+ and elu+1, bf16.
+  b, t, n, kh, h = 1, 300, 2, 1, 16
+  q, k, v = util.qkv(b, t, t, n, kh, h, dtype=jnp.bfloat16)
+  ids = util.packed_segment_ids(b, t, 3)
+  w = _features(16, h)
+  opts = {"is_causal": True, "segment_ids": ids}
+  for fn, ref in [
+      (lambda q, k, v: ea.favor_attention(q, k, v, w, implementation="pallas", **opts),
+       lambda q, k, v: ea.favor_attention_reference(q, k, v, w, **opts)),
+      (lambda q, k, v: ea.linear_attention(q, k, v, implementation="pallas", **opts),
+       lambda q, k, v: ea.linear_attention_reference(q, k, v, **opts)),
+  ]:
+    util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.bfloat16])
+  # Which tiling that was: 128-step chunks, 8 warps (16 features, 16 value columns).
+  static = linear_attention._prepare(_checks.check_qkv(q, k, v), 16, q.dtype, None, LinearBlockSizes(), True)[0]
+  assert (static.chunk, static.num_warps, static.spans) == (128, 8, 3), static
 
 
 def test_rows_with_nothing_to_attend_are_zero_with_zero_grad():
