@@ -176,13 +176,13 @@ def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
   (phi_q, phi_k), _ = _features_fwd(q, k, w_s, fstatic)
   t_pad, m_pad = v.shape[1], w_s.shape[0]
   phi_q, phi_k = la._pad(phi_q, t_pad, m_pad), la._pad(phi_k, t_pad, m_pad)
-  (out, den), sums = la._forward(phi_q, phi_k, v, labels, static)
-  return out, (q, k, v, w_s, labels, phi_q, phi_k, sums, out, den)
+  out, rows, sums = la._forward(phi_q, phi_k, v, labels, static)
+  return out, (q, k, v, w_s, labels, phi_q, phi_k, sums, out, rows)
 
 
 def _favor_core_bwd(static, fstatic: _Static, residuals, g):
-  q, k, v, w_s, labels, phi_q, phi_k, sums, out, den = residuals
-  g_q, g_k, dv, k_sums = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, den),
+  q, k, v, w_s, labels, phi_q, phi_k, sums, out, rows = residuals
+  g_q, g_k, dv, k_sums = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, *rows),
                                       key_floor=_floor_threshold(fstatic, phi_k.dtype))
   t = q.shape[1]
   dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t], k_sums[:, :t])

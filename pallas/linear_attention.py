@@ -135,6 +135,8 @@ class _Pass:
   beta_ones: bool = False  # beta is 1 (no beta input)
   sums_t: bool = False  # given span sums are transposed: S as [E, D], W as Z-shaped [E, 16]
   normalise: bool = False  # (with rowsum) o is written divided by den (0 where den is 0)
+  # (with normalise, 16-bit o) also write o's rounding error in o's dtype: o + lo holds o to ~16 bits.
+  split: bool = False
   label: str = "forward"  # names the kernels: linear_attention_{label}, linear_attention_span_sums_{label}
 
 
@@ -265,37 +267,42 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _core(q, k, v, labels, static: _Static):
   """`num / den` `[B, T, N, Hv]` in q's dtype (0 where den is 0)."""
-  return _forward(q, k, v, labels, static)[0][0]
+  return _forward(q, k, v, labels, static)[0]
 
 
 def _forward(q, k, v, labels, static: _Static):
-  """([out, den]), and the per-span sums the forward used (None with one span).
+  """(out, (den, lo)), and the per-span sums the forward used (None with one span).
 
-  out `[B, T, N, Hv]` in q's dtype; den float32 `[B, N, J, T]` (J copies).
+  out `[B, T, N, Hv]` in q's dtype; den float32 `[B, N, J, T]` (J copies); lo,
+  for 16-bit inputs, out's rounding error in q's dtype (the backward's
+  `g . out` then sees out to ~16 bits, as a float32 out would give it), else None.
   """
+  split = jnp.dtype(q.dtype).itemsize == 2
   p = static.pass_("forward", reverse=False, bias=False, rowsum=True, a_group=1, b_group=static.group,
                    out_dtype=q.dtype)
-  return _run(q, k, v, None, None, labels, dataclasses.replace(p, normalise=True))
+  outs, sums = _run(q, k, v, None, None, labels, dataclasses.replace(p, normalise=True, split=split))
+  return outs[0], (outs[1], outs[2] if split else None), sums
 
 
 def _core_fwd(q, k, v, labels, static: _Static):
-  (out, den), sums = _forward(q, k, v, labels, static)
-  return out, (q, k, v, labels, sums, out, den)
+  out, rows, sums = _forward(q, k, v, labels, static)
+  return out, (q, k, v, labels, sums, out, rows)
 
 
 def _core_bwd(static: _Static, residuals, g):
-  q, k, v, labels, sums, out, den = residuals
-  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, den))[:3], None)
+  q, k, v, labels, sums, out, rows = residuals
+  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, *rows))[:3], None)
 
 
-def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array):
-  """Cotangents of (num, den) from out's `g [B, T, N, E]`, out = num / den: g / den `[B, T, N, E]`
-  and -(g . out) / den `[B, N, T]` (float32), both 0 where den is 0."""
+def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array, lo: jax.Array | None):
+  """Cotangents of (num, den) from out's `g [B, T, N, E]`, out = num / den (+ lo): g / den
+  `[B, T, N, E]` and -(g . out) / den `[B, N, T]` (float32), both 0 where den is 0."""
   # [B, T, N, 1]
   den = den[:, :, 0].transpose(0, 2, 1)[..., None]
   inv = jnp.where(den == 0, 0.0, 1.0 / jnp.where(den == 0, 1.0, den))
   g = g.astype(jnp.float32)
-  d_den = -jnp.sum(g * out.astype(jnp.float32), axis=-1, keepdims=True) * inv
+  out = out.astype(jnp.float32) if lo is None else out.astype(jnp.float32) + lo.astype(jnp.float32)
+  d_den = -jnp.sum(g * out, axis=-1, keepdims=True) * inv
   return g * inv, d_den[..., 0].transpose(0, 2, 1)
 
 
@@ -350,8 +357,9 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   `alpha [B, Ha, T]`, `beta [B, Hb, T]` (with `p.bias`), `labels [B, T]` (with
   `p.segments`). Returns `o [B, T, Ho, E]` in `p.out_dtype`, Ho = max(Ha, Hb)
   (divided by the row sums with `p.normalise`), and, with `p.rowsum`, float32
-  `den [B, Ho, J, T]` (one copy per column block), and with `p.times_sum` o's
-  float32 row sums per column block `[B, Ho, J, T]`; and
+  `den [B, Ho, J, T]` (one copy per column block), with `p.times_sum` o's
+  float32 row sums per column block `[B, Ho, J, T]`, with `p.split` o's
+  rounding error (like o); and
   the per-span sums it used (None with one span): given as `sums`, or computed
   by `_span_sums`. With `p.times`, `o` is multiplied element-wise by `times
   [B, T, Ho / p.f_group, E]` (zeroed where `times <= p.floor`).
@@ -414,6 +422,9 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   if p.rowsum or p.times_sum:
     out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
+  if p.split:
+    out_specs.append(out_specs[0])
+    out_shape.append(out_shape[0])
   outs = pl.pallas_call(
       functools.partial(_kernel, p=p),
       grid=(batch, heads, spans, blocks),
@@ -482,7 +493,7 @@ def _kernel(*refs, p: _Pass):
   (bias), labels `[L]` (segments), a factor `[L, bc]` of the output (times); with more than one span, every span's sums
   S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
   run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
-  (rowsum) or o's row sums `[L]` (times_sum).
+  (rowsum) or o's row sums `[L]` (times_sum), o's rounding error `[L, bc]` (split).
 
   The state entering the span is the sum of the spans before it (after it, in
   reverse) whose handed-on run is the run of the span's first step: labels do
@@ -504,7 +515,7 @@ def _kernel(*refs, p: _Pass):
   states = p.spans > 1
   s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
   runs_ref = take(states and p.segments)
-  o_ref, den_ref, sum_ref = take(True), take(p.rowsum), take(p.times_sum)
+  o_ref, den_ref, sum_ref, lo_ref = take(True), take(p.rowsum), take(p.times_sum), take(p.split)
   f32 = jnp.float32
   size = p.chunk
   num_chunks = p.span // size
@@ -563,6 +574,8 @@ def _kernel(*refs, p: _Pass):
       if p.times_sum:
         sum_ref[at] = jnp.sum(out, axis=1)
     o_ref[at, :] = out.astype(o_ref.dtype)
+    if p.split:
+      lo_ref[at, :] = (out - out.astype(o_ref.dtype).astype(f32)).astype(lo_ref.dtype)
     # Carry the state on: restart it when a run begins inside the chunk.
     keep = 1.0
     if p.segments:
