@@ -34,6 +34,12 @@ def _features(m, h):
   return ea.orthogonal_random_features(util.fresh_key(), m, h)
 
 
+# The Pallas FAVOR+ path stores 16-bit inputs' features in their dtype (the XLA path keeps float32
+# features): q's and k's bf16 gradients are then 0.6-1.0% off the float64 reference (H100, 8 draws at
+# T=48 and T=300: up to 1.00e-2; CPU interpreter: up to 0.92e-2), at the bf16 bound of 1e-2. 2e-2.
+_FAVOR_BF16_NORM_TOL = 2e-2
+
+
 @pytest.mark.parametrize(
     "family, dtype, b, t, n, kh, h, hv, segments, padding",
     [
@@ -94,13 +100,13 @@ def test_default_tiling_vs_f64():
   ids = util.packed_segment_ids(b, t, 3)
   w = _features(16, h)
   opts = {"is_causal": True, "segment_ids": ids}
-  for fn, ref in [
+  for fn, ref, norm_tol in [
       (lambda q, k, v: ea.favor_attention(q, k, v, w, implementation="pallas", **opts),
-       lambda q, k, v: ea.favor_attention_reference(q, k, v, w, **opts)),
+       lambda q, k, v: ea.favor_attention_reference(q, k, v, w, **opts), _FAVOR_BF16_NORM_TOL),
       (lambda q, k, v: ea.linear_attention(q, k, v, implementation="pallas", **opts),
-       lambda q, k, v: ea.linear_attention_reference(q, k, v, **opts)),
+       lambda q, k, v: ea.linear_attention_reference(q, k, v, **opts), None),
   ]:
-    util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.bfloat16])
+    util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.bfloat16], norm_tol=norm_tol)
   # Which tiling that was: 128-step chunks, 8 warps (16 features, 16 value columns).
   static = linear_attention._prepare(_checks.check_qkv(q, k, v), 16, q.dtype, None, LinearBlockSizes(), True)[0]
   assert (static.chunk, static.num_warps, static.spans) == (128, 8, 3), static
@@ -235,7 +241,8 @@ def test_favor_pallas_features_vs_f64(dtype, b, t, n, kh, h, segments):
   loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
   names = util.pallas_call_names(jax.grad(loss, argnums=(0, 1)), q, k, v)
   assert ("favor_query_gradient" in names and "favor_key_gradient" in names) == (h % 16 == 0), names
-  util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype])
+  util.check_against_f64(fn, ref, (q, k, v), **util.TOL[dtype],
+                         norm_tol=_FAVOR_BF16_NORM_TOL if dtype == jnp.bfloat16 else None)
 
 
 def test_favor_pallas_gradient_of_the_projection_vs_f64():

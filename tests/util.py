@@ -99,8 +99,13 @@ def in_f64(fn: Callable, *args, **kwargs):
     return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
 
 
-def check_against_f64(fn: Callable, ref: Callable, args: tuple, *, rtol, atol, argnums=(0, 1, 2)):
-  """Value and gradient of `fn` (input dtype) against `ref` run in float64 on the same inputs."""
+def check_against_f64(fn: Callable, ref: Callable, args: tuple, *, rtol, atol, argnums=(0, 1, 2),
+                      norm_tol: float | None = None):
+  """Value and gradient of `fn` (input dtype) against `ref` run in float64 on the same inputs.
+
+  `norm_tol` replaces the bound on ‖got − ref‖ / ‖ref‖ (NORM_TOL of the dtype) for a
+  path whose precision is known to be lower; its caller says why.
+  """
   out = fn(*args)
   chex.assert_tree_all_finite(out)
   w = normal(out.shape, jnp.float32)
@@ -124,6 +129,8 @@ def check_against_f64(fn: Callable, ref: Callable, args: tuple, *, rtol, atol, a
   dtype = jnp.dtype(args[0].dtype).type
   # A caller that loosens the element-wise rtol for a hard case loosens this bound with it.
   bound = max(NORM_TOL[dtype], rtol) if rtol > TOL[dtype]["rtol"] else NORM_TOL[dtype]
+  if norm_tol is not None:
+    bound = norm_tol
   for name, got, want in pairs:
     err = relative_error(got, want)
     assert err <= bound, f"{name}: ‖got − ref‖/‖ref‖ = {err:.2e} > {bound:.0e}"
