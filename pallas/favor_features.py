@@ -13,14 +13,15 @@ with `w' = w * sqrt(scale)`, `F = LOG_FEATURE_FLOOR` and the stabilisers held
 constant under differentiation, as the XLA path computes them. Three kernels
 (query features; the keys' maximum per time block; key features) read q and k
 once each and write only the features, never the float32 `[T, M]` projections;
-the backward is XLA (two matmuls and a row sum over the feature cotangents):
+in the backward two more kernels make q's and k's gradients (w's are XLA matmuls)
+from the feature cotangents:
 
   dq = (dphi_q * phi_q) w',   dk = g w' - scale k sum_m g,   g = dphi_k * phi_k (0 where floored)
 
 `causal_favor_attention(q, k, v, w, scale=...)` is causal FAVOR+ through these
 kernels and `pallas.causal_linear_attention`'s chunked kernel under one custom
 VJP: its dq and dk passes write dphi * phi themselves (no separate product over
-`[T, M]`), then the same two matmuls.
+`[T, M]`; the dk pass also its row sums), then the same two gradient kernels.
 
 Einsum alphabet: B batch, T time, N heads, M features, H head width.
 """

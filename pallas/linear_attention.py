@@ -15,8 +15,8 @@ Chunkwise-parallel form (Yang et al. 2024, GLA, sec. 2.2): inside a chunk of
 `S = sum_s phi_k_s^T v_s [M, Hv]` and `z = sum_s phi_k_s [M]`, carried in float32.
 Time is cut into spans of whole chunks so that short or few-headed inputs still
 fill the GPU: one program per (batch, head, span, block of value columns) walks
-its span chunk by chunk. The state entering each span comes from per-span sums
-(a first, lighter kernel) and an exclusive scan over spans, in XLA.
+its span chunk by chunk. The state entering each span is the sum, made in the
+kernel, of the per-span sums (a first, lighter kernel) of the spans before it.
 
 One kernel serves the forward and the three backward passes:
 
