@@ -111,6 +111,16 @@ def profile(fn, args, calls: int, warmup: int) -> dict:
           "kernel_ms": sum(k["us"] for k in kernels) / 1e3, "launches": len(events) / calls, "kernels": kernels}
 
 
+def profile_or_error(fn, args, calls: int, row: dict) -> dict | None:
+  """`profile(fn, args, calls, 2)`, or None with the error in `row["error"]` (a tiling that does not
+  compile, e.g. for want of shared memory, is a result of a sweep)."""
+  try:
+    return profile(fn, args, calls, 2)
+  except Exception as e:  # noqa: BLE001
+    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None
+
+
 def group(name: str) -> str:
   """Coarse class of a kernel name for the summary table."""
   if name.startswith("linear_attention_span_sums"):
@@ -170,13 +180,12 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
 
       row = {"head_dim": h, "num_features": m, "seq_len": t, "block_t": bt, "block_m": bm, "num_warps": warps,
              "num_stages": stages}
-      try:
-        kernels = {k["name"]: k["us"] for k in profile(jax.jit(fwd_bwd), (q, k), repeats, 2)["kernels"]}
+      prof = profile_or_error(jax.jit(fwd_bwd), (q, k), repeats, row)
+      if prof is not None:
+        kernels = {k["name"]: k["us"] for k in prof["kernels"]}
         row["kernels"] = {name: kernels.get(name, 0.0) for name in FEATURE_KERNELS}
         row["us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[:3])
         row["grad_us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[3:])
-      except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       rows.append(row)
     (out / "feature_tune.json").write_text(json.dumps(rows, indent=1))
     lines = ["| H | M | T | block_t | block_m | warps | stages | features µs | gradients µs |",
@@ -226,11 +235,9 @@ def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s
 
       row = {"head_dim": h, "num_features": m, "seq_len": t, "chunk": chunk, "span": span, "block_c": block_c,
              "num_warps": warps}
-      try:
-        prof = profile(jax.jit(fwd_bwd), (q, k, v, do), repeats, 2)
+      prof = profile_or_error(jax.jit(fwd_bwd), (q, k, v, do), repeats, row)
+      if prof is not None:
         row.update(busy_us=1e3 * prof["busy_ms"], passes=pass_times(prof["kernels"]))
-      except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory) is a result
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
       rows.append(row)
       (out / "linear_tune.json").write_text(json.dumps(rows, indent=1))
     lines = ["| H | M | T | chunk | span | block_c | warps | busy µs | forward | dq | dk | dv |",

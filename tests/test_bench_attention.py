@@ -79,3 +79,16 @@ def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   table = (out / "linear.md").read_text()
   assert table.count("\n| ") == len(data["rows"]) + 1 + len(data["targets"]) + 1
   assert (out / "linear.png").stat().st_size > 10_000
+
+
+def test_profile_linear_reads_kernel_times_and_errors():
+  # The trace parsing is GPU-only; what the tables are made of is not.
+  prof = load_experiment("profile_linear")
+  kernels = [{"name": "linear_attention_forward", "us": 5.0}, {"name": "linear_attention_span_sums_forward", "us": 2.0},
+             {"name": "linear_attention_dk__1", "us": 3.0}, {"name": "favor_key_features", "us": 7.0}]
+  assert prof.pass_times(kernels) == {"forward": 7.0, "dk": 3.0}
+  assert prof.busy_ns([("a", 0, 10), ("b", 5, 20), ("c", 30, 40)]) == 30
+  assert prof.group("linear_attention_span_sums_dq") == "span sums" and prof.group("gemm_fusion_dot_2") == "matmuls"
+  row = {}
+  assert prof.profile_or_error(lambda: 1 / 0, (), 1, row) is None
+  assert row["error"].startswith("ZeroDivisionError")
