@@ -121,6 +121,21 @@ def profile_or_error(fn, args, calls: int, row: dict) -> dict | None:
     return None
 
 
+def write_sweep(out: pathlib.Path, name: str, rows: list[dict], tiling: dict[str, str], results: list[str],
+                cells, time_key: str) -> None:
+  """`rows` as `<out>/<name>.json` and a table `<name>.md`: a line per tiling (`tiling`: header -> row
+  key, None shown as auto), then `cells(row)` under the `results` headers (or the row's error),
+  fastest (`time_key`) first per (H, M, T)."""
+  (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+  header = ["H", "M", "T", *tiling, *results]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get(time_key, 1e30))):
+    values = [r["head_dim"], r["num_features"], r["seq_len"], *("auto" if r[k] is None else r[k] for k in tiling.values())]
+    values += [r["error"], *[""] * (len(results) - 1)] if "error" in r else cells(r)
+    lines.append("| " + " | ".join(str(v) for v in values) + " |")
+  (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def group(name: str) -> str:
   """Coarse class of a kernel name for the summary table."""
   if name.startswith("linear_attention_span_sums"):
@@ -187,14 +202,12 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
         row["us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[:3])
         row["grad_us"] = sum(row["kernels"][name] for name in FEATURE_KERNELS[3:])
       rows.append(row)
-    (out / "feature_tune.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| H | M | T | block_t | block_m | warps | stages | features µs | gradients µs |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get("us", 1e30))):
-      head = (f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['block_t']} | {r['block_m']} | "
-              f"{r['num_warps']} | {r['num_stages']} | ")
-      lines.append(head + (f"{r['us']:.1f} | {r['grad_us']:.1f} |" if "us" in r else f"{r['error']} | |"))
-    (out / "feature_tune.md").write_text("\n".join(lines) + "\n")
+    write_sweep(out, "feature_tune", rows,
+                {"block_t": "block_t", "block_m": "block_m", "warps": "num_warps", "stages": "num_stages"},
+                ["features µs", "gradients µs"], lambda r: [f"{r['us']:.1f}", f"{r['grad_us']:.1f}"], "us")
+
+
+PASSES = ("forward", "dq", "dk", "dv")
 
 
 def pass_times(kernels: list[dict]) -> dict[str, float]:
@@ -239,18 +252,10 @@ def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s
       if prof is not None:
         row.update(busy_us=1e3 * prof["busy_ms"], passes=pass_times(prof["kernels"]))
       rows.append(row)
-      (out / "linear_tune.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| H | M | T | chunk | span | block_c | warps | busy µs | forward | dq | dk | dv |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["head_dim"], r["num_features"], r["seq_len"], r.get("busy_us", 1e30))):
-      head = (f"| {r['head_dim']} | {r['num_features']} | {r['seq_len']} | {r['chunk']} | {r['span']} | "
-              f"{r['block_c'] or 'auto'} | {r['num_warps']} | ")
-      if "error" in r:
-        lines.append(head + f"{r['error']} | | | | |")
-      else:
-        lines.append(head + f"{r['busy_us']:.1f} | " +
-                     " | ".join(f"{r['passes'].get(x, 0):.1f}" for x in ("forward", "dq", "dk", "dv")) + " |")
-    (out / "linear_tune.md").write_text("\n".join(lines) + "\n")
+      write_sweep(out, "linear_tune", rows,
+                  {"chunk": "chunk", "span": "span", "block_c": "block_c", "warps": "num_warps"},
+                  ["busy µs", *PASSES], lambda r: [f"{r['busy_us']:.1f}", *(f"{r['passes'].get(x, 0):.1f}" for x in PASSES)],
+                  "busy_us")
 
 
 def main(argv=None) -> None:

@@ -81,7 +81,7 @@ def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   assert (out / "linear.png").stat().st_size > 10_000
 
 
-def test_profile_linear_reads_kernel_times_and_errors():
+def test_profile_linear_reads_kernel_times_and_errors(tmp_path):
   # The trace parsing is GPU-only; what the tables are made of is not.
   prof = load_experiment("profile_linear")
   kernels = [{"name": "linear_attention_forward", "us": 5.0}, {"name": "linear_attention_span_sums_forward", "us": 2.0},
@@ -92,3 +92,14 @@ def test_profile_linear_reads_kernel_times_and_errors():
   row = {}
   assert prof.profile_or_error(lambda: 1 / 0, (), 1, row) is None
   assert row["error"].startswith("ZeroDivisionError")
+  # A sweep's table: fastest first per case, None shown as auto, errors in the first result column.
+  base = {"head_dim": 64, "num_features": 128, "seq_len": 4096}
+  rows = [{**base, "chunk": 64, "block_c": None, "us": 9.0}, {**base, "chunk": 128, "block_c": 32, "us": 4.5},
+          {**base, "chunk": 256, "block_c": 32, "error": "RESOURCE_EXHAUSTED"}]
+  prof.write_sweep(tmp_path, "sweep", rows, {"chunk": "chunk", "block_c": "block_c"}, ["µs", "x2"],
+                   lambda r: [f"{r['us']:.1f}", f"{2 * r['us']:.1f}"], "us")
+  lines = (tmp_path / "sweep.md").read_text().splitlines()
+  assert lines[0] == "| H | M | T | chunk | block_c | µs | x2 |" and lines[1] == "|---|---|---|---|---|---|---|"
+  assert lines[2:] == ["| 64 | 128 | 4096 | 128 | 32 | 4.5 | 9.0 |", "| 64 | 128 | 4096 | 64 | auto | 9.0 | 18.0 |",
+                       "| 64 | 128 | 4096 | 256 | 32 | RESOURCE_EXHAUSTED |  |"]
+  assert json.loads((tmp_path / "sweep.json").read_text()) == rows
