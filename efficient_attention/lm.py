@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_attention._layouts import BlockLayout
+import numpy as np
+
+from efficient_attention._layouts import BlockLayout, layout_mask, local
 from efficient_attention._masking import segment_starts
 from efficient_attention._module_base import check_capacity, lengths_checked_ahead
 from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention
@@ -141,6 +144,48 @@ class LMConfig:
     return options
 
 
+def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward = 3 x forward) at sequence length `seq_len`.
+
+  Counts what the model must compute, not what an implementation does (no
+  recomputation, no padding, no masked-out blocks): every matrix product at
+  2 FLOPs a multiply-add, i.e. 6 x the matrix parameters (projections, MLP,
+  the tied output layer; not the embedding lookups or norms), plus each
+  family's attention:
+
+  - softmax: `4 H` per query head and attended key (QK^T and AV), over the
+    T (T + 1) / 2 causal pairs (T^2 bidirectional), averaged per token;
+  - local / block_sparse: the same over the pairs the layout (and causality) admits;
+  - linear / FAVOR+ (M features): per query head `4 M` to read the state and
+    its normaliser, per key/value head `2 M (H + 1)` to update them;
+    FAVOR+ adds `2 M H` per head for each of the q and k projections;
+  - Linformer (projected length P): `2 P H` per key/value head for each of
+    K and V, and `4 P H` per query head.
+  """
+  d, n, h = config.width, config.num_heads, config.head_dim
+  kv = config.num_kv_heads or n
+  dense = 2 * d * (n * h + 2 * kv * h) + 2 * n * h * d + 4 * d * config.mlp_width
+  per_layer = float(dense)
+  family = config.attention
+  if family in ("softmax", "local", "block_sparse"):
+    if family == "softmax":
+      pairs = seq_len * (seq_len + 1) / 2 if config.is_causal else seq_len**2
+    else:
+      layout = (local(seq_len, window=config.window, block_size=config.block_size) if family == "local"
+                else config.layout(seq_len))
+      allowed = np.asarray(layout_mask(layout, seq_len))
+      pairs = float((np.tril(allowed) if config.is_causal else allowed).sum())
+    per_layer += 4 * n * h * pairs / seq_len
+  elif family in ("linear", "favor"):
+    m = h if family == "linear" else (config.num_features or max(h, round(h * math.log(h))))
+    per_layer += 4 * m * n + 2 * m * (h + 1) * kv
+    if family == "favor":
+      per_layer += 2 * m * h * (n + kv)
+  elif family == "linformer":
+    per_layer += 4 * config.projected_len * h * (kv + n)
+  return 3 * (config.num_layers * per_layer + 2 * d * config.vocab_size)
+
+
 class MLP(nnx.Module):
   """`[B, T, D] -> [B, T, D]`: Linear, GELU, Linear."""
 
@@ -199,9 +244,9 @@ class LanguageModel(nnx.Module):
     if t > self.config.max_len:
       raise ValueError(f"sequence length T={t} exceeds max_len={self.config.max_len}")
     positions = self._advance_cache(t) if decode else self._positions(t, segment_ids)
-    x = self.embed(tokens)
+    x = _lookup(self.embed, tokens)
     if self.position is not None:
-      x = x + self.position(positions)
+      x = x + _lookup(self.position, positions)
     x = self.dropout(x)
     for block in self.blocks:
       x = block(x, segment_ids=segment_ids, decode=decode)
@@ -321,6 +366,18 @@ def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: ja
   kept = jnp.where(logits < kth, -jnp.inf, logits)
   drawn = jax.random.categorical(key, kept / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
   return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def _lookup(embed: nnx.Embed, indices: jax.Array) -> jax.Array:
+  """`embed(indices)`, gathered from the table in its parameter dtype and then cast to the compute dtype.
+
+  `nnx.Embed` casts the whole table first, so with bfloat16 compute its gradient is
+  a bfloat16 scatter-add: many tokens hitting few rows (a byte vocabulary) made
+  that one op several times slower than the rest of a training step on a GPU.
+  Gathering first keeps the scatter-add in float32, as in float32 training.
+  """
+  rows = jnp.take(embed.embedding[...], indices, axis=0)
+  return rows if embed.dtype is None else rows.astype(embed.dtype)
 
 
 def _norm(config: LMConfig, rngs: nnx.Rngs) -> nnx.Module:
