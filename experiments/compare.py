@@ -1,7 +1,7 @@
 """Train one small LM per attention family under one budget and seed, and compare them.
 
     python experiments/compare.py                       # CPU: a tiny model per family, about 10 minutes on 2 cores
-    python experiments/compare.py --preset gpu --run h100_lm   # 6 layers, width 512, T=1024 and 4096
+    python experiments/compare.py --preset gpu --run h200/lm   # 6 layers, width 512, T=1024, 65.5M tokens each
 
 Every family trains the same `efficient_attention.lm` model (only the attention
 differs) with `train_lm.py`, one process per run, on the same data, seed,
@@ -89,8 +89,9 @@ PRESETS = {
     "cpu": {},
     "smoke": dict(families=("softmax", "favor", "linformer"), seq_lens=(64,), tokens_per_step=256, steps=6,
                   train_preset="smoke", eval_every=3),
-    # 6 layers, width 512 (train_lm.py --preset gpu), 65,536 tokens a step at both lengths.
-    "gpu": dict(seq_lens=(1024, 4096), tokens_per_step=65_536, steps=250, train_preset="gpu", eval_every=50,
+    # 6 layers, width 512 (train_lm.py --preset gpu), T=1024, 65,536 tokens a step: 65.5M tokens per family,
+    # every default family in about 10 minutes on one H200.
+    "gpu": dict(seq_lens=(1024,), tokens_per_step=65_536, steps=1000, train_preset="gpu", eval_every=100,
                 sample_tokens=0),
 }
 
@@ -201,7 +202,7 @@ def device_kind(runs: list[dict]) -> str:
 
 
 CSV_FIELDS = ("family", "seq_len", "kind", "step", "tokens", "train_seconds", "loss", "bpc", "accuracy",
-              "tokens_per_s", "learning_rate", "grad_norm")
+              "tokens_per_s", "mfu", "learning_rate", "grad_norm")
 
 
 def write_csv(runs: list[dict], path: pathlib.Path) -> None:
@@ -221,20 +222,22 @@ def to_markdown(cfg: Config, runs: list[dict], skipped: dict[str, str], argv: li
            f"tokens per family (train_lm.py --preset {cfg.train_preset}), data {cfg.data}, seed {cfg.seed}.", ""]
   for t in sorted({r["seq_len"] for r in runs}):
     lines += [f"T = {t}:", "",
-              "| family | train bpc (last log) | eval bpc | tokens/s | peak memory | parameters | train time |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| family | train bpc (last log) | eval bpc | tokens/s | MFU | peak memory | parameters | train time |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in (r for r in runs if r["seq_len"] == t):
       s = run["summary"]
       if s is None:
-        lines.append(f"| {run['label']} | {run['error']} | | | | | |")
+        lines.append(f"| {run['label']} | {run['error']} | | | | | | |")
         continue
       memory = f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB" + (" (host RSS)" if s["peak_memory_kind"] != "device"
                                                                 else "")
+      mfu = "–" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
       lines.append(f"| {run['label']} | {s['final_train_loss'] / math.log(2):.3f} | {s['eval']['bpc']:.3f} | "
-                   f"{s['tokens_per_s']:,.0f} | {memory} | {s['params']:,} | {s['train_seconds']:.0f} s |")
+                   f"{s['tokens_per_s']:,.0f} | {mfu} | {memory} | {s['params']:,} | {s['train_seconds']:.0f} s |")
     lines.append("")
   lines.append("bpc: bits per byte (= per character for ASCII text) of the next-byte loss; eval on held-out text. "
-               "tokens/s: median over logging intervals, first (compiling) step excluded.")
+               "tokens/s: median over logging intervals, first (compiling) step excluded. MFU: model FLOPs "
+               "(`lm.training_flops_per_token`) x tokens/s over the device's peak dense bf16 rate (– where unknown).")
   if any(not FAMILIES[f].causal for f in cfg.families):
     lines.append("Linformer has no causal form: it sees the byte it predicts, so its bpc is not comparable.")
   lines += [f"Skipped {f}: {why}." for f, why in skipped.items()]
