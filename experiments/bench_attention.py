@@ -58,7 +58,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import pallas
-from pallas.flash_attention import BlockSizes
+from pallas.softmax import BlockSizes
 
 IMPLS = ("pallas-triton", "pallas-mgpu", "cudnn", "xla", "jax-pallas-mha")
 
@@ -138,8 +138,8 @@ def contender(name: str, dtype, head_dim: int, *, blocks: BlockSizes | None = No
   if name == "pallas-triton":
     return lambda q, k, v, c: pallas.flash_attention(q, k, v, is_causal=c, backend="triton", block_sizes=blocks)
   if name == "pallas-mgpu":
-    from pallas import _flash_mosaic_gpu
-    if not (on_gpu and _flash_mosaic_gpu.applies(dtype, _dims(head_dim), is_causal=False, has_segments=False)):
+    from pallas import softmax_mosaic_gpu
+    if not (on_gpu and softmax_mosaic_gpu.applies(dtype, _dims(head_dim), is_causal=False, has_segments=False)):
       return None
     return lambda q, k, v, c: pallas.flash_attention(q, k, v, is_causal=c, backend="mosaic_gpu")
   if name == "cudnn":
@@ -157,7 +157,7 @@ def contender(name: str, dtype, head_dim: int, *, blocks: BlockSizes | None = No
 
 
 def _dims(head_dim: int):
-  from efficient_attention._checks import Dims
+  from pallas.common import Dims
   return Dims(batch=1, q_len=4096, kv_len=4096, num_heads=8, num_kv_heads=8, head_dim=head_dim,
               v_head_dim=head_dim)
 

@@ -14,10 +14,10 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
     python experiments/profile_linear.py --tune-linear --cases 128,256,4096   # chunked kernel's tiling
 
 Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
-`--tune-features` it instead traces `pallas.favor_features.positive_features`
+`--tune-features` it instead traces `pallas.favor.positive_features`
 (GPU time of its three forward kernels and of the q / k gradient kernels) for every `FeatureBlockSizes` of a grid and
 writes `results/<run>/feature_tune.{json,md}`. With `--tune-linear` it traces causal
-FAVOR+ forward+backward (`pallas.favor_features.causal_favor_attention`) for every
+FAVOR+ forward+backward (`pallas.favor.causal_favor_attention`) for every
 `LinearBlockSizes` of a grid (chunk, span, columns per program, warps) and writes
 each pass's kernel time (`linear_attention_{forward,dq,dk,dv}` and their span sums)
 to `results/<run>/linear_tune.{json,md}`, so that each pass's best tiling can be
@@ -179,7 +179,7 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
   import itertools
 
   import efficient_attention as ea
-  from pallas.favor_features import FeatureBlockSizes, positive_features
+  from pallas.favor import FeatureBlockSizes, positive_features
 
   rows = []
   grid = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2,)))
@@ -226,7 +226,7 @@ def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s
 
   import efficient_attention as ea
   from pallas import LinearBlockSizes
-  from pallas.favor_features import causal_favor_attention
+  from pallas.favor import causal_favor_attention
 
   start = time.perf_counter()
   rows = []

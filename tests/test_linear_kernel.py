@@ -14,14 +14,8 @@ import numpy as np
 import pytest
 
 import efficient_attention as ea
-from efficient_attention import _checks
-from pallas import (
-  LinearBlockSizes,
-  causal_linear_attention,
-  causal_linear_attention_reference,
-  linear_attention,
-)
-from pallas.favor_features import (
+from pallas import LinearBlockSizes, causal_linear_attention, common, kernel_attention_reference, linear
+from pallas.favor import (
   FeatureBlockSizes,
   causal_favor_attention,
   positive_features,
@@ -108,7 +102,7 @@ def test_default_tiling_vs_f64():
   ]:
     util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.bfloat16], norm_tol=norm_tol)
   # Which tiling that was: 128-step chunks, 8 warps (16 features, 16 value columns).
-  static = linear_attention._prepare(_checks.check_qkv(q, k, v), 16, q.dtype, None, LinearBlockSizes(), True)[0]
+  static = linear.prepare(common.check_qkv(q, k, v), 16, q.dtype, None, LinearBlockSizes(), True)[0]
   assert (static.chunk, static.num_warps, static.spans) == (128, 8, 3), static
 
 
@@ -128,7 +122,7 @@ def test_reference_matches_float64_reference():
   phi_q, phi_k = (jax.nn.softplus(util.normal((2, 13, x, 5))) for x in (6, 3))
   v = util.normal((2, 13, 3, 7))
   ids = util.packed_segment_ids(2, 13, 3)
-  got = causal_linear_attention_reference(phi_q, phi_k, v, segment_ids=ids)
+  got = kernel_attention_reference(phi_q, phi_k, v, is_causal=True, segment_ids=ids)
   want = util.in_f64(lambda q, k, v: ea.linear_attention_reference(
       q, k, v, feature_map=lambda x: x, is_causal=True, segment_ids=ids), phi_q, phi_k, v)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5)
@@ -138,7 +132,7 @@ def test_jit_and_vmap():
   phi_q, phi_k, v = (jax.nn.softplus(x) for x in util.qkv(3, 19, 19, 2, 2, 16))
   blocks = LinearBlockSizes(chunk=16, span_chunks=1)
   fn = jax.jit(jax.vmap(lambda q, k, v: causal_linear_attention(q[None], k[None], v[None], block_sizes=blocks)[0]))
-  want = causal_linear_attention_reference(phi_q, phi_k, v)
+  want = kernel_attention_reference(phi_q, phi_k, v, is_causal=True)
   chex.assert_trees_all_close(fn(phi_q, phi_k, v), want, atol=1e-5, rtol=1e-5)
 
 

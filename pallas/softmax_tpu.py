@@ -2,7 +2,7 @@
 
 Backend "mosaic_tpu" of `pallas.flash_attention`, which pads the inputs and
 calls `forward` / `backward` here; shapes, masking and the base-2 `lse`
-convention are those of the Triton kernels in `flash_attention.py`.
+convention are those of the Triton kernels in `softmax.py`.
 
 Layout. The kernels see heads-major `[B, N, T, H]` arrays, so that every block's
 two minor dims are (time, head dim), the (sublane, lane) tiling of the TPU's
@@ -32,7 +32,7 @@ The dK / dV kernel works on transposed `[bk, bq]` tiles, so that lse and delta
 broadcast as rows and dV = P^T dO, dK = dS^T Q need no transpose; the dQ kernel
 keeps `[bq, bk]` tiles and turns the lse / delta rows into columns.
 
-Validated in Pallas' interpreters (tests/test_flash_tpu.py); the default block
+Validated in Pallas' interpreters (tests/testsoftmax_tpu.py); the default block
 sizes (`BlockSizes.get_default("mosaic_tpu")`, 128 throughout) are untuned.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas.flash_attention import LOG2E, MASKED
+from pallas.softmax import LOG2E, MASKED
 
 LANES = 128
 SUBLANES = 8
@@ -59,7 +59,7 @@ _M_INIT = 0.5 * MASKED
 
 
 # --------------------------------------------------------------------------- #
-# entry points (padded [B, T, N, H] in, as `flash_attention._forward` expects)
+# entry points (padded [B, T, N, H] in, as `softmax.forward` expects)
 # --------------------------------------------------------------------------- #
 
 
@@ -70,7 +70,7 @@ def forward(q, k, v, q_ids, kv_ids, static) -> tuple[jax.Array, jax.Array]:
     q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, Hv]` (T, S multiples
       of the block sizes).
     q_ids: int32 `[B, T]` and kv_ids: int32 `[B, S]`, or None (no segments).
-    static: `flash_attention._Static`.
+    static: `flash_tiles.FlashStatic`.
 
   Returns:
     out `[B, T, N, Hv]` in q's dtype and lse `[B, N, T]` float32 (base 2,

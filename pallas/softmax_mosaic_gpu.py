@@ -31,7 +31,7 @@ producer streams K and V (S = Q K^T, dP = dO V^T, dQ += dS K). Causal kernels
 skip the blocks above the diagonal; dK/dV come out per query head and are
 summed over each GQA group.
 
-Contract (see `pallas/flash_attention.py`): padded `[B, T, N, H]` inputs,
+Contract (see `pallas/softmax.py`): padded `[B, T, N, H]` inputs,
 `lse` `[B, N, T]` float32 in base-2 units (`m2 + log2(l)` of the logits scaled
 by `scale * log2(e)`), `+inf` and a zero output row where no key is live.
 Causal CTAs skip key blocks above the diagonal and run their heaviest query
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas.flash_attention import LOG2E, _kv_ranges
+from pallas.softmax import LOG2E, _kv_ranges
 
 RCP_LN2 = 1.0 / math.log(2.0)
 # Running maxima start finite (base-2 units), so a row whose keys are all masked
