@@ -13,6 +13,9 @@ Builders take token counts and return blocks; a sequence of `length` tokens has
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import numpy as np
 
@@ -32,6 +35,7 @@ __all__ = [
     "global_tokens",
     "layout_mask",
     "local",
+    "local_strided",
     "longformer",
     "random",
     "strided",
@@ -143,6 +147,21 @@ def longformer(seq_len: int, *, window: int, num_global: int, block_size: int = 
   """Longformer (Beltagy et al. 2020, sec. 3.1): a sliding window of `window` tokens | `num_global` global tokens."""
   return (local(seq_len, window=window, block_size=block_size)
           | global_tokens(seq_len, num_global=num_global, block_size=block_size))
+
+
+@functools.cache
+def local_strided(*, window: int, stride: int, block_size: int = 64) -> Callable[[int], BlockLayout]:
+  """`seq_len -> BlockLayout`: `local(window)` | `strided(stride)`, the fixed pattern of the Sparse
+  Transformer (Child et al. 2019, sec. 4), for a model whose sequence length varies.
+
+  One function per setting (the same object for equal arguments), so that configs holding it
+  compare and hash equal.
+  """
+
+  def layout(seq_len: int) -> BlockLayout:
+    return local(seq_len, window=window, block_size=block_size) | strided(seq_len, stride=stride, block_size=block_size)
+
+  return layout
 
 
 def dense(seq_len: int, *, block_size: int = 64, kv_len: int | None = None) -> BlockLayout:

@@ -33,7 +33,6 @@ import glob
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -41,8 +40,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import compile_pass, inputs, linear_fn
+from experiments.bench_attention import compile_pass, inputs, linear_fn
 
 IMPLS = ("pallas", "xla", "cudnn")
 
