@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from experiments.bench_attention import compile_pass, inputs, linear_fn
+from experiments.bench_favor import favor_fn
+from experiments.bench_timing import compile_pass, inputs
 
 IMPLS = ("pallas", "xla", "cudnn")
 
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
     features = ea.orthogonal_random_features(jax.random.key(1), m, h)
     qkvd = inputs(jax.random.key(3), 1, t, args.num_heads, h, jnp.bfloat16)
     for impl in args.impls:
-      fn = compile_pass(linear_fn(impl, features), True, True)
+      fn = compile_pass(favor_fn(impl, features), True, True)
       rows.append({"head_dim": h, "num_features": m, "seq_len": t, "impl": impl,
                    **profile(fn, qkvd, args.calls, args.warmup)})
       (out / "profile.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
