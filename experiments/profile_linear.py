@@ -2,7 +2,7 @@
 
 For each (H, M, T) case and implementation (`pallas`, `xla`, and cuDNN exact causal
 attention for scale) it compiles forward+backward (as `bench_attention.py --suite
-linear` does: B1, N heads, bf16), warms up, traces `--calls` calls with
+favor` does: B1, N heads, bf16), warms up, traces `--calls` calls with
 `jax.profiler`, and reads the GPU kernels back from the trace: per call, the wall
 time on the host, the GPU busy time (union of kernel intervals), the number of
 kernel launches, and the kernels grouped by name (the Pallas kernels by their
