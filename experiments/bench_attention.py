@@ -4,7 +4,7 @@
     python experiments/bench_attention.py --smoke                # tiny, any machine
     python experiments/bench_attention.py --tune --seq-lens 8192 # Triton block sizes of the flash kernel
     python experiments/bench_attention.py --suite families       # every family, T up to 128k (bench_families.py)
-    python experiments/bench_attention.py --suite block_sparse   # block-sparse kernel vs density (bench_block_sparse.py)
+    python experiments/bench_attention.py --suite block_sparse   # block-sparse kernel vs density
     python experiments/bench_attention.py --suite favor          # causal FAVOR+ kernels (bench_favor.py)
 
 Each suite writes `results/<run>/<suite>.{json,md,png}`; the suite's module says what it times.
@@ -20,7 +20,8 @@ from experiments import bench_block_sparse, bench_families, bench_favor, bench_s
 from experiments.bench_softmax import IMPLS
 from experiments.bench_timing import environment
 
-SUITES = {"softmax": bench_softmax, "families": bench_families, "block_sparse": bench_block_sparse, "favor": bench_favor}
+SUITES = {"softmax": bench_softmax, "families": bench_families, "block_sparse": bench_block_sparse,
+          "favor": bench_favor}
 
 
 @dataclasses.dataclass(frozen=True)

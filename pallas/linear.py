@@ -349,67 +349,77 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   params = triton_params(interpret=p.interpret, num_warps=p.num_warps, num_stages=p.num_stages)
   a_head = lambda n: n // p.a_group
   b_head = lambda n: n // p.b_group
-  in_specs = [
-      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, a_head(n), 0)),
-      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, b_head(n), 0)),
-      pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j)),
-  ]
-  args = [a, b, c]
+  # The pass's inputs, by the names the kernel reads them under: (array, block spec).
+  inputs = {
+      "a": (a, pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, a_head(n), 0))),
+      "b": (b, pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, b_head(n), 0))),
+      "c": (c, pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j))),
+  }
   if p.bias and not p.alpha_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)))
-    args.append(alpha)
+    inputs["alpha"] = (alpha, pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)))
   if p.bias and not p.beta_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s)))
-    args.append(beta)
+    inputs["beta"] = (beta, pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s)))
   if p.segments:
-    in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
-    args.append(labels)
+    inputs["labels"] = (labels, pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
   if p.times:
-    in_specs.append(pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n // p.f_group, j)))
-    args.append(times)
+    inputs["times"] = (times, pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n // p.f_group, j)))
   if spans > 1:
     # Every span's sums (S, then Z with rowsum, W with bias) and, with segments,
     # the run each span hands on; the kernel adds up those that reach its span.
     if sums is None:
       sums = _span_sums(b, c, beta, labels, p, params)
     p_pad = sums[0].shape[1]
+    named = iter(sums)
     if p.sums_t:
       # Another pass's sums, read transposed (the kernel transposes each block back).
       assert not p.rowsum, "transposed sums serve passes without a row sum"
-      in_specs.append(pl.BlockSpec((None, p_pad, None, bc, d), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+      inputs["s_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, bc, d),
+                                                    lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
       if p.bias:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, bc, _VEC), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+        inputs["w_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, bc, _VEC),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
     else:
-      in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+      inputs["s_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, d, bc),
+                                                    lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
       if p.rowsum:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, d, _VEC), lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
+        inputs["z_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, d, _VEC),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
       if p.bias:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, _VEC, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
-    args += list(sums)
+        inputs["w_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, _VEC, bc),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+    assert next(named, None) is None, "as many span sums as the pass reads"
     if p.segments:
       runs = labels.reshape(batch, spans, p.span)[:, :, 0 if p.reverse else -1]
-      in_specs.append(pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
-      args.append(jnp.pad(runs, ((0, 0), (0, p_pad - spans))))
-  out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)]
+      inputs["runs"] = (jnp.pad(runs, ((0, 0), (0, p_pad - spans))),
+                        pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
+  # Its outputs, likewise: (shape, block spec).
+  o_spec = pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))
+  o_shape = jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)
+  outputs = {"o": (o_shape, o_spec)}
   assert not (p.rowsum and p.times_sum), "one row-sum output per pass"
   if p.rowsum or p.times_sum:
-    out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
+    outputs["den" if p.rowsum else "row_sums"] = (
+        jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32),
+        pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
   if p.split:
-    out_specs.append(out_specs[0])
-    out_shape.append(out_shape[0])
+    outputs["lo"] = (o_shape, o_spec)
   outs = pl.pallas_call(
-      functools.partial(_kernel, p=p),
+      functools.partial(_named_refs, _kernel, tuple(inputs) + tuple(outputs), p=p),
       grid=(batch, heads, spans, blocks),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=[spec for _, spec in outputs.values()],
+      out_shape=[shape for shape, _ in outputs.values()],
       interpret=p.interpret,
       name=f"linear_attention_{p.label}",
       **params,
-  )(*args)
+  )(*(x for x, _ in inputs.values()))
   return outs, (sums if spans > 1 else None)
+
+
+def _named_refs(kernel, names: tuple[str, ...], *refs, p: _Pass):
+  """Calls `kernel(refs, p=p)` with the refs of a `pallas_call` in a dict by name."""
+  assert len(names) == len(refs), (names, len(refs))
+  return kernel(dict(zip(names, refs)), p=p)
 
 
 def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
@@ -424,35 +434,34 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   e = c.shape[3]
   bc = _block_c(p.block_c, d, e)
   spans = t_pad // p.span
-  in_specs = [pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0)),
-              pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))]
-  args = [b, c]
+  inputs = {
+      "b": (b, pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0))),
+      "c": (c, pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))),
+  }
   if p.bias and not p.beta_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
-    args.append(beta)
+    inputs["beta"] = (beta, pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
   if p.segments:
-    in_specs.append(pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
-    args.append(labels)
+    inputs["labels"] = (labels, pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
   # The span axis is padded to a power of two; the padding is never read.
   p_pad = pow2_at_least(spans, 1)
-  out_specs = [pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, p_pad, hb, d, e), jnp.float32)]
+  outputs = {"s_sums": (jax.ShapeDtypeStruct((batch, p_pad, hb, d, e), jnp.float32),
+                        pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j)))}
   if p.rowsum:
-    out_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, d, _VEC), jnp.float32))
+    outputs["z_sums"] = (jax.ShapeDtypeStruct((batch, p_pad, hb, d, _VEC), jnp.float32),
+                         pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
   if p.bias:
-    out_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, _VEC, e), jnp.float32))
+    outputs["w_sums"] = (jax.ShapeDtypeStruct((batch, p_pad, hb, _VEC, e), jnp.float32),
+                         pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
   return pl.pallas_call(
-      functools.partial(_sums_kernel, p=p),
+      functools.partial(_named_refs, _sums_kernel, tuple(inputs) + tuple(outputs), p=p),
       grid=(batch, hb, spans, e // bc),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=[spec for _, spec in outputs.values()],
+      out_shape=[shape for shape, _ in outputs.values()],
       interpret=p.interpret,
       name=f"linear_attention_span_sums_{p.label}",
       **params,
-  )(*args)
+  )(*(x for x, _ in inputs.values()))
 
 
 # --------------------------------------------------------------------------- #
@@ -460,14 +469,15 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
 # --------------------------------------------------------------------------- #
 
 
-def _kernel(*refs, p: _Pass):
+def _kernel(refs: dict, p: _Pass):
   """One program: a span of `p.span` steps, a block of `bc` output columns.
 
-  Refs, in order: a `[L, D]`, b `[L, D]`, c `[L, bc]`, alpha `[L]`, beta `[L]`
-  (bias), labels `[L]` (segments), a factor `[L, bc]` of the output (times); with more than one span, every span's sums
-  S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
-  run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
-  (rowsum) or o's row sums `[L]` (times_sum), o's rounding error `[L, bc]` (split).
+  Refs by name (those the pass has, see `_run`): a `[L, D]`, b `[L, D]`, c `[L, bc]`,
+  alpha `[L]`, beta `[L]` (bias, unless 1), labels `[L]` (segments), times, a factor
+  `[L, bc]` of the output; with more than one span, every span's sums s_sums
+  `[P', D, bc]`, z_sums `[P', D, 16]` (rowsum), w_sums `[P', 16, bc]` (bias) and runs,
+  the run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
+  (rowsum) or row_sums, o's row sums `[L]` (times_sum), lo, o's rounding error `[L, bc]` (split).
 
   The state entering the span is the sum of the spans before it (after it, in
   reverse) whose handed-on run is the run of the span's first step: labels do
@@ -480,16 +490,11 @@ def _kernel(*refs, p: _Pass):
   the smallest width they take, instead of float32 element-wise work on whole
   `[C, D]` tiles.
   """
-  refs = list(refs)
-  take = lambda on: refs.pop(0) if on else None
-  a_ref, b_ref, c_ref = take(True), take(True), take(True)
-  alpha_ref, beta_ref = take(p.bias and not p.alpha_ones), take(p.bias and not p.beta_ones)
-  lab_ref = take(p.segments)
-  times_ref = take(p.times)
+  a_ref, b_ref, c_ref = refs["a"], refs["b"], refs["c"]
+  alpha_ref, beta_ref, lab_ref, times_ref = refs.get("alpha"), refs.get("beta"), refs.get("labels"), refs.get("times")
   states = p.spans > 1
-  s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
-  runs_ref = take(states and p.segments)
-  o_ref, den_ref, sum_ref, lo_ref = take(True), take(p.rowsum), take(p.times_sum), take(p.split)
+  s_sums, z_sums, w_sums, runs_ref = refs.get("s_sums"), refs.get("z_sums"), refs.get("w_sums"), refs.get("runs")
+  o_ref, den_ref, sum_ref, lo_ref = refs["o"], refs.get("den"), refs.get("row_sums"), refs.get("lo")
   f32 = jnp.float32
   size = p.chunk
   num_chunks = p.span // size
@@ -589,16 +594,14 @@ def _kernel(*refs, p: _Pass):
   lax.fori_loop(0, num_chunks, body, (s, z, w, label))
 
 
-def _sums_kernel(*refs, p: _Pass):
+def _sums_kernel(refs: dict, p: _Pass):
   """One program: the sums over a span's carried keys (see `_span_sums`).
 
-  Refs, in order: b `[L, D]`, c `[L, bc]`, beta `[L]` (bias), labels `[L]`
-  (segments); outputs S `[D, bc]`, Z `[D, 16]` (rowsum), W `[16, bc]` (bias).
+  Refs by name: b `[L, D]`, c `[L, bc]`, beta `[L]` (bias, unless 1), labels `[L]`
+  (segments); outputs s_sums `[D, bc]`, z_sums `[D, 16]` (rowsum), w_sums `[16, bc]` (bias).
   """
-  refs = list(refs)
-  take = lambda on: refs.pop(0) if on else None
-  b_ref, c_ref, beta_ref, lab_ref = take(True), take(True), take(p.bias and not p.beta_ones), take(p.segments)
-  s_ref, z_ref, w_ref = take(True), take(p.rowsum), take(p.bias)
+  b_ref, c_ref, beta_ref, lab_ref = refs["b"], refs["c"], refs.get("beta"), refs.get("labels")
+  s_ref, z_ref, w_ref = refs["s_sums"], refs.get("z_sums"), refs.get("w_sums")
   size = p.chunk
   first = lax.broadcasted_iota(jnp.int32, (size, _VEC), 1) == 0
   if p.segments:

@@ -115,7 +115,8 @@ def test_dependencies_run_one_way_and_stay_public():
     ("pallas", "from pallas.softmax import _q_ranges\n", "imports the private name pallas.softmax._q_ranges"),
     ("pallas", "from pallas import linear as la\nx = la._core\n", "reads the private name pallas.linear._core"),
     ("efficient_attention", "from pallas.linear import _kernel\n", "imports the private name pallas.linear._kernel"),
-    ("efficient_attention", "from experiments import cli\n", "efficient_attention imports experiments, a layer above it"),
+    ("efficient_attention", "from experiments import cli\n",
+     "efficient_attention imports experiments, a layer above it"),
     ("experiments", "from efficient_attention import _checks\n",
      "imports efficient_attention._checks, a private module of another package"),
     ("experiments", "from efficient_attention._linear import plan_masks\n",
@@ -129,7 +130,8 @@ def test_a_bad_import_fails(layer, source, expected):
 def test_allowed_imports_pass():
   sources = {
       "pallas": "from pallas import common\nfrom pallas.tiling import pow2_at_least\nimport jax\n",
-      "efficient_attention": "from efficient_attention import _checks\nfrom pallas import linear\nx = linear.prepare\n",
+      "efficient_attention": ("from efficient_attention import _checks\nfrom pallas import linear\n"
+                              "x = linear.prepare\n"),
       "experiments": "import efficient_attention as ea\nfrom experiments import cli\nfrom pallas.softmax import BlockSizes\n",
   }
   assert violations([(ROOT / layer / "probe.py", source) for layer, source in sources.items()]) == []
