@@ -132,7 +132,8 @@ def test_allowed_imports_pass():
       "pallas": "from pallas import common\nfrom pallas.tiling import pow2_at_least\nimport jax\n",
       "efficient_attention": ("from efficient_attention import _checks\nfrom pallas import linear\n"
                               "x = linear.prepare\n"),
-      "experiments": "import efficient_attention as ea\nfrom experiments import cli\nfrom pallas.softmax import BlockSizes\n",
+      "experiments": ("import efficient_attention as ea\nfrom experiments import cli\n"
+                      "from pallas.softmax import BlockSizes\n"),
   }
   assert violations([(ROOT / layer / "probe.py", source) for layer, source in sources.items()]) == []
 
