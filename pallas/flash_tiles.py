@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 from jax import lax
@@ -24,6 +24,9 @@ from jax.experimental import pallas as pl
 
 from pallas import common
 from pallas.tiling import dot, dot_nt, dot_tn, pad_ids, pad_to, pow2_at_least, round_up, triton_params
+
+if TYPE_CHECKING:
+  from pallas.softmax import BlockSizes
 
 LOG2E = math.log2(math.e)
 # Masked logits (base-2 units). Running maxima start at half of it, so a block
@@ -42,7 +45,7 @@ class FlashStatic:
   q_len: int
   kv_len: int
   group: int
-  blocks: BlockSizes  # pallas.softmax.BlockSizes
+  blocks: BlockSizes
   backend: str
   interpret: bool
   # float32 inputs multiply in full float32 (not TF32); narrower ones as they are.
