@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attention import _checks
-from efficient_attention._layouts import BlockLayout, check_grid, layout_mask
 from efficient_attention._masking import padding_as_segment_ids, split_heads
-from efficient_attention._softmax import _MASKED, softmax_attention_reference
+from efficient_attention._softmax import MASKED_LOGIT
+from pallas import block_sparse as kernel
+from pallas.block_layout import BlockLayout, check_grid
+from pallas.block_sparse import block_sparse_attention_reference  # noqa: F401  (exported by the package)
 
 # Row buckets: at most this many (each is a separate pair of einsums), and no
 # more than needed to keep the padded work within this factor of the live blocks.
@@ -137,7 +139,7 @@ def block_sparse_attention(
       live = live & (_select(ids[0], rows, idx) == _select(ids[1], rows, idx))
 
     # Softmax over every live key of a query row: the (l, c) axes.
-    logits = jnp.where(live, logits, _MASKED)
+    logits = jnp.where(live, logits, MASKED_LOGIT)
     weights = jax.nn.softmax(logits, axis=(-3, -1))
     # A row with no live key: softmax gave uniform weights over masked keys; zero them.
     weights = jnp.where(jnp.any(live, axis=(-3, -1), keepdims=True), weights, 0.0)
@@ -152,13 +154,11 @@ def block_sparse_attention(
 
 
 def _pallas(q, k, v, layout: BlockLayout, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
-  from pallas.block_sparse import block_sparse_attention as kernel
-
   if bias is not None:
     raise ValueError(f"block_sparse_attention(implementation='pallas') takes no bias (got {bias.shape=}); use 'xla'")
   if mask is not None:
     ids = padding_as_segment_ids(mask, ids, dims.batch, dims.q_len, dims.kv_len, what="block_sparse_attention(implementation='pallas')")
-  return kernel(q, k, v, layout, is_causal=is_causal, segment_ids=ids, scale=scale)
+  return kernel.block_sparse_attention(q, k, v, layout, is_causal=is_causal, segment_ids=ids, scale=scale)
 
 
 class _Bucket(NamedTuple):
@@ -281,27 +281,3 @@ def _static_live(rows: np.ndarray, idx: np.ndarray, valid: np.ndarray, layout: B
     query_pos = jnp.asarray((rows[:, None] * bq + np.arange(bq)).reshape(1, 1, 1, len(rows), 1, bq, 1))
     live = live & (query_pos >= key_pos)
   return live
-
-
-def block_sparse_attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    layout: BlockLayout,
-    *,
-    is_causal: bool = False,
-    mask: jax.Array | None = None,
-    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-    bias: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-  """Dense softmax attention under `layout_mask(layout, T, S) & mask`, in the inputs' precision.
-
-  Builds the whole `[B, N, T, S]` matrix; use float64 inputs under `jax.enable_x64`.
-  """
-  live = layout_mask(layout, q.shape[1], k.shape[1])
-  if mask is not None:
-    live = live & mask
-  return softmax_attention_reference(
-      q, k, v, bias=bias, mask=live, is_causal=is_causal, segment_ids=segment_ids, scale=scale
-  )

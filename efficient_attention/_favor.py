@@ -37,13 +37,11 @@ import jax.numpy as jnp
 
 from efficient_attention import _checks, _linear
 from efficient_attention._linear import LinearState
+from pallas import favor, linear
+from pallas.favor import LOG_FEATURE_FLOOR
 
 KERNELS = ("softmax", "trig", "relu")
 SCALINGS = ("chi", "sqrt_d")
-# Lowest stabilised log key feature of a live key: e^-35 ~ 6e-16 of the largest feature, so that a
-# denominator stays >= e^-35 / M and its gradient (through 1 / den^2) finite in float32 for M up to 4096;
-# features below it (negligible next to any key near the maximum) are raised to it.
-LOG_FEATURE_FLOOR = -35.0
 
 
 def orthogonal_random_features(
@@ -155,7 +153,7 @@ def favor_attention(
   _check_kernel(kernel)
   _check_features(features, dims.head_dim)
   mask = _checks.check_mask(mask, dims)
-  ids = _linear.check_shared_segment_ids(segment_ids, dims, family=family)
+  ids = _checks.check_shared_segment_ids(segment_ids, dims, family=family)
   scale = _checks.check_scale(scale, dims)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = _linear.check_chunk_size(chunk_size)
@@ -176,11 +174,8 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
   plan = _linear.plan_masks(mask, ids, is_causal, dims)
   if pallas and kernel == "softmax" and _linear.live_keys(plan, dims) is None and dims.kv_len > 0:
     # Every key live: features from Pallas kernels, and one custom VJP over them and the chunked kernel.
-    from pallas import LinearBlockSizes
-    from pallas.favor_features import causal_favor_attention
-
-    return causal_favor_attention(q, k, v, features, scale=scale, segment_ids=plan.ids,
-                                  block_sizes=LinearBlockSizes(chunk=chunk_size))
+    return favor.causal_favor_attention(q, k, v, features, scale=scale, segment_ids=plan.ids,
+                                        block_sizes=linear.LinearBlockSizes(chunk=chunk_size))
   phi_q = _query_features(kernel, q.astype(acc) * math.sqrt(scale), w)
   x_k = k.astype(acc) * math.sqrt(scale)
   # [B, S, K, M]
@@ -292,7 +287,7 @@ def favor_attention_reference(
       return jnp.exp(half_sq) * jnp.concatenate([jnp.sin(wx), jnp.cos(wx)], axis=-1) / math.sqrt(w.shape[0])
     return jax.nn.relu(wx) / math.sqrt(w.shape[0])
 
-  return _linear.kernel_attention_reference(
+  return linear.kernel_attention_reference(
       phi(q), phi(k), v, is_causal=is_causal, mask=mask, segment_ids=segment_ids
   )
 

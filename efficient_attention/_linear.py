@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, segment_starts, split_heads
+from efficient_attention._masking import split_heads
+from pallas import linear
+from pallas.common import dense_mask, run_labels, safe_divide, segment_starts
 
 
 def elu_plus_one(x: jax.Array) -> jax.Array:
@@ -143,7 +145,7 @@ def linear_attention(
     )
   fmap = feature_map_fn(feature_map)
   mask = _checks.check_mask(mask, dims)
-  ids = check_shared_segment_ids(segment_ids, dims, family=family)
+  ids = _checks.check_shared_segment_ids(segment_ids, dims, family=family)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = check_chunk_size(chunk_size)
   pallas = implementation == "pallas"
@@ -221,27 +223,9 @@ def linear_attention_reference(
   Builds the whole `[B, N, T, S]` matrix `phi(q) phi(k)^T`; heads are repeated for GQA.
   """
   fmap = feature_map_fn(feature_map)
-  return kernel_attention_reference(
+  return linear.kernel_attention_reference(
       fmap(q), fmap(k), v, is_causal=is_causal, mask=mask, segment_ids=segment_ids
   )
-
-
-def kernel_attention_reference(phi_q, phi_k, v, *, is_causal, mask, segment_ids) -> jax.Array:
-  """Dense `[B, T, N, Hv]` from features `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`."""
-  n, kh = phi_q.shape[2], phi_k.shape[2]
-  phi_k = jnp.repeat(phi_k, n // kh, axis=2)
-  v = jnp.repeat(v, n // kh, axis=2)
-  runs = None if segment_ids is None else run_labels(segment_ids)
-  live = dense_mask(
-      phi_q.shape[1], phi_k.shape[1], is_causal=is_causal, mask=mask,
-      segment_ids=None if runs is None else (runs, runs),
-  )
-  scores = jnp.einsum("btnm,bsnm->bnts", phi_q, phi_k)
-  if live is not None:
-    scores = jnp.where(live, scores, 0.0)
-  num = jnp.einsum("bnts,bsnh->btnh", scores, v)
-  den = jnp.sum(scores, axis=-1).transpose(0, 2, 1)[..., None]
-  return _safe_divide(num, den)
 
 
 # Pieces shared with FAVOR+ (efficient_attention/_favor.py).
@@ -267,21 +251,6 @@ def apply_feature_map(fmap: Callable[[jax.Array], jax.Array], x: jax.Array, name
   if not jnp.issubdtype(phi.dtype, jnp.floating):
     raise TypeError(f"feature_map must return floating point, got {phi.dtype} for {name}")
   return phi.astype(x.dtype)
-
-
-def check_shared_segment_ids(segment_ids: Any, dims: _checks.Dims, *, family: str) -> jax.Array | None:
-  """One int `[B, T]` array shared by queries and keys (T == S), or None."""
-  if segment_ids is None:
-    return None
-  if isinstance(segment_ids, (tuple, list)):
-    raise ValueError(
-        f"{family} takes one segment_ids array [B, T] shared by queries and keys, got a "
-        f"{type(segment_ids).__name__} of {len(segment_ids)}: its prefix sums restart where the "
-        "run of ids changes, which needs a single sequence of ids (packed sequences)"
-    )
-  if dims.q_len != dims.kv_len:
-    raise ValueError(f"{family}: segment_ids need as many queries as keys, got T={dims.q_len}, S={dims.kv_len}")
-  return _checks.check_segment_ids(segment_ids, dims)[0]
 
 
 # Steps per chunk of the XLA chunked form when chunk_size is None.
@@ -351,11 +320,6 @@ def live_keys(plan: MaskPlan, dims: _checks.Dims) -> jax.Array | None:
   if live.shape[1] != 1:
     live = jnp.any(live.reshape(live.shape[0], dims.num_kv_heads, dims.group, dims.kv_len), axis=2)
   return live.transpose(0, 2, 1)
-
-
-def run_labels(ids: jax.Array) -> jax.Array:
-  """int `[B, T]`: the index of each position's run of equal ids (a new label per run)."""
-  return jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
 
 
 def attend(
@@ -439,16 +403,14 @@ def attend_pallas(
   Features are cast to `dtype` (the kernel multiplies in the input dtype and sums
   in float32); key-padding masks zero the masked keys' features.
   """
-  from pallas.linear_attention import LinearBlockSizes, causal_linear_attention
-
   if plan.keys is not None:
     if plan.keys.shape[1] != 1 and dims.group > 1:
       # Key sets differ within a GQA group: give each query head its own keys.
       phi_k, v = (jnp.repeat(x, dims.group, axis=2) for x in (phi_k, v))
     # [B|1, S, K|1, 1]
     phi_k = jnp.where(plan.keys.transpose(0, 2, 1)[..., None], phi_k, 0.0)
-  blocks = LinearBlockSizes(chunk=chunk_size)
-  return causal_linear_attention(
+  blocks = linear.LinearBlockSizes(chunk=chunk_size)
+  return linear.causal_linear_attention(
       phi_q.astype(dtype), phi_k.astype(dtype), v.astype(dtype), segment_ids=plan.ids, block_sizes=blocks
   )
 
@@ -475,19 +437,13 @@ def recurrent_update(
   qg = phi_q.reshape(b, kh, n // kh, m)
   num = jnp.einsum("bkgm,bkmh->bkgh", qg, kv)
   den = jnp.einsum("bkgm,bkm->bkg", qg, z)[..., None]
-  out = _safe_divide(num, den).reshape(b, n, kv.shape[-1])
+  out = safe_divide(num, den).reshape(b, n, kv.shape[-1])
   return LinearState(kv=kv, z=z, stabiliser=stabiliser), out
-
-
-def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
-  """`num / den`, and 0 with 0 gradient where `den == 0` (a `where` on both sides)."""
-  empty = den == 0
-  return jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den))
 
 
 def _normalise(out: jax.Array) -> jax.Array:
   """`[..., Hv + 1]` numerator and denominator -> `[..., Hv]`."""
-  return _safe_divide(out[..., :-1], out[..., -1:])
+  return safe_divide(out[..., :-1], out[..., -1:])
 
 
 def _quadratic(phi_q: jax.Array, phi_k: jax.Array, v1: jax.Array, live: jax.Array) -> jax.Array:

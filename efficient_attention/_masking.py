@@ -9,43 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def causal_mask(q_len: int, kv_len: int) -> jax.Array:
-  """`[T, S]` lower-triangular mask, aligned top-left like `jax.nn.dot_product_attention`."""
-  return jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :]
-
-
-def dense_mask(
-    q_len: int,
-    kv_len: int,
-    *,
-    is_causal: bool = False,
-    mask: jax.Array | None = None,
-    segment_ids: tuple[jax.Array, jax.Array] | None = None,
-) -> jax.Array | None:
-  """Combines the three masking options into one bool `[B|1, N|1, T, S]` (None if all unset)."""
-  out = None
-
-  def conj(a, b):
-    return b if a is None else jnp.logical_and(a, b)
-
-  if is_causal:
-    out = conj(out, causal_mask(q_len, kv_len)[None, None])
-  if segment_ids is not None:
-    q_ids, kv_ids = segment_ids
-    # [B, 1, T, S]
-    out = conj(out, (q_ids[:, :, None] == kv_ids[:, None, :])[:, None])
-  if mask is not None:
-    out = conj(out, mask)
-  if out is not None and out.shape[-2:] != (q_len, kv_len):
-    out = jnp.broadcast_to(out, out.shape[:-2] + (q_len, kv_len))
-  return out
-
-
-def segment_starts(segment_ids: jax.Array) -> jax.Array:
-  """bool `[B, T]`: True where a new run of equal ids begins (always at t = 0)."""
-  first = jnp.ones(segment_ids.shape[:1] + (1,), bool)
-  return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+from pallas.common import dense_mask, segment_starts  # noqa: F401  (the families and the LM use them from here)
 
 
 def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:

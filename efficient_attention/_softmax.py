@@ -1,4 +1,6 @@
-"""Exact softmax attention: an XLA path, cuDNN through `jax.nn`, and the fp32/fp64 reference.
+"""Exact softmax attention: an XLA path, cuDNN through `jax.nn` and the Pallas flash kernel.
+
+Its reference, `softmax_attention_reference`, is defined beside the kernel in `pallas.softmax`.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K query heads per key/value head, H head dim.
@@ -6,17 +8,18 @@ heads, G = N / K query heads per key/value head, H head dim.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, padding_as_segment_ids, split_heads
+from efficient_attention._masking import padding_as_segment_ids, split_heads
+from pallas.common import dense_mask
+from pallas.softmax import flash_attention, softmax_attention_reference  # noqa: F401  (exported by the package)
 
 # Large finite negative logit: masked entries get exactly zero weight without
 # creating inf - inf = NaN when a whole row is masked.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def softmax_attention(
@@ -92,7 +95,7 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
     logits = logits + split_heads(bias.astype(acc), dims.num_kv_heads, dims.group)
   if mask is not None:
     mask = split_heads(mask, dims.num_kv_heads, dims.group)
-    logits = jnp.where(mask, logits, _MASKED)
+    logits = jnp.where(mask, logits, MASKED_LOGIT)
   weights = jax.nn.softmax(logits, axis=-1)
   if mask is not None:
     # A row with no live key: softmax gave uniform weights over masked keys; zero them.
@@ -103,8 +106,6 @@ def _xla(q, k, v, *, bias, mask, scale, dims: _checks.Dims) -> jax.Array:
 
 
 def _pallas(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) -> jax.Array:
-  from pallas.flash_attention import flash_attention
-
   if bias is not None:
     raise ValueError("implementation='pallas' takes no bias; use 'xla' or 'cudnn'")
   if mask is not None:
@@ -158,38 +159,3 @@ def _cudnn(q, k, v, *, bias, mask, is_causal, ids, scale, dims: _checks.Dims) ->
     row_live = jnp.any(live, axis=-1).transpose(0, 2, 1)[..., None]
     out = jnp.where(row_live, out, jnp.zeros((), out.dtype))
   return out
-
-
-@functools.partial(jax.jit, static_argnames=("is_causal", "scale"))
-def softmax_attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    bias: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    is_causal: bool = False,
-    segment_ids: tuple[jax.Array, jax.Array] | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-  """Dense reference in the inputs' precision (use float64 inputs under `jax.enable_x64`).
-
-  Heads are repeated for GQA and the whole `[B, N, T, S]` matrix is built.
-  """
-  n, kh = q.shape[2], k.shape[2]
-  k = jnp.repeat(k, n // kh, axis=2)
-  v = jnp.repeat(v, n // kh, axis=2)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  if segment_ids is not None and not isinstance(segment_ids, (tuple, list)):
-    segment_ids = (segment_ids, segment_ids)
-  logits = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
-  if bias is not None:
-    logits = logits + bias
-  live = dense_mask(q.shape[1], k.shape[1], is_causal=is_causal, mask=mask, segment_ids=segment_ids)
-  if live is None:
-    live = jnp.ones((1, 1) + logits.shape[-2:], bool)
-  logits = jnp.where(live, logits, -jnp.inf)
-  row_live = jnp.any(live, axis=-1, keepdims=True)
-  logits = jnp.where(row_live, logits, 0.0)
-  weights = jnp.where(live, jax.nn.softmax(logits, axis=-1), 0.0)
-  return jnp.einsum("bnts,bsnh->btnh", weights, v)

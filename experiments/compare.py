@@ -36,9 +36,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cli  # the experiments' command lines
-import train_lm  # the parent only parses flags with it: the accelerator is left to the runs
+from experiments import cli  # the experiments' command lines
+from experiments import train_lm  # the parent only parses flags with it: the accelerator is left to the runs
 
 TRAIN_LM = pathlib.Path(train_lm.__file__)
 

@@ -27,7 +27,6 @@ import functools
 import itertools
 import json
 import pathlib
-import sys
 import time
 
 import jax
@@ -38,8 +37,7 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cli  # the experiments' command lines
+from experiments import cli  # the experiments' command lines
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend

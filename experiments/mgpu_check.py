@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import os
 import statistics
@@ -47,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas
-from pallas import _flash_mosaic_gpu as mg
-
-fa = importlib.import_module("pallas.flash_attention")
+from pallas import common
+from pallas import softmax as fa
+from pallas import softmax_mosaic_gpu as mg
+from pallas.flash_tiles import FlashStatic
 
 RESULTS: dict = {"checks": [], "variants": [], "bench": [], "bwd": [], "errors": []}
 T0 = time.perf_counter()
@@ -94,11 +93,17 @@ def guarded(name, fn):
 
 
 def mosaic(q, k, v, **kw):
-  return pallas.flash_attention(q, k, v, backend="mosaic_gpu", **kw)
+  return fa.flash_attention(q, k, v, backend="mosaic_gpu", **kw)
 
 
 def triton(q, k, v, **kw):
-  return pallas.flash_attention(q, k, v, backend="triton", **kw)
+  return fa.flash_attention(q, k, v, backend="triton", **kw)
+
+
+def reference(q, k, v, **kw):
+  """The float32 reference, in q's dtype."""
+  f32 = (x.astype(jnp.float32) for x in (q, k, v))
+  return fa.softmax_attention_reference(*f32, **kw).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -108,7 +113,7 @@ def triton(q, k, v, **kw):
 
 def check_part(args):
   key = jax.random.key(args.seed)
-  dims_probe = fa._checks.Dims(1, 4096, 4096, 8, 8, 128, 128)
+  dims_probe = common.Dims(1, 4096, 4096, 8, 8, 128, 128)
   log("applies(bf16, H=128):", mg.applies(jnp.bfloat16, dims_probe, is_causal=True, has_segments=True),
       "default backend:", fa.default_backend(jnp.bfloat16, dims_probe))
 
@@ -126,7 +131,7 @@ def check_part(args):
       q, k, v = rand_qkv(sub, b, t, t, n, n, h)
       out = jax.jit(lambda q, k, v: mosaic(q, k, v, is_causal=causal))(q, k, v)
       if t <= 4096:
-        ref = jax.jit(lambda q, k, v: pallas.flash_attention_reference(q, k, v, is_causal=causal))(q, k, v)
+        ref = jax.jit(lambda q, k, v: reference(q, k, v, is_causal=causal))(q, k, v)
         against = "reference"
       else:
         ref = jax.jit(lambda q, k, v: triton(q, k, v, is_causal=causal))(q, k, v)
@@ -141,9 +146,9 @@ def check_part(args):
       outs = {}
       for backend in ("mosaic_gpu", "triton"):
         blocks = fa.BlockSizes.get_default(backend, 128).clamp(2048, 2048)
-        static = fa._Static(scale=128 ** -0.5, is_causal=causal, has_segments=False, q_len=2048,
+        static = FlashStatic(scale=128 ** -0.5, is_causal=causal, has_segments=False, q_len=2048,
                             kv_len=2048, group=1, blocks=blocks, backend=backend, interpret=False)
-        outs[backend] = jax.jit(lambda q, k, v, s=static: fa._forward(q, k, v, None, None, s))(q, k, v)
+        outs[backend] = jax.jit(lambda q, k, v, s=static: fa.forward(q, k, v, None, None, s))(q, k, v)
       lse_m, lse_t = outs["mosaic_gpu"][1], outs["triton"][1]
       err = float(jnp.max(jnp.abs(lse_m - lse_t)))
       record_check(f"lse vs triton causal={causal} (max abs, base 2)", err, 1e-2)
@@ -154,7 +159,7 @@ def check_part(args):
     # Odd lengths (padding), GQA, S != T.
     q, k, v = rand_qkv(jax.random.key(3), 2, 1000, 1000, 16, 4, 128)
     mosaic_j = jax.jit(mosaic, static_argnames=("is_causal",))
-    ref_j = jax.jit(pallas.flash_attention_reference, static_argnames=("is_causal",))
+    ref_j = jax.jit(reference, static_argnames=("is_causal",))
     for causal in (False, True):
       out = mosaic_j(q, k, v, is_causal=causal)
       ref = ref_j(q, k, v, is_causal=causal)
@@ -186,9 +191,9 @@ def check_part(args):
       record_check(f"segments dead rows are 0 causal={causal}", dead, 0.0)
     # Dead rows' lse is +inf.
     blocks = fa.BlockSizes.get_default("mosaic_gpu", 128).clamp(t, t)
-    static = fa._Static(scale=128 ** -0.5, is_causal=False, has_segments=True, q_len=t, kv_len=t,
+    static = FlashStatic(scale=128 ** -0.5, is_causal=False, has_segments=True, q_len=t, kv_len=t,
                         group=1, blocks=blocks, backend="mosaic_gpu", interpret=False)
-    _, lse = jax.jit(lambda *a: fa._forward(*a, static))(q, k, v, ids, kv_ids)
+    _, lse = jax.jit(lambda *a: fa.forward(*a, static))(q, k, v, ids, kv_ids)
     record_check("segments dead rows lse=+inf", float(jnp.sum(~jnp.isposinf(lse[:, :, 1200:]))), 0.0)
     record_check("segments live rows lse finite", float(jnp.sum(~jnp.isfinite(lse[:, :, :1200]))), 0.0)
 
@@ -203,7 +208,7 @@ def check_part(args):
       got = jax.jit(jax.grad(lambda q, k, v: loss(lambda *a: mosaic(*a, is_causal=causal), q, k, v),
                              (0, 1, 2)))(q, k, v)
       ref = jax.jit(jax.grad(lambda q, k, v: loss(
-          lambda *a: pallas.flash_attention_reference(*a, is_causal=causal), q, k, v), (0, 1, 2)))(
+          lambda *a: reference(*a, is_causal=causal), q, k, v), (0, 1, 2)))(
               q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
       for name, x, r in zip("qkv", got, ref):
         record_check(f"grad d{name} causal={causal}", rel_err(x, r), 2e-2)
@@ -253,7 +258,7 @@ def flops(b, t, n, h, causal):
 
 def static_for(t, h, causal, group=1, blocks=None):
   blocks = (blocks or fa.BlockSizes.get_default("mosaic_gpu", h)).clamp(t, t)
-  return fa._Static(scale=h ** -0.5, is_causal=causal, has_segments=False, q_len=t, kv_len=t,
+  return FlashStatic(scale=h ** -0.5, is_causal=causal, has_segments=False, q_len=t, kv_len=t,
                     group=group, blocks=blocks, backend="mosaic_gpu", interpret=False)
 
 
@@ -380,7 +385,7 @@ def bwd_check_part(args):
         return jax.jit(jax.grad(loss, (0, 1, 2)))(*xs)
 
       f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-      ref = grads(pallas.flash_attention_reference, *f32)
+      ref = grads(reference, *f32)
       with mosaic_bwd(True):
         got = grads(mosaic, q, k, v)
       with mosaic_bwd(False):

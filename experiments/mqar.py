@@ -50,9 +50,8 @@ from tqdm import tqdm
 import efficient_attention as ea
 from efficient_attention import lm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cli  # the experiments' command lines
-from lm_data import (  # the experiments' data module
+from experiments import cli  # the experiments' command lines
+from experiments.lm_data import (  # the experiments' data module
   FILLER,
   IGNORE,
   MQAR_EVAL_SEED_OFFSET,
@@ -142,19 +141,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
 # The models.
 
 
-@functools.lru_cache(maxsize=None)
-def sparse_layout(window: int, block_size: int, stride: int):
-  """`seq_len -> BlockLayout`: local window | strided blocks (one function per setting, so configs hash equal)."""
-
-  def layout(seq_len: int) -> ea.BlockLayout:
-    return (ea.layouts.local(seq_len, window=window, block_size=block_size)
-            | ea.layouts.strided(seq_len, stride=stride, block_size=block_size))
-
-  return layout
-
-
 def lm_config(cfg: Config, family: str, width: int) -> lm.LMConfig:
-  layout = sparse_layout(cfg.window, cfg.block_size, cfg.stride) if family == "block_sparse" else None
+  layout = None
+  if family == "block_sparse":
+    layout = ea.layouts.local_strided(window=cfg.window, stride=cfg.stride, block_size=cfg.block_size)
   return lm.LMConfig(attention=family, vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, width=width,
                      num_heads=cfg.num_heads, max_len=cfg.seq_len, window=cfg.window, block_size=cfg.block_size,
                      layout=layout, chunk_size=cfg.chunk_size)

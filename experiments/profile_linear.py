@@ -2,7 +2,7 @@
 
 For each (H, M, T) case and implementation (`pallas`, `xla`, and cuDNN exact causal
 attention for scale) it compiles forward+backward (as `bench_attention.py --suite
-linear` does: B1, N heads, bf16), warms up, traces `--calls` calls with
+favor` does: B1, N heads, bf16), warms up, traces `--calls` calls with
 `jax.profiler`, and reads the GPU kernels back from the trace: per call, the wall
 time on the host, the GPU busy time (union of kernel intervals), the number of
 kernel launches, and the kernels grouped by name (the Pallas kernels by their
@@ -14,10 +14,10 @@ kernel launches, and the kernels grouped by name (the Pallas kernels by their
     python experiments/profile_linear.py --tune-linear --cases 128,256,4096   # chunked kernel's tiling
 
 Writes `results/<run>/profile.{json,md}`, rewritten after every case. With
-`--tune-features` it instead traces `pallas.favor_features.positive_features`
+`--tune-features` it instead traces `pallas.favor.positive_features`
 (GPU time of its three forward kernels and of the q / k gradient kernels) for every `FeatureBlockSizes` of a grid and
 writes `results/<run>/feature_tune.{json,md}`. With `--tune-linear` it traces causal
-FAVOR+ forward+backward (`pallas.favor_features.causal_favor_attention`) for every
+FAVOR+ forward+backward (`pallas.favor.causal_favor_attention`) for every
 `LinearBlockSizes` of a grid (chunk, span, columns per program, warps) and writes
 each pass's kernel time (`linear_attention_{forward,dq,dk,dv}` and their span sums)
 to `results/<run>/linear_tune.{json,md}`, so that each pass's best tiling can be
@@ -33,7 +33,6 @@ import glob
 import json
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
@@ -41,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attention import compile_pass, inputs, linear_fn
+from experiments.bench_favor import favor_fn
+from experiments.bench_timing import compile_pass, inputs
 
 IMPLS = ("pallas", "xla", "cudnn")
 
@@ -179,7 +178,7 @@ def tune_features(cases, num_heads: int, out: pathlib.Path, repeats: int) -> Non
   import itertools
 
   import efficient_attention as ea
-  from pallas.favor_features import FeatureBlockSizes, positive_features
+  from pallas.favor import FeatureBlockSizes, positive_features
 
   rows = []
   grid = list(itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2,)))
@@ -226,7 +225,7 @@ def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s
 
   import efficient_attention as ea
   from pallas import LinearBlockSizes
-  from pallas.favor_features import causal_favor_attention
+  from pallas.favor import causal_favor_attention
 
   start = time.perf_counter()
   rows = []
@@ -294,7 +293,7 @@ def main(argv=None) -> None:
     features = ea.orthogonal_random_features(jax.random.key(1), m, h)
     qkvd = inputs(jax.random.key(3), 1, t, args.num_heads, h, jnp.bfloat16)
     for impl in args.impls:
-      fn = compile_pass(linear_fn(impl, features), True, True)
+      fn = compile_pass(favor_fn(impl, features), True, True)
       rows.append({"head_dim": h, "num_features": m, "seq_len": t, "impl": impl,
                    **profile(fn, qkvd, args.calls, args.warmup)})
       (out / "profile.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

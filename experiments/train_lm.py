@@ -32,12 +32,10 @@ parameter (and its optimiser state) over the M `fsdp` devices, on
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import pathlib
 import resource
-import sys
 import time
 from typing import Any
 
@@ -54,9 +52,8 @@ from tqdm import tqdm
 import efficient_attention as ea
 from efficient_attention import lm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cli  # the experiments' command lines
-import lm_data  # the experiments' data module
+from experiments import cli  # the experiments' command lines
+from experiments import lm_data  # the experiments' data module
 
 TASKS = ("lm", "mqar")
 MESH_AXES = ("data", "fsdp")
@@ -188,17 +185,6 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(tuple(shape.values())), MESH_AXES)
 
 
-@functools.cache
-def sparse_layout(window: int, block_size: int, stride: int):
-  """`seq_len -> BlockLayout`: local window | strided blocks (Sparse Transformer's fixed pattern)."""
-
-  def layout(seq_len: int) -> ea.BlockLayout:
-    return (ea.layouts.local(seq_len, window=window, block_size=block_size)
-            | ea.layouts.strided(seq_len, stride=stride, block_size=block_size))
-
-  return layout
-
-
 def lm_config(cfg: Config) -> lm.LMConfig:
   """The model: Linformer, having no causal form, runs bidirectional (it sees its targets)."""
   return lm.LMConfig(
@@ -207,7 +193,8 @@ def lm_config(cfg: Config) -> lm.LMConfig:
       max_len=cfg.seq_len, dropout=cfg.dropout, is_causal=cfg.attention != "linformer",
       num_features=cfg.num_features, redraw_interval=cfg.redraw_interval, feature_map=cfg.feature_map,
       projected_len=cfg.projected_len, window=cfg.window, block_size=cfg.block_size,
-      layout=sparse_layout(cfg.window, cfg.block_size, cfg.stride) if cfg.attention == "block_sparse" else None,
+      layout=(ea.layouts.local_strided(window=cfg.window, stride=cfg.stride, block_size=cfg.block_size)
+              if cfg.attention == "block_sparse" else None),
       chunk_size=cfg.chunk_size, implementation=None if cfg.implementation == "auto" else cfg.implementation,
       dtype=None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype))
 

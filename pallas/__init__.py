@@ -1,27 +1,32 @@
 """Pallas kernels for efficient-attention (GPU through Triton / Mosaic GPU, TPU through Mosaic).
 
-Each kernel file ends with its fp32 `*_reference`.
+One module per attention family (`softmax`, `block_sparse`, `linear`, `favor`),
+each ending with the family's reference; the pieces they share sit in `common`
+(the contract's checks, also used by `efficient_attention`), `tiling` and
+`flash_tiles`. Nothing here imports `efficient_attention` or Flax.
 """
 
+from pallas.block_layout import BlockLayout, layout_mask
 from pallas.block_sparse import block_sparse_attention, block_sparse_attention_reference
-from pallas.favor_features import (
+from pallas.favor import (
     FeatureBlockSizes,
     causal_favor_attention,
     positive_features,
     positive_features_reference,
 )
-from pallas.flash_attention import (
-    BlockSizes,
-    flash_attention,
-    flash_attention_reference,
-)
-from pallas.linear_attention import (
+from pallas.linear import (
     LinearBlockSizes,
     causal_linear_attention,
-    causal_linear_attention_reference,
+    kernel_attention_reference,
+)
+from pallas.softmax import (
+    BlockSizes,
+    flash_attention,
+    softmax_attention_reference,
 )
 
 __all__ = [
+    "BlockLayout",
     "BlockSizes",
     "FeatureBlockSizes",
     "LinearBlockSizes",
@@ -29,9 +34,10 @@ __all__ = [
     "block_sparse_attention_reference",
     "causal_favor_attention",
     "causal_linear_attention",
-    "causal_linear_attention_reference",
     "flash_attention",
-    "flash_attention_reference",
+    "kernel_attention_reference",
+    "layout_mask",
     "positive_features",
     "positive_features_reference",
+    "softmax_attention_reference",
 ]

@@ -23,7 +23,7 @@ rows of every head start first. Tiles of the kernels may be finer than the
 layout's blocks (the layout is refined by repetition): by default the Triton
 flash tiles, clipped to the layout's block sizes.
 
-Einsum alphabet as in `pallas.flash_attention`.
+Einsum alphabet as in `pallas.softmax`.
 """
 
 from __future__ import annotations
@@ -37,24 +37,23 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from efficient_attention import _checks
-from efficient_attention._layouts import BlockLayout, check_grid, layout_mask
-from pallas.flash_attention import (
-  BlockSizes,
-  _dkdv_step,
-  _dq_step,
-  _forward_init,
-  _forward_result,
-  _forward_step,
-  _pad,
-  _pad_ids,
-  _params,
-  _pow2_at_least,
-  _round_up,
-  _Static,
-  _with_optional_ids,
-  flash_attention_reference,
+from pallas import common
+from pallas.block_layout import BlockLayout, check_grid, layout_mask
+from pallas.flash_tiles import (
+    FlashStatic,
+    dkdv_step,
+    dq_step,
+    forward_init,
+    forward_result,
+    forward_step,
+    launch_params,
+    output_delta,
+    pad_inputs,
+    sum_groups,
+    with_optional_ids,
 )
+from pallas.softmax import BlockSizes, softmax_attention_reference
+from pallas.tiling import matmul_precision, pow2_at_least
 
 # Table columns before the partner tiles: owned tile, unmasked count, live count.
 _HEAD = 3
@@ -89,7 +88,7 @@ def block_sparse_attention(
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows with no live key are 0 with 0 gradient.
   """
-  dims = _checks.check_qkv(q, k, v)
+  dims = common.check_qkv(q, k, v)
   check_grid(layout, dims.q_len, dims.kv_len)
   if layout.num_heads not in (None, dims.num_heads):
     raise ValueError(f"per-head layout has num_heads={layout.num_heads} but q has N={dims.num_heads} heads")
@@ -98,28 +97,18 @@ def block_sparse_attention(
     if size < 16 or size & (size - 1):
       raise ValueError(f"the kernel tiles by the layout's blocks: layout {name}={size} must be a power of two "
                        f">= 16 (64 or 128 on a GPU); got block_q={bq}, block_k={bk}")
-  ids = _checks.check_segment_ids(segment_ids, dims)
-  scale = _checks.check_scale(scale, dims)
-  _checks.check_causal(is_causal, dims, family="block_sparse_attention")
+  ids = common.check_segment_ids(segment_ids, dims)
+  scale = common.check_scale(scale, dims)
+  common.check_causal(is_causal, dims, family="block_sparse_attention")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   tiles = _tiles(block_sizes, layout, dims.head_dim)
-  static = _Static(scale=scale, is_causal=is_causal, has_segments=ids is not None,
-                   q_len=dims.q_len, kv_len=dims.kv_len, group=dims.group, blocks=tiles,
-                   backend="triton", interpret=bool(interpret),
-                   precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
-  t_pad = _round_up(dims.q_len, max(tiles.block_q, tiles.block_q_dq, tiles.block_q_dkv))
-  s_pad = _round_up(dims.kv_len, max(tiles.block_k, tiles.block_k_dq, tiles.block_k_dkv))
-  tables = tuple(jnp.asarray(t) for t in walk_tables(layout, tiles, dims.q_len, dims.kv_len, t_pad, s_pad,
-                                                      is_causal=is_causal, has_segments=ids is not None))
-  qp = _pad(q, t_pad, _pow2_at_least(dims.head_dim))
-  kp = _pad(k, s_pad, _pow2_at_least(dims.head_dim))
-  vp = _pad(v, s_pad, _pow2_at_least(dims.v_head_dim))
-  q_ids = kv_ids = None
-  if ids is not None:
-    # Padded queries get an id no key has; padded keys are masked by position.
-    q_ids = _pad_ids(ids[0].astype(jnp.int32), t_pad, value=jnp.iinfo(jnp.int32).min)
-    kv_ids = _pad_ids(ids[1].astype(jnp.int32), s_pad, value=jnp.iinfo(jnp.int32).max)
+  static = FlashStatic(scale=scale, is_causal=is_causal, has_segments=ids is not None,
+                       q_len=dims.q_len, kv_len=dims.kv_len, group=dims.group, blocks=tiles,
+                       backend="triton", interpret=bool(interpret), precision=matmul_precision(q.dtype))
+  qp, kp, vp, q_ids, kv_ids = pad_inputs(q, k, v, ids, dims, tiles)
+  tables = tuple(jnp.asarray(t) for t in walk_tables(layout, tiles, dims.q_len, dims.kv_len, qp.shape[1],
+                                                      kp.shape[1], is_causal=is_causal, has_segments=ids is not None))
   out = _attention(qp, kp, vp, q_ids, kv_ids, tables, static)
   return out[:, : dims.q_len, :, : dims.v_head_dim]
 
@@ -186,7 +175,7 @@ def _walk(live: np.ndarray, masked: np.ndarray) -> np.ndarray:
   partners = np.where(np.arange(width) < counts[..., None], order[..., :width], 0)
   # Longest rows first: their programs start first and the short ones fill in behind.
   rows = np.argsort(-counts, axis=-1, kind="stable")
-  table = np.zeros((heads, num_rows, _pow2_at_least(_HEAD + width, floor=4)), np.int32)
+  table = np.zeros((heads, num_rows, pow2_at_least(_HEAD + width, floor=4)), np.int32)
   table[..., 0] = rows
   table[..., 1] = np.take_along_axis(free, rows, axis=-1)
   table[..., 2] = np.take_along_axis(counts, rows, axis=-1)
@@ -200,19 +189,18 @@ def _walk(live: np.ndarray, masked: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_ids, kv_ids, tables, static: _Static):
+def _attention(q, k, v, q_ids, kv_ids, tables, static: FlashStatic):
   return _forward(q, k, v, q_ids, kv_ids, tables[0], static)[0]
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: _Static):
+def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: FlashStatic):
   out, lse = _forward(q, k, v, q_ids, kv_ids, tables[0], static)
   return out, (q, k, v, q_ids, kv_ids, tables, out, lse)
 
 
-def _attention_bwd(static: _Static, residuals, d_out):
+def _attention_bwd(static: FlashStatic, residuals, d_out):
   q, k, v, q_ids, kv_ids, tables, out, lse = residuals
-  # delta_t = sum_h dO_th O_th  (FlashAttention-2, sec. 3.1.2, D_i)  [B, N, T]
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = output_delta(out, d_out)
   dq = _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[1], static)
   dk, dv = _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[2], static)
   return dq, dk, dv, None, None, None
@@ -227,7 +215,7 @@ def _table_spec(table) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, table.shape[2]), lambda n, b, r: (n if per_head else 0, r, 0))
 
 
-def _call(kernel, table, args, out_shape, out_specs, static: _Static, *, num_inputs: int, name: str,
+def _call(kernel, table, args, out_shape, out_specs, static: FlashStatic, *, num_inputs: int, name: str,
           backward: bool):
   """pallas_call over the grid (N, B, R): heads fastest, so every head's long rows start first.
 
@@ -247,14 +235,14 @@ def _call(kernel, table, args, out_shape, out_specs, static: _Static, *, num_inp
     return pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda n, b, r: (b, 0, heads(n), 0))
 
   return pl.pallas_call(
-      _with_optional_ids(kernel, static, num_inputs=num_inputs),
+      with_optional_ids(kernel, static, num_inputs=num_inputs),
       grid=(num_heads, batch, table.shape[1]),
       in_specs=[_table_spec(table)] + [spec(x) for x in args],
       out_specs=[spec(x) for x in out_specs],
       out_shape=out_shape,
       interpret=static.interpret,
       name=name,
-      **_params(static, backward=backward),
+      **launch_params(static, backward=backward),
   )(table, *args)
 
 
@@ -264,7 +252,7 @@ def _call(kernel, table, args, out_shape, out_specs, static: _Static, *, num_inp
 
 
 def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *,
-                    static: _Static):
+                    static: FlashStatic):
   bq, bk = static.blocks.block_q, static.blocks.block_k
   q_start = table_ref[0] * bq
   rows = pl.ds(q_start, bq)
@@ -273,18 +261,18 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref
 
   def body(slot, carry, *, masked):
     k_start = table_ref[_HEAD + slot] * bk
-    return _forward_step(q, q_ids, q_start, k_start, k_ref, v_ref, kv_ids_ref, carry, masked=masked,
+    return forward_step(q, q_ids, q_start, k_start, k_ref, v_ref, kv_ids_ref, carry, masked=masked,
                          static=static)
 
   free, count = table_ref[1], table_ref[2]
-  carry = lax.fori_loop(0, free, functools.partial(body, masked=False), _forward_init(bq, v_ref.shape[-1]))
+  carry = lax.fori_loop(0, free, functools.partial(body, masked=False), forward_init(bq, v_ref.shape[-1]))
   carry = lax.fori_loop(free, count, functools.partial(body, masked=True), carry)
-  out, lse = _forward_result(*carry)
+  out, lse = forward_result(*carry)
   o_ref[rows, :] = out.astype(o_ref.dtype)
   lse_ref[rows] = lse
 
 
-def _forward(q, k, v, q_ids, kv_ids, table, static: _Static):
+def _forward(q, k, v, q_ids, kv_ids, table, static: FlashStatic):
   """Output `[B, T, N, Hv]` and lse `[B, N, T]` (base 2, +inf on dead rows) of padded inputs."""
   batch, t_pad, num_heads, _ = q.shape
   v_dim = v.shape[3]
@@ -301,7 +289,7 @@ def _forward(q, k, v, q_ids, kv_ids, table, static: _Static):
 
 
 def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref, *,
-               static: _Static):
+               static: FlashStatic):
   bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
   q_start = table_ref[0] * bq
   rows = pl.ds(q_start, bq)
@@ -310,7 +298,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids
 
   def body(slot, dq, *, masked):
     k_start = table_ref[_HEAD + slot] * bk
-    return _dq_step(tile, q_start, k_start, k_ref, v_ref, kv_ids_ref, dq, masked=masked, static=static)
+    return dq_step(tile, q_start, k_start, k_ref, v_ref, kv_ids_ref, dq, masked=masked, static=static)
 
   free, count = table_ref[1], table_ref[2]
   dq = lax.fori_loop(0, free, functools.partial(body, masked=False), jnp.zeros((bq, q_ref.shape[1]), jnp.float32))
@@ -318,7 +306,7 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids
   dq_ref[rows, :] = (dq * static.scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: _Static):
+def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic):
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
   out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
   return _call(_dq_kernel, table, args, [out_shape], [out_shape], static, num_inputs=7,
@@ -326,7 +314,7 @@ def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: _Stat
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
-                 dk_ref, dv_ref, *, static: _Static):
+                 dk_ref, dv_ref, *, static: FlashStatic):
   bq, bk = static.blocks.block_q_dkv, static.blocks.block_k_dkv
   k_start = table_ref[0] * bk
   cols = pl.ds(k_start, bk)
@@ -335,7 +323,7 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_i
 
   def body(slot, carry, *, masked):
     q_start = table_ref[_HEAD + slot] * bq
-    return _dkdv_step(tile, q_start, k_start, refs, carry, masked=masked, static=static)
+    return dkdv_step(tile, q_start, k_start, refs, carry, masked=masked, static=static)
 
   free, count = table_ref[1], table_ref[2]
   carry = (jnp.zeros((bk, k_ref.shape[1]), jnp.float32), jnp.zeros((bk, v_ref.shape[1]), jnp.float32))
@@ -345,10 +333,10 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_i
   dv_ref[cols, :] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: _Static):
+def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic):
   """dK, dV per query head (summed over each GQA group afterwards)."""
   batch, _, num_heads, head_dim = q.shape
-  s_pad, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[3]
+  s_pad, v_dim = k.shape[1], v.shape[3]
   group = static.group
   out_dtype = k.dtype if group == 1 else jnp.float32
   out_shape = [jax.ShapeDtypeStruct((batch, s_pad, num_heads, head_dim), out_dtype),
@@ -356,11 +344,7 @@ def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: _St
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
   dk, dv = _call(_dkdv_kernel, table, args, out_shape, out_shape, static, num_inputs=7,
                  name="block_sparse_backward_dkdv", backward=True)
-  if group > 1:
-    # [B, S, K, G, H] -> [B, S, K, H]
-    dk = dk.reshape(batch, s_pad, num_kv_heads, group, head_dim).sum(3).astype(k.dtype)
-    dv = dv.reshape(batch, s_pad, num_kv_heads, group, v_dim).sum(3).astype(v.dtype)
-  return dk, dv
+  return sum_groups(dk, dv, k, v, group)
 
 
 # --------------------------------------------------------------------------- #
@@ -368,12 +352,25 @@ def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: _St
 # --------------------------------------------------------------------------- #
 
 
-def block_sparse_attention_reference(q, k, v, layout: BlockLayout, *, is_causal=False, segment_ids=None,
-                                     scale=None):
-  """fp32 einsum attention under `layout_mask(layout, T, S)` (materialises `[T, S]`)."""
-  dims = _checks.check_qkv(q, k, v)
-  # [1, N|1, T, S] -> [1, K|1, G|1, T, S]
-  live = layout_mask(layout, dims.q_len, dims.kv_len)
-  heads = (dims.num_kv_heads, dims.group) if layout.num_heads is not None else (1, 1)
-  return flash_attention_reference(q, k, v, is_causal=is_causal, segment_ids=segment_ids, scale=scale,
-                                   keep=live.reshape((1,) + heads + live.shape[2:]))
+def block_sparse_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    layout: BlockLayout,
+    *,
+    is_causal: bool = False,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+  """Dense softmax attention under `layout_mask(layout, T, S) & mask`, in the inputs' precision.
+
+  Builds the whole `[B, N, T, S]` matrix; use float64 inputs under `jax.enable_x64`.
+  """
+  live = layout_mask(layout, q.shape[1], k.shape[1])
+  if mask is not None:
+    live = live & mask
+  return softmax_attention_reference(
+      q, k, v, bias=bias, mask=live, is_causal=is_causal, segment_ids=segment_ids, scale=scale
+  )

@@ -1,23 +1,23 @@
-"""Smoke tests of experiments/bench_attention.py: tiny sizes, outputs exist and are well-formed."""
+"""Smoke tests of the benchmark suites (experiments/bench_*.py): tiny sizes, outputs exist and are well-formed."""
 
 import json
 
 from tests.util import load_experiment
 
 
-def test_flash_suite_writes_table_json_and_plot(tmp_path):
+def test_softmax_suite_writes_table_json_and_plot(tmp_path):
   bench = load_experiment("bench_attention")
-  out = bench.main(["--smoke", "--out-dir", str(tmp_path), "--run", "flash"])
-  data = json.loads((out / "flash.json").read_text())
+  out = bench.main(["--smoke", "--out-dir", str(tmp_path), "--run", "softmax"])
+  data = json.loads((out / "softmax.json").read_text())
   assert data["env"]["jax"] and data["speed"] and data["memory"]
   for row in data["speed"]:
     assert row["pass_"] in ("fwd", "fwd+bwd")
     assert row["tflops"]["pallas-triton"] > 0 and row["tflops"]["xla"] > 0, row
   for row in data["memory"]:
     assert row["peak_bytes"]["pallas-triton"] >= 8 * row["tensor_bytes"] * 0.5, row
-  table = (out / "flash.md").read_text()
+  table = (out / "softmax.md").read_text()
   assert table.count("\n| ") == len(data["speed"]) + 1 + len(data["memory"]) + 1
-  assert (out / "flash.png").stat().st_size > 10_000
+  assert (out / "softmax.png").stat().st_size > 10_000
 
 
 def test_families_suite_times_every_family(tmp_path):
@@ -34,7 +34,7 @@ def test_families_suite_times_every_family(tmp_path):
 
 
 def test_crossover_is_the_first_length_from_which_a_family_stays_faster_than_exact():
-  bench = load_experiment("bench_attention")
+  bench = load_experiment("bench_families")
 
   def row(family, t, ms, status="ok"):
     return dict(family=family, seq_len=t, fwd_bwd_ms=ms, status=status)
@@ -65,10 +65,10 @@ def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
   assert (out / "block_sparse.png").stat().st_size > 10_000
 
 
-def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
+def test_favor_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   bench = load_experiment("bench_attention")
-  out = bench.main(["--smoke", "--suite", "linear", "--out-dir", str(tmp_path), "--run", "lin"])
-  data = json.loads((out / "linear.json").read_text())
+  out = bench.main(["--smoke", "--suite", "favor", "--out-dir", str(tmp_path), "--run", "favor"])
+  data = json.loads((out / "favor.json").read_text())
   assert len(data["rows"]) == 4 and len(data["targets"]) == 2
   for row in data["rows"]:
     assert row["ms"]["pallas"] > 0 and row["ms"]["xla"] > 0, row
@@ -76,9 +76,9 @@ def test_linear_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   for target in data["targets"]:
     assert target["longest_over_base"] > 0 and target["xla_over_pallas"] > 0, target
     assert target["longest_over_base_pipelined"] > 0 and target["xla_over_pallas_pipelined"] > 0, target
-  table = (out / "linear.md").read_text()
+  table = (out / "favor.md").read_text()
   assert table.count("\n| ") == len(data["rows"]) + 1 + len(data["targets"]) + 1
-  assert (out / "linear.png").stat().st_size > 10_000
+  assert (out / "favor.png").stat().st_size > 10_000
 
 
 def test_profile_linear_reads_kernel_times_and_errors(tmp_path):

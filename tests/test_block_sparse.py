@@ -308,6 +308,13 @@ class LayoutTest(chex.TestCase):
       assert mask[0, 4, t, s] == layout.blocks[4, t // 4, s // 8]
     assert ea.layout_mask(layouts.dense(13, block_size=4), 13).shape == (1, 1, 13, 13)
 
+  def test_local_strided_is_one_function_per_setting(self):
+    fn = layouts.local_strided(window=8, stride=3, block_size=4)
+    assert fn is layouts.local_strided(window=8, stride=3, block_size=4)
+    assert fn is not layouts.local_strided(window=8, stride=2, block_size=4)
+    for t in (13, 29):
+      assert fn(t) == layouts.local(t, window=8, block_size=4) | layouts.strided(t, stride=3, block_size=4)
+
 
 class BlockSparseErrorsTest(chex.TestCase):
 

@@ -152,7 +152,7 @@ def test_reference_matches_float64_reference():
   q, k, v = util.qkv(2, 13, 21, 6, 3, 5, hv=7)
   ids = (util.packed_segment_ids(2, 13, 2), util.packed_segment_ids(2, 21, 2))
   got = block_sparse_attention_reference(q, k, v, layout, is_causal=True, segment_ids=ids)
-  want = util.in_f64(lambda *a: ea.block_sparse_attention_reference(*a, layout, is_causal=True, segment_ids=ids),
+  want = util.in_f64(lambda *a: block_sparse_attention_reference(*a, layout, is_causal=True, segment_ids=ids),
                      q, k, v)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5)
 

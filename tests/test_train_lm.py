@@ -14,7 +14,7 @@ from tests.util import load_experiment
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 train_lm = load_experiment("train_lm")
-lm_data = sys.modules["lm_data"]
+lm_data = load_experiment("lm_data")
 
 
 def _records(out: pathlib.Path, kind: str) -> list[dict]:

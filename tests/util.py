@@ -6,11 +6,9 @@ H=5/8) so that an axis mix-up changes a shape or a value.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import itertools
 import os
-import pathlib
-import sys
 from typing import Callable
 
 import chex
@@ -202,13 +200,8 @@ def check_dead_rows(fn: Callable, q, k, v, *, dead, padded_batch: int | None = N
 
 
 def load_experiment(name: str):
-  """Imports `experiments/<name>.py` (a script, not a package) as module `name`."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module  # dataclasses look their module up there
-  spec.loader.exec_module(module)
-  return module
+  """The module `experiments.<name>` (each experiment script is also a module of the package)."""
+  return importlib.import_module(f"experiments.{name}")
 
 
 def pallas_call_names(fn: Callable, *args) -> list[str]:

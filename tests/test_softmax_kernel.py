@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import efficient_attention as ea
-from pallas import BlockSizes, flash_attention, flash_attention_reference
+from pallas import BlockSizes, flash_attention, softmax_attention_reference
 from tests import util
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
@@ -93,7 +93,7 @@ def test_softmax_attention_dispatches_here_with_key_padding():
 def test_reference_matches_float64_reference():
   q, k, v = util.qkv(2, 13, 11, 6, 3, 5, hv=7)
   ids = (util.packed_segment_ids(2, 13, 2), util.packed_segment_ids(2, 11, 2))
-  got = flash_attention_reference(q, k, v, is_causal=True, segment_ids=ids)
+  got = softmax_attention_reference(q, k, v, is_causal=True, segment_ids=ids)
   want = util.in_f64(_ref(True, ids), q, k, v)
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5)
 
@@ -121,8 +121,8 @@ def test_errors_name_the_values():
 
 
 def _hopper() -> bool:
-  from pallas import _flash_mosaic_gpu
-  return jax.default_backend() == "gpu" and _flash_mosaic_gpu._on_hopper()
+  from pallas import softmax_mosaic_gpu
+  return jax.default_backend() == "gpu" and softmax_mosaic_gpu._on_hopper()
 
 
 @pytest.mark.skipif(not _hopper(), reason="the Mosaic GPU forward needs a Hopper GPU")

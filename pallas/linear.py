@@ -51,8 +51,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from efficient_attention import _checks, _linear
-from efficient_attention._masking import segment_starts
+from pallas import common
+from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, matmul_precision, pad_to, pow2_at_least, triton_params
 
 # Width of the blocks that hold vector states (the smallest `dot` operand width).
 _VEC = 16
@@ -94,20 +94,6 @@ class LinearBlockSizes:
                  optional=("chunk", "block_c", "num_warps"))
 
 
-def check_tiling(sizes, *, pow2: tuple[str, ...], positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-  """Raises unless the fields `pow2` of `sizes` are powers of two >= 16 and `positive` positive ints
-  (fields in `optional` may also be None)."""
-  for name in pow2 + positive:
-    value = getattr(sizes, name)
-    if value is None and name in optional:
-      continue
-    ok = not isinstance(value, bool) and isinstance(value, int) and value > 0
-    if name in pow2 and not (ok and value >= 16 and not value & (value - 1)):
-      raise ValueError(f"{name}={value!r} must be a power of two >= 16")
-    if not ok:
-      raise ValueError(f"{name}={value!r} must be a positive int")
-
-
 @dataclasses.dataclass(frozen=True)
 class _Pass:
   """Static settings of one kernel launch (hashable)."""
@@ -127,7 +113,7 @@ class _Pass:
   num_stages: int
   precision: Any = None
   out_dtype: Any = jnp.float32  # of o (a gradient summed over no GQA group is written in the input dtype)
-  times: bool = False  # o is multiplied by a tile of `times` (see `_backward`)
+  times: bool = False  # o is multiplied by a tile of `times` (see `backward`)
   f_group: int = 1  # grid heads per head of `times`
   floor: float | None = None  # entries of `times` at or below it multiply by 0
   times_sum: bool = False  # (with times) also write o's row sums, float32 [B, Ho, J, T]
@@ -141,7 +127,7 @@ class _Pass:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class LinearStatic:
   """Static settings shared by the forward and backward of one call."""
 
   chunk: int
@@ -188,11 +174,11 @@ def causal_linear_attention(
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0.
   """
   family = "causal_linear_attention"
-  dims = _checks.check_qkv(phi_q, phi_k, v)
-  _checks.check_causal(True, dims, family=family, need_square=True)
+  dims = common.check_qkv(phi_q, phi_k, v)
+  common.check_causal(True, dims, family=family, need_square=True)
   if phi_q.dtype == jnp.float64:
     raise TypeError(f"{family} computes in float32 at most, got {phi_q.dtype=}; use the xla implementation")
-  ids = _linear.check_shared_segment_ids(segment_ids, dims, family=family)
+  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
   if block_sizes is None:
     block_sizes = LinearBlockSizes()
   if not isinstance(block_sizes, LinearBlockSizes):
@@ -202,24 +188,24 @@ def causal_linear_attention(
   b, t, n, m = phi_q.shape
   if t == 0:
     return jnp.zeros((b, 0, n, dims.v_head_dim), phi_q.dtype)
-  static, t_pad, labels = _prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret)
-  m_pad, hv_pad = _pow2_at_least(m), _pow2_at_least(dims.v_head_dim)
-  out = _core(_pad(phi_q, t_pad, m_pad), _pad(phi_k, t_pad, m_pad), _pad(v, t_pad, hv_pad), labels, static)
-  return _finish(out, dims)
+  static, t_pad, labels = prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret)
+  m_pad, hv_pad = pow2_at_least(m), pow2_at_least(dims.v_head_dim)
+  out = _core(pad_to(phi_q, t_pad, m_pad), pad_to(phi_k, t_pad, m_pad), pad_to(v, t_pad, hv_pad), labels, static)
+  return finish(out, dims)
 
 
-def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool):
+def prepare(dims: common.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool):
   """Static settings, the padded length and the run labels `[B, T']` (None without segments)."""
   b, t, n = dims.batch, dims.q_len, dims.num_heads
-  hv_pad = _pow2_at_least(dims.v_head_dim)
-  m_pad = _pow2_at_least(m)
+  hv_pad = pow2_at_least(dims.v_head_dim)
+  m_pad = pow2_at_least(m)
   chunk = block_sizes.chunk
   if chunk is None:
     chunk = 128 if m_pad * hv_pad <= 128 * 64 else 64
   num_warps = block_sizes.num_warps
   if num_warps is None:
     num_warps = 8 if chunk >= 128 else 4
-  chunk = min(chunk, _pow2_at_least(t))
+  chunk = min(chunk, pow2_at_least(t))
   block_c = _block_c(block_sizes.block_c, m_pad, hv_pad)
   num_chunks = -(-t // chunk)
   span_chunks = block_sizes.span_chunks
@@ -228,14 +214,14 @@ def _prepare(dims: _checks.Dims, m: int, dtype, ids, block_sizes: LinearBlockSiz
     span_chunks = -(-num_chunks // min(wanted_spans, num_chunks))
   span = min(span_chunks, num_chunks) * chunk
   t_pad = -(-t // span) * span
-  static = _Static(chunk=chunk, span=span, spans=t_pad // span, block_c=block_sizes.block_c, group=dims.group,
+  static = LinearStatic(chunk=chunk, span=span, spans=t_pad // span, block_c=block_sizes.block_c, group=dims.group,
                    segments=ids is not None, interpret=bool(interpret), num_warps=num_warps,
                    num_stages=block_sizes.num_stages,
-                   precision=lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+                   precision=matmul_precision(dtype))
   labels = None
   if ids is not None:
     # Run labels: non-decreasing, a new label per run; padded steps continue the last run.
-    labels = jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
+    labels = common.run_labels(ids)
     labels = jnp.pad(labels, ((0, 0), (0, t_pad - t)), mode="edge")
   return static, t_pad, labels
 
@@ -245,18 +231,9 @@ def _block_c(cap: int | None, d: int, e: int) -> int:
   return min(e, max(64, 8192 // d) if cap is None else cap)
 
 
-def _pad(x: jax.Array, t_pad: int, width: int) -> jax.Array:
-  """`[B, T, H, D]` zero-padded to `[B, t_pad, H, width]`."""
-  return jnp.pad(x, ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, width - x.shape[3])))
-
-
-def _finish(out: jax.Array, dims: _checks.Dims) -> jax.Array:
+def finish(out: jax.Array, dims: common.Dims) -> jax.Array:
   """The real steps and value columns of the padded output."""
   return out[:, : dims.q_len, :, : dims.v_head_dim]
-
-
-def _pow2_at_least(n: int, floor: int = 16) -> int:
-  return max(floor, 1 << max(0, n - 1).bit_length())
 
 
 # --------------------------------------------------------------------------- #
@@ -265,12 +242,12 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _core(q, k, v, labels, static: _Static):
+def _core(q, k, v, labels, static: LinearStatic):
   """`num / den` `[B, T, N, Hv]` in q's dtype (0 where den is 0)."""
-  return _forward(q, k, v, labels, static)[0]
+  return forward(q, k, v, labels, static)[0]
 
 
-def _forward(q, k, v, labels, static: _Static):
+def forward(q, k, v, labels, static: LinearStatic):
   """(out, (den, lo)), and the per-span sums the forward used (None with one span).
 
   out `[B, T, N, Hv]` in q's dtype; den float32 `[B, N, J, T]` (J copies); lo,
@@ -284,17 +261,17 @@ def _forward(q, k, v, labels, static: _Static):
   return outs[0], (outs[1], outs[2] if split else None), sums
 
 
-def _core_fwd(q, k, v, labels, static: _Static):
-  out, rows, sums = _forward(q, k, v, labels, static)
+def _core_fwd(q, k, v, labels, static: LinearStatic):
+  out, rows, sums = forward(q, k, v, labels, static)
   return out, (q, k, v, labels, sums, out, rows)
 
 
-def _core_bwd(static: _Static, residuals, g):
+def _core_bwd(static: LinearStatic, residuals, g):
   q, k, v, labels, sums, out, rows = residuals
-  return (*_backward(static, q, k, v, labels, sums, *_num_den_cotangents(g, out, *rows))[:3], None)
+  return (*backward(static, q, k, v, labels, sums, *num_den_cotangents(g, out, *rows))[:3], None)
 
 
-def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array, lo: jax.Array | None):
+def num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array, lo: jax.Array | None):
   """Cotangents of (num, den) from out's `g [B, T, N, E]`, out = num / den (+ lo): g / den
   `[B, T, N, E]` and -(g . out) / den `[B, N, T]` (float32), both 0 where den is 0."""
   # [B, T, N, 1]
@@ -306,7 +283,7 @@ def _num_den_cotangents(g: jax.Array, out: jax.Array, den: jax.Array, lo: jax.Ar
   return g * inv, d_den[..., 0].transpose(0, 2, 1)
 
 
-def _backward(static: _Static, q, k, v, labels, sums, d_num, d_den, key_floor: float | None = None):
+def backward(static: LinearStatic, q, k, v, labels, sums, d_num, d_den, key_floor: float | None = None):
   """dq, dk, dv of num and den from their cotangents (`[B, T, N, E]`, `[B, N, T]`) and the forward's span sums.
 
   With `key_floor`, the cotangents of the features' logarithms instead: dq times
@@ -369,73 +346,80 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   heads = max(ha, hb)
   bc = _block_c(p.block_c, d, e)
   spans, blocks = t_pad // p.span, e // bc
-  params = {}
-  if not p.interpret:
-    from jax.experimental.pallas import triton as pltriton
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=p.num_warps, num_stages=p.num_stages)
+  params = triton_params(interpret=p.interpret, num_warps=p.num_warps, num_stages=p.num_stages)
   a_head = lambda n: n // p.a_group
   b_head = lambda n: n // p.b_group
-  in_specs = [
-      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, a_head(n), 0)),
-      pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, b_head(n), 0)),
-      pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j)),
-  ]
-  args = [a, b, c]
+  # The pass's inputs, by the names the kernel reads them under: (array, block spec).
+  inputs = {
+      "a": (a, pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, a_head(n), 0))),
+      "b": (b, pl.BlockSpec((None, p.span, None, d), lambda i, n, s, j: (i, s, b_head(n), 0))),
+      "c": (c, pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, b_head(n), j))),
+  }
   if p.bias and not p.alpha_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)))
-    args.append(alpha)
+    inputs["alpha"] = (alpha, pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, a_head(n), s)))
   if p.bias and not p.beta_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s)))
-    args.append(beta)
+    inputs["beta"] = (beta, pl.BlockSpec((None, None, p.span), lambda i, n, s, j: (i, b_head(n), s)))
   if p.segments:
-    in_specs.append(pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
-    args.append(labels)
+    inputs["labels"] = (labels, pl.BlockSpec((None, p.span), lambda i, n, s, j: (i, s)))
   if p.times:
-    in_specs.append(pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n // p.f_group, j)))
-    args.append(times)
+    inputs["times"] = (times, pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n // p.f_group, j)))
   if spans > 1:
     # Every span's sums (S, then Z with rowsum, W with bias) and, with segments,
     # the run each span hands on; the kernel adds up those that reach its span.
     if sums is None:
       sums = _span_sums(b, c, beta, labels, p, params)
     p_pad = sums[0].shape[1]
+    named = iter(sums)
     if p.sums_t:
       # Another pass's sums, read transposed (the kernel transposes each block back).
       assert not p.rowsum, "transposed sums serve passes without a row sum"
-      in_specs.append(pl.BlockSpec((None, p_pad, None, bc, d), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+      inputs["s_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, bc, d),
+                                                    lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
       if p.bias:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, bc, _VEC), lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
+        inputs["w_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, bc, _VEC),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), j, 0)))
     else:
-      in_specs.append(pl.BlockSpec((None, p_pad, None, d, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+      inputs["s_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, d, bc),
+                                                    lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
       if p.rowsum:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, d, _VEC), lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
+        inputs["z_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, d, _VEC),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), 0, 0)))
       if p.bias:
-        in_specs.append(pl.BlockSpec((None, p_pad, None, _VEC, bc), lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
-    args += list(sums)
+        inputs["w_sums"] = (next(named), pl.BlockSpec((None, p_pad, None, _VEC, bc),
+                                                      lambda i, n, s, j: (i, 0, b_head(n), 0, j)))
+    assert next(named, None) is None, "as many span sums as the pass reads"
     if p.segments:
       runs = labels.reshape(batch, spans, p.span)[:, :, 0 if p.reverse else -1]
-      in_specs.append(pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
-      args.append(jnp.pad(runs, ((0, 0), (0, p_pad - spans))))
-  out_specs = [pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)]
+      inputs["runs"] = (jnp.pad(runs, ((0, 0), (0, p_pad - spans))),
+                        pl.BlockSpec((None, p_pad), lambda i, n, s, j: (i, 0)))
+  # Its outputs, likewise: (shape, block spec).
+  o_spec = pl.BlockSpec((None, p.span, None, bc), lambda i, n, s, j: (i, s, n, j))
+  o_shape = jax.ShapeDtypeStruct((batch, t_pad, heads, e), p.out_dtype)
+  outputs = {"o": (o_shape, o_spec)}
   assert not (p.rowsum and p.times_sum), "one row-sum output per pass"
   if p.rowsum or p.times_sum:
-    out_specs.append(pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32))
+    outputs["den" if p.rowsum else "row_sums"] = (
+        jax.ShapeDtypeStruct((batch, heads, blocks, t_pad), jnp.float32),
+        pl.BlockSpec((None, None, None, p.span), lambda i, n, s, j: (i, n, j, s)))
   if p.split:
-    out_specs.append(out_specs[0])
-    out_shape.append(out_shape[0])
+    outputs["lo"] = (o_shape, o_spec)
   outs = pl.pallas_call(
-      functools.partial(_kernel, p=p),
+      functools.partial(_named_refs, _kernel, tuple(inputs) + tuple(outputs), p=p),
       grid=(batch, heads, spans, blocks),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=[spec for _, spec in outputs.values()],
+      out_shape=[shape for shape, _ in outputs.values()],
       interpret=p.interpret,
       name=f"linear_attention_{p.label}",
       **params,
-  )(*args)
+  )(*(x for x, _ in inputs.values()))
   return outs, (sums if spans > 1 else None)
+
+
+def _named_refs(kernel, names: tuple[str, ...], *refs, p: _Pass):
+  """Calls `kernel(refs, p=p)` with the refs of a `pallas_call` in a dict by name."""
+  assert len(names) == len(refs), (names, len(refs))
+  return kernel(dict(zip(names, refs)), p=p)
 
 
 def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
@@ -450,35 +434,34 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
   e = c.shape[3]
   bc = _block_c(p.block_c, d, e)
   spans = t_pad // p.span
-  in_specs = [pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0)),
-              pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))]
-  args = [b, c]
+  inputs = {
+      "b": (b, pl.BlockSpec((None, p.span, None, d), lambda i, h, s, j: (i, s, h, 0))),
+      "c": (c, pl.BlockSpec((None, p.span, None, bc), lambda i, h, s, j: (i, s, h, j))),
+  }
   if p.bias and not p.beta_ones:
-    in_specs.append(pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
-    args.append(beta)
+    inputs["beta"] = (beta, pl.BlockSpec((None, None, p.span), lambda i, h, s, j: (i, h, s)))
   if p.segments:
-    in_specs.append(pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
-    args.append(labels)
+    inputs["labels"] = (labels, pl.BlockSpec((None, p.span), lambda i, h, s, j: (i, s)))
   # The span axis is padded to a power of two; the padding is never read.
-  p_pad = _pow2_at_least(spans, 1)
-  out_specs = [pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j))]
-  out_shape = [jax.ShapeDtypeStruct((batch, p_pad, hb, d, e), jnp.float32)]
+  p_pad = pow2_at_least(spans, 1)
+  outputs = {"s_sums": (jax.ShapeDtypeStruct((batch, p_pad, hb, d, e), jnp.float32),
+                        pl.BlockSpec((None, None, None, d, bc), lambda i, h, s, j: (i, s, h, 0, j)))}
   if p.rowsum:
-    out_specs.append(pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, d, _VEC), jnp.float32))
+    outputs["z_sums"] = (jax.ShapeDtypeStruct((batch, p_pad, hb, d, _VEC), jnp.float32),
+                         pl.BlockSpec((None, None, None, d, _VEC), lambda i, h, s, j: (i, s, h, 0, 0)))
   if p.bias:
-    out_specs.append(pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
-    out_shape.append(jax.ShapeDtypeStruct((batch, p_pad, hb, _VEC, e), jnp.float32))
+    outputs["w_sums"] = (jax.ShapeDtypeStruct((batch, p_pad, hb, _VEC, e), jnp.float32),
+                         pl.BlockSpec((None, None, None, _VEC, bc), lambda i, h, s, j: (i, s, h, 0, j)))
   return pl.pallas_call(
-      functools.partial(_sums_kernel, p=p),
+      functools.partial(_named_refs, _sums_kernel, tuple(inputs) + tuple(outputs), p=p),
       grid=(batch, hb, spans, e // bc),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=[spec for _, spec in outputs.values()],
+      out_shape=[shape for shape, _ in outputs.values()],
       interpret=p.interpret,
       name=f"linear_attention_span_sums_{p.label}",
       **params,
-  )(*args)
+  )(*(x for x, _ in inputs.values()))
 
 
 # --------------------------------------------------------------------------- #
@@ -486,14 +469,15 @@ def _span_sums(b, c, beta, labels, p: _Pass, params: dict):
 # --------------------------------------------------------------------------- #
 
 
-def _kernel(*refs, p: _Pass):
+def _kernel(refs: dict, p: _Pass):
   """One program: a span of `p.span` steps, a block of `bc` output columns.
 
-  Refs, in order: a `[L, D]`, b `[L, D]`, c `[L, bc]`, alpha `[L]`, beta `[L]`
-  (bias), labels `[L]` (segments), a factor `[L, bc]` of the output (times); with more than one span, every span's sums
-  S `[P', D, bc]`, Z `[P', D, 16]` (rowsum), W `[P', 16, bc]` (bias) and the
-  run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
-  (rowsum) or o's row sums `[L]` (times_sum), o's rounding error `[L, bc]` (split).
+  Refs by name (those the pass has, see `_run`): a `[L, D]`, b `[L, D]`, c `[L, bc]`,
+  alpha `[L]`, beta `[L]` (bias, unless 1), labels `[L]` (segments), times, a factor
+  `[L, bc]` of the output; with more than one span, every span's sums s_sums
+  `[P', D, bc]`, z_sums `[P', D, 16]` (rowsum), w_sums `[P', 16, bc]` (bias) and runs,
+  the run each span hands on `[P']` (segments); outputs o `[L, bc]`, den `[L]`
+  (rowsum) or row_sums, o's row sums `[L]` (times_sum), lo, o's rounding error `[L, bc]` (split).
 
   The state entering the span is the sum of the spans before it (after it, in
   reverse) whose handed-on run is the run of the span's first step: labels do
@@ -506,16 +490,11 @@ def _kernel(*refs, p: _Pass):
   the smallest width they take, instead of float32 element-wise work on whole
   `[C, D]` tiles.
   """
-  refs = list(refs)
-  take = lambda on: refs.pop(0) if on else None
-  a_ref, b_ref, c_ref = take(True), take(True), take(True)
-  alpha_ref, beta_ref = take(p.bias and not p.alpha_ones), take(p.bias and not p.beta_ones)
-  lab_ref = take(p.segments)
-  times_ref = take(p.times)
+  a_ref, b_ref, c_ref = refs["a"], refs["b"], refs["c"]
+  alpha_ref, beta_ref, lab_ref, times_ref = refs.get("alpha"), refs.get("beta"), refs.get("labels"), refs.get("times")
   states = p.spans > 1
-  s_sums, z_sums, w_sums = take(states), take(states and p.rowsum), take(states and p.bias)
-  runs_ref = take(states and p.segments)
-  o_ref, den_ref, sum_ref, lo_ref = take(True), take(p.rowsum), take(p.times_sum), take(p.split)
+  s_sums, z_sums, w_sums, runs_ref = refs.get("s_sums"), refs.get("z_sums"), refs.get("w_sums"), refs.get("runs")
+  o_ref, den_ref, sum_ref, lo_ref = refs["o"], refs.get("den"), refs.get("row_sums"), refs.get("lo")
   f32 = jnp.float32
   size = p.chunk
   num_chunks = p.span // size
@@ -534,7 +513,7 @@ def _kernel(*refs, p: _Pass):
     at = pl.ds(start_of(i), size)
     a, b, c = a_ref[at, :], b_ref[at, :], c_ref[at, :]
     # [C, C]
-    scores = _dot_nt(a, b, p)
+    scores = dot_nt(a, b, p.precision)
     if p.bias:
       ones = jnp.ones((size,), f32)
       alpha = ones if p.alpha_ones else alpha_ref[at]
@@ -551,14 +530,14 @@ def _kernel(*refs, p: _Pass):
       carried = lab == edge
     scores = jnp.where(live, scores, 0.0)
     # [C, bc]
-    inter = _dot(a, s.astype(a.dtype), p)
+    inter = dot(a, s.astype(a.dtype), p.precision)
     if p.bias:
-      inter = inter + _dot(jnp.where(first, alpha[:, None], 0.0).astype(a.dtype), w.astype(a.dtype), p)
+      inter = inter + dot(jnp.where(first, alpha[:, None], 0.0).astype(a.dtype), w.astype(a.dtype), p.precision)
     if p.segments:
       inter = jnp.where(sees[:, None], inter, 0.0)
-    out = _dot(scores.astype(c.dtype), c, p) + inter
+    out = dot(scores.astype(c.dtype), c, p.precision) + inter
     if p.rowsum:
-      den_inter = jnp.sum(_dot(a, z.astype(a.dtype), p), axis=1)
+      den_inter = jnp.sum(dot(a, z.astype(a.dtype), p.precision), axis=1)
       if p.segments:
         den_inter = jnp.where(sees, den_inter, 0.0)
       den = jnp.sum(scores, axis=1) + den_inter
@@ -582,12 +561,12 @@ def _kernel(*refs, p: _Pass):
       keep = (edge == label).astype(f32)
       label = edge
       b = jnp.where(carried[:, None], b, jnp.zeros_like(b))
-    s = keep * s + _dot_tn(b, c, p)
+    s = keep * s + dot_tn(b, c, p.precision)
     if p.rowsum:
-      z = keep * z + _dot_tn(b, first.astype(b.dtype), p)
+      z = keep * z + dot_tn(b, first.astype(b.dtype), p.precision)
     if p.bias:
       beta = jnp.where(carried, beta, 0.0) if p.segments else beta
-      w = keep * w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
+      w = keep * w + dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p.precision)
     return s, z, w, label
 
   d, bc = a_ref.shape[1], c_ref.shape[1]
@@ -615,16 +594,14 @@ def _kernel(*refs, p: _Pass):
   lax.fori_loop(0, num_chunks, body, (s, z, w, label))
 
 
-def _sums_kernel(*refs, p: _Pass):
+def _sums_kernel(refs: dict, p: _Pass):
   """One program: the sums over a span's carried keys (see `_span_sums`).
 
-  Refs, in order: b `[L, D]`, c `[L, bc]`, beta `[L]` (bias), labels `[L]`
-  (segments); outputs S `[D, bc]`, Z `[D, 16]` (rowsum), W `[16, bc]` (bias).
+  Refs by name: b `[L, D]`, c `[L, bc]`, beta `[L]` (bias, unless 1), labels `[L]`
+  (segments); outputs s_sums `[D, bc]`, z_sums `[D, 16]` (rowsum), w_sums `[16, bc]` (bias).
   """
-  refs = list(refs)
-  take = lambda on: refs.pop(0) if on else None
-  b_ref, c_ref, beta_ref, lab_ref = take(True), take(True), take(p.bias and not p.beta_ones), take(p.segments)
-  s_ref, z_ref, w_ref = take(True), take(p.rowsum), take(p.bias)
+  b_ref, c_ref, beta_ref, lab_ref = refs["b"], refs["c"], refs.get("beta"), refs.get("labels")
+  s_ref, z_ref, w_ref = refs["s_sums"], refs.get("z_sums"), refs.get("w_sums")
   size = p.chunk
   first = lax.broadcasted_iota(jnp.int32, (size, _VEC), 1) == 0
   if p.segments:
@@ -638,13 +615,13 @@ def _sums_kernel(*refs, p: _Pass):
     if p.segments:
       carried = lab_ref[at] == edge
       b = jnp.where(carried[:, None], b, jnp.zeros_like(b))
-    s = s + _dot_tn(b, c, p)
+    s = s + dot_tn(b, c, p.precision)
     if p.rowsum:
-      z = z + _dot_tn(b, first.astype(b.dtype), p)
+      z = z + dot_tn(b, first.astype(b.dtype), p.precision)
     if p.bias:
       beta = jnp.ones((size,), jnp.float32) if p.beta_ones else beta_ref[at]
       beta = jnp.where(carried, beta, 0.0) if p.segments else beta
-      w = w + _dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p)
+      w = w + dot_tn(jnp.where(first, beta[:, None], 0.0).astype(c.dtype), c, p.precision)
     return s, z, w
 
   d, bc = s_ref.shape
@@ -659,43 +636,32 @@ def _sums_kernel(*refs, p: _Pass):
     w_ref[...] = w
 
 
-def _dot(a, b, p: _Pass):
-  """`a b` for 2-D blocks, float32 result."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
-
-
-def _dot_nt(a, b, p: _Pass):
-  """`a b^T` for 2-D blocks, float32 result."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b, p: _Pass):
-  """`a^T b` for 2-D blocks, float32 result."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=p.precision, preferred_element_type=jnp.float32)
-
-
 # --------------------------------------------------------------------------- #
 # reference
 # --------------------------------------------------------------------------- #
 
 
-def causal_linear_attention_reference(phi_q, phi_k, v, *, segment_ids=None):
-  """fp32 einsum form of the same contract (materialises `[T, T]`)."""
-  dims = _checks.check_qkv(phi_q, phi_k, v)
-  f32 = jnp.promote_types(phi_q.dtype, jnp.float32)
-  b, t, n, m = phi_q.shape
-  # [B, T, K, G, M]
-  qg = phi_q.astype(f32).reshape(b, t, dims.num_kv_heads, dims.group, m)
-  # [B, K, G, T, S]
-  scores = jnp.einsum("btkgm,bskm->bkgts", qg, phi_k.astype(f32), precision=lax.Precision.HIGHEST)
-  # [1|B, 1, 1, T, S]
-  live = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None, None, None]
-  if segment_ids is not None:
-    runs = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
-    live = live & (runs[:, :, None] == runs[:, None, :])[:, None, None]
-  scores = jnp.where(live, scores, 0.0)
-  # [B, T, K, G, Hv]
-  num = jnp.einsum("bkgts,bskh->btkgh", scores, v.astype(f32), precision=lax.Precision.HIGHEST)
-  den = jnp.sum(scores, axis=-1).transpose(0, 3, 1, 2)[..., None]
-  out = _linear._safe_divide(num, den)
-  return out.reshape(b, t, n, dims.v_head_dim).astype(phi_q.dtype)
+def kernel_attention_reference(phi_q, phi_k, v, *, is_causal=False, mask=None, segment_ids=None) -> jax.Array:
+  """Dense `[B, T, N, Hv]` from features `phi_q [B, T, N, M]`, `phi_k [B, S, K, M]`, v `[B, S, K, Hv]`.
+
+  The one reference of kernelised attention: `causal_linear_attention` is it with
+  `is_causal=True`, and `efficient_attention.linear_attention_reference` and
+  `favor_attention_reference` are it after their feature maps. Options as in
+  `efficient_attention.linear_attention`; computes in the inputs' precision
+  (use float64 inputs under `jax.enable_x64`), building the whole `[B, N, T, S]`
+  matrix `phi_q phi_k^T`; heads are repeated for GQA.
+  """
+  n, kh = phi_q.shape[2], phi_k.shape[2]
+  phi_k = jnp.repeat(phi_k, n // kh, axis=2)
+  v = jnp.repeat(v, n // kh, axis=2)
+  runs = None if segment_ids is None else common.run_labels(segment_ids)
+  live = common.dense_mask(
+      phi_q.shape[1], phi_k.shape[1], is_causal=is_causal, mask=mask,
+      segment_ids=None if runs is None else (runs, runs),
+  )
+  scores = jnp.einsum("btnm,bsnm->bnts", phi_q, phi_k)
+  if live is not None:
+    scores = jnp.where(live, scores, 0.0)
+  num = jnp.einsum("bnts,bsnh->btnh", scores, v)
+  den = jnp.sum(scores, axis=-1).transpose(0, 2, 1)[..., None]
+  return common.safe_divide(num, den)

@@ -16,7 +16,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import efficient_attention as ea
-from pallas import BlockSizes, _flash_tpu, flash_attention
+from pallas import BlockSizes, softmax_tpu, flash_attention
 from tests import util
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == "gpu",
@@ -79,7 +79,7 @@ def test_tpu_interpreter_shuffled_parallel_axes(monkeypatch):
 
   There, scratch starts as NaN and the parallel grid axes run in a random order.
   """
-  monkeypatch.setattr(_flash_tpu, "_interpret", lambda static: pltpu.InterpretParams(random_seed=3))
+  monkeypatch.setattr(softmax_tpu, "_interpret", lambda static: pltpu.InterpretParams(random_seed=3))
   q, k, v = util.qkv(1, 29, 29, 4, 2, 16)
   ids = util.packed_segment_ids(1, 29, 2)
   util.check_against_f64(_fn(MIXED, is_causal=True, segment_ids=ids),

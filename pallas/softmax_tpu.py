@@ -2,7 +2,7 @@
 
 Backend "mosaic_tpu" of `pallas.flash_attention`, which pads the inputs and
 calls `forward` / `backward` here; shapes, masking and the base-2 `lse`
-convention are those of the Triton kernels in `flash_attention.py`.
+convention are those of the Triton kernels in `softmax.py`.
 
 Layout. The kernels see heads-major `[B, N, T, H]` arrays, so that every block's
 two minor dims are (time, head dim), the (sublane, lane) tiling of the TPU's
@@ -32,7 +32,7 @@ The dK / dV kernel works on transposed `[bk, bq]` tiles, so that lse and delta
 broadcast as rows and dV = P^T dO, dK = dS^T Q need no transpose; the dQ kernel
 keeps `[bq, bk]` tiles and turns the lse / delta rows into columns.
 
-Validated in Pallas' interpreters (tests/test_flash_tpu.py); the default block
+Validated in Pallas' interpreters (tests/testsoftmax_tpu.py); the default block
 sizes (`BlockSizes.get_default("mosaic_tpu")`, 128 throughout) are untuned.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas.flash_attention import LOG2E, MASKED
+from pallas.flash_tiles import LOG2E, MASKED
 
 LANES = 128
 SUBLANES = 8
@@ -59,7 +59,7 @@ _M_INIT = 0.5 * MASKED
 
 
 # --------------------------------------------------------------------------- #
-# entry points (padded [B, T, N, H] in, as `flash_attention._forward` expects)
+# entry points (padded [B, T, N, H] in, as `softmax.forward` expects)
 # --------------------------------------------------------------------------- #
 
 
@@ -70,7 +70,7 @@ def forward(q, k, v, q_ids, kv_ids, static) -> tuple[jax.Array, jax.Array]:
     q: `[B, T, N, H]`; k: `[B, S, K, H]`; v: `[B, S, K, Hv]` (T, S multiples
       of the block sizes).
     q_ids: int32 `[B, T]` and kv_ids: int32 `[B, S]`, or None (no segments).
-    static: `flash_attention._Static`.
+    static: `flash_tiles.FlashStatic`.
 
   Returns:
     out `[B, T, N, Hv]` in q's dtype and lse `[B, N, T]` float32 (base 2,
@@ -80,26 +80,10 @@ def forward(q, k, v, q_ids, kv_ids, static) -> tuple[jax.Array, jax.Array]:
   s_pad, v_dim = k.shape[1], v.shape[3]
   bq, bk = static.blocks.block_q, static.blocks.block_k
   _check_blocks("forward", bq, bk, t_pad, s_pad, static)
-  group = static.group
-  last_kv = functools.partial(_last_kv_block, block_q=bq, block_k=bk, static=static)
-
-  def q_map(b, n, i, j):
-    return b, n, i, 0
-
-  def kv_map(b, n, i, j):
-    return b, lax.div(n, group), jnp.minimum(j, last_kv(i)), 0
-
-  in_specs = [
-      pl.BlockSpec((None, None, bq, head_dim), q_map),
-      pl.BlockSpec((None, None, bk, head_dim), kv_map),
-      pl.BlockSpec((None, None, bk, v_dim), kv_map),
-  ]
+  q_map, in_specs, id_specs = _query_grid_specs(bq, bk, head_dim, v_dim, static)
   args = [_heads_major(q), _heads_major(k), _heads_major(v)]
   if static.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, bq, LANES), lambda b, n, i, j: (b, i, 0)),
-        pl.BlockSpec((None, SUBLANES, bk), lambda b, n, i, j: (b, 0, jnp.minimum(j, last_kv(i)))),
-    ]
+    in_specs += id_specs
     args += [_id_columns(q_ids), _id_rows(kv_ids)]
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, static=static),
@@ -250,6 +234,33 @@ def _last_kv_block(q_block, *, block_q: int, block_k: int, static):
   if static.is_causal:
     last = jnp.minimum(last, lax.div(q_block * block_q + block_q - 1, block_k))
   return jnp.where(q_block * block_q < static.q_len, last, 0)
+
+
+def _query_grid_specs(bq: int, bk: int, head_dim: int, v_dim: int, static):
+  """Block specs of the kernels on the grid (batch, head, query block i, key block j), the forward
+  and dQ: the index map of a query tile of a heads-major `[B, N, T, *]` array, the specs of q
+  `[B, N, T, H]`, k `[B, K, S, H]` and v `[B, K, S, Hv]`, and those of the query ids (columns)
+  and key ids (rows). Key blocks past the last one query block i sees map to that one (no new copy).
+  """
+  last_kv = functools.partial(_last_kv_block, block_q=bq, block_k=bk, static=static)
+  group = static.group
+
+  def q_map(b, n, i, j):
+    return b, n, i, 0
+
+  def kv_map(b, n, i, j):
+    return b, lax.div(n, group), jnp.minimum(j, last_kv(i)), 0
+
+  specs = [
+      pl.BlockSpec((None, None, bq, head_dim), q_map),
+      pl.BlockSpec((None, None, bk, head_dim), kv_map),
+      pl.BlockSpec((None, None, bk, v_dim), kv_map),
+  ]
+  id_specs = [
+      pl.BlockSpec((None, bq, LANES), lambda b, n, i, j: (b, i, 0)),
+      pl.BlockSpec((None, SUBLANES, bk), lambda b, n, i, j: (b, 0, jnp.minimum(j, last_kv(i)))),
+  ]
+  return q_map, specs, id_specs
 
 
 def _q_range(kv_block, *, block_q: int, block_k: int, static):
@@ -411,32 +422,19 @@ def _backward_dq(q, k, v, d_out, lse_rows, delta_rows, q_ids, kv_ids, static):
   s_pad, v_dim = k.shape[2], v.shape[3]
   bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
   _check_blocks("dq", bq, bk, t_pad, s_pad, static)
-  group = static.group
-  last_kv = functools.partial(_last_kv_block, block_q=bq, block_k=bk, static=static)
-
-  def q_map(b, n, i, j):
-    return b, n, i, 0
-
-  def kv_map(b, n, i, j):
-    return b, lax.div(n, group), jnp.minimum(j, last_kv(i)), 0
+  q_map, in_specs, id_specs = _query_grid_specs(bq, bk, head_dim, v_dim, static)
 
   def row_map(b, n, i, j):
     return b, n, 0, i
 
-  in_specs = [
-      pl.BlockSpec((None, None, bq, head_dim), q_map),
-      pl.BlockSpec((None, None, bk, head_dim), kv_map),
-      pl.BlockSpec((None, None, bk, v_dim), kv_map),
+  in_specs += [
       pl.BlockSpec((None, None, bq, v_dim), q_map),
       pl.BlockSpec((None, None, SUBLANES, bq), row_map),
       pl.BlockSpec((None, None, SUBLANES, bq), row_map),
   ]
   args = [q, k, v, d_out, lse_rows, delta_rows]
   if static.has_segments:
-    in_specs += [
-        pl.BlockSpec((None, bq, LANES), lambda b, n, i, j: (b, i, 0)),
-        pl.BlockSpec((None, SUBLANES, bk), lambda b, n, i, j: (b, 0, jnp.minimum(j, last_kv(i)))),
-    ]
+    in_specs += id_specs
     args += [_id_columns(q_ids), _id_rows(kv_ids)]
   return pl.pallas_call(
       functools.partial(_dq_kernel, static=static),

@@ -37,10 +37,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from efficient_attention import _checks, _linear
-from efficient_attention._favor import LOG_FEATURE_FLOOR
-from pallas import linear_attention as la
+from pallas import common
+from pallas import linear as la
+from pallas.tiling import check_tiling, pad_to, pow2_at_least, triton_params
 
+# Lowest stabilised log key feature of a live key: e^-35 ~ 6e-16 of the largest feature, so that a
+# denominator stays >= e^-35 / M and its gradient (through 1 / den^2) finite in float32 for M up to 4096;
+# features below it (negligible next to any key near the maximum) are raised to it.
+LOG_FEATURE_FLOOR = -35.0
 # Columns of the per-block maxima (the narrowest block a store takes).
 _VEC = 16
 
@@ -58,7 +62,7 @@ class FeatureBlockSizes:
   num_stages: int = 2
 
   def __post_init__(self):
-    la.check_tiling(self, pow2=("block_t", "block_m"), positive=("num_warps", "num_stages"))
+    check_tiling(self, pow2=("block_t", "block_m"), positive=("num_warps", "num_stages"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +110,7 @@ def _settings(w, scale: float, block_sizes: FeatureBlockSizes, interpret: bool |
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   m = w.shape[0]
-  m_pad = la._pow2_at_least(m)
+  m_pad = pow2_at_least(m)
   static = _Static(scale=float(scale), num_features=m, block_t=block_sizes.block_t,
                    block_m=min(block_sizes.block_m, m_pad), interpret=bool(interpret),
                    num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages)
@@ -145,13 +149,13 @@ def causal_favor_attention(
     `[B, T, N, Hv]` in q's dtype.
   """
   family = "causal_favor_attention"
-  dims = _checks.check_qkv(q, k, v)
-  _checks.check_causal(True, dims, family=family, need_square=True)
+  dims = common.check_qkv(q, k, v)
+  common.check_causal(True, dims, family=family, need_square=True)
   if w.ndim != 2 or w.shape[1] != dims.head_dim:
     raise ValueError(f"{family}: w must be [M, H={dims.head_dim}], got {w.shape=}")
   if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
     raise TypeError(f"{family}: q, k, v in bfloat16, float16 or float32, got {q.dtype}")
-  ids = _linear.check_shared_segment_ids(segment_ids, dims, family=family)
+  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
   block_sizes = la.LinearBlockSizes() if block_sizes is None else block_sizes
   if not isinstance(block_sizes, la.LinearBlockSizes):
     raise TypeError(f"block_sizes must be a LinearBlockSizes, got {type(block_sizes).__name__}")
@@ -163,9 +167,9 @@ def causal_favor_attention(
   if dims.q_len == 0:
     return jnp.zeros((dims.batch, 0, dims.num_heads, dims.v_head_dim), q.dtype)
   fstatic, w_s = _settings(w, scale, feature_block_sizes, interpret)
-  static, t_pad, labels = la._prepare(dims, w_s.shape[0], q.dtype, ids, block_sizes, interpret)
-  v = la._pad(v, t_pad, la._pow2_at_least(dims.v_head_dim))
-  return la._finish(_favor_core(q, k, v, w_s, labels, static, fstatic), dims)
+  static, t_pad, labels = la.prepare(dims, w_s.shape[0], q.dtype, ids, block_sizes, interpret)
+  v = pad_to(v, t_pad, pow2_at_least(dims.v_head_dim))
+  return la.finish(_favor_core(q, k, v, w_s, labels, static, fstatic), dims)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -176,14 +180,14 @@ def _favor_core(q, k, v, w_s, labels, static, fstatic: _Static):
 def _favor_core_fwd(q, k, v, w_s, labels, static, fstatic: _Static):
   (phi_q, phi_k), _ = _features_fwd(q, k, w_s, fstatic)
   t_pad, m_pad = v.shape[1], w_s.shape[0]
-  phi_q, phi_k = la._pad(phi_q, t_pad, m_pad), la._pad(phi_k, t_pad, m_pad)
-  out, rows, sums = la._forward(phi_q, phi_k, v, labels, static)
+  phi_q, phi_k = pad_to(phi_q, t_pad, m_pad), pad_to(phi_k, t_pad, m_pad)
+  out, rows, sums = la.forward(phi_q, phi_k, v, labels, static)
   return out, (q, k, v, w_s, labels, phi_q, phi_k, sums, out, rows)
 
 
 def _favor_core_bwd(static, fstatic: _Static, residuals, g):
   q, k, v, w_s, labels, phi_q, phi_k, sums, out, rows = residuals
-  g_q, g_k, dv, k_sums = la._backward(static, phi_q, phi_k, v, labels, sums, *la._num_den_cotangents(g, out, *rows),
+  g_q, g_k, dv, k_sums = la.backward(static, phi_q, phi_k, v, labels, sums, *la.num_den_cotangents(g, out, *rows),
                                       key_floor=_floor_threshold(fstatic, phi_k.dtype))
   t = q.shape[1]
   dq, dk, dw_s = _input_grads(fstatic, q, k, w_s, g_q[:, :t], g_k[:, :t], k_sums[:, :t])
@@ -272,10 +276,7 @@ def _grad_call(g, w, x, sums, static: _Static, length: int, name: str):
   b, _, n, m_pad = g.shape
   h = w.shape[1]
   c = static.block_t
-  params = {}
-  if not static.interpret:
-    from jax.experimental.pallas import triton as pltriton
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
+  params = triton_params(interpret=static.interpret, num_warps=static.num_warps, num_stages=static.num_stages)
   in_specs = [pl.BlockSpec((None, c, None, m_pad), lambda i, j, s: (i, s, j, 0)),
               pl.BlockSpec((m_pad, h), lambda i, j, s: (0, 0))]
   args = [g, w]
@@ -305,10 +306,7 @@ def _call(kernel, x, parts, stabiliser, static: _Static, name: str):
   m_pad = parts.shape[1]
   c = static.block_t
   blocks = -(-t // c)
-  params = {}
-  if not static.interpret:
-    from jax.experimental.pallas import triton as pltriton
-    params["compiler_params"] = pltriton.CompilerParams(num_warps=static.num_warps, num_stages=static.num_stages)
+  params = triton_params(interpret=static.interpret, num_warps=static.num_warps, num_stages=static.num_stages)
   in_specs = [pl.BlockSpec((None, c, None, h), lambda i, j, s: (i, s, j, 0)),
               pl.BlockSpec(parts.shape, lambda i, j, s: (0, 0, 0))]
   args = [x, parts]
@@ -483,7 +481,7 @@ def positive_features_reference(q, k, w, *, scale: float):
   """fp32 einsum form of the same contract (the XLA path's feature maps), padded as the kernels pad."""
   f32 = jnp.promote_types(q.dtype, jnp.float32)
   m = w.shape[0]
-  m_pad = la._pow2_at_least(m)
+  m_pad = pow2_at_least(m)
   norm = 1.0 / math.sqrt(m)
   hi = lax.Precision.HIGHEST
   w_s = w.astype(f32) * math.sqrt(scale)

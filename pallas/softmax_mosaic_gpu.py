@@ -31,7 +31,7 @@ producer streams K and V (S = Q K^T, dP = dO V^T, dQ += dS K). Causal kernels
 skip the blocks above the diagonal; dK/dV come out per query head and are
 summed over each GQA group.
 
-Contract (see `pallas/flash_attention.py`): padded `[B, T, N, H]` inputs,
+Contract (see `pallas/softmax.py`): padded `[B, T, N, H]` inputs,
 `lse` `[B, N, T]` float32 in base-2 units (`m2 + log2(l)` of the logits scaled
 by `scale * log2(e)`), `+inf` and a zero output row where no key is live.
 Causal CTAs skip key blocks above the diagonal and run their heaviest query
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas.flash_attention import LOG2E, _kv_ranges
+from pallas.flash_tiles import LOG2E, kv_ranges
 
 RCP_LN2 = 1.0 / math.log(2.0)
 # Running maxima start finite (base-2 units), so a row whose keys are all masked
@@ -247,6 +247,39 @@ def _load_vector(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False)
 
 
+def _produce_kv(refs, smem, barriers, *, bidx, kv_head, block_k: int, stages: int, num_kv_blocks: int, end):
+  """The producer warpgroup of the forward and dQ kernels: copies K/V blocks `[0, end)` of
+  (bidx, kv_head) into the `stages`-deep shared-memory ring, slot `j % stages`, each once the
+  consumers have freed its slot.
+
+  `refs` = (k, v) in global memory, `smem` = the (k, v) rings, `barriers` = (k_full, v_full,
+  k_free, v_free), one per slot.
+  """
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  k_ref, v_ref = refs
+  k_smem, v_smem = smem
+  k_full, v_full, k_free, v_free = barriers
+
+  def fetch(j, slot):
+    block = (bidx, pl.ds(j * block_k, block_k), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+
+  for i in range(min(stages, num_kv_blocks)):
+    pl.when(i < end)(functools.partial(fetch, i, i))
+
+  @pl.loop(stages, end)
+  def _(j):
+    slot = lax.rem(j, stages)
+    block = (bidx, pl.ds(j * block_k, block_k), kv_head)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+
+
 def _call(*args, static, config: KernelConfig):
   """Builds and runs the kernel on internally padded inputs."""
   from jax.experimental import pallas as pl
@@ -285,7 +318,7 @@ def _call(*args, static, config: KernelConfig):
       # Heaviest query tiles first: they have the most key blocks.
       tile = num_q_tiles - 1 - tile
     cta_row = tile * rows
-    full, end = _kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
+    full, end = kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -427,24 +460,9 @@ def _call(*args, static, config: KernelConfig):
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(config.producer_registers, action="decrease")
-      kv_head = lax.div(head, jnp.int32(group))
-
-      def fetch(j, slot):
-        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
-
-      for i in range(min(stages, num_kv_blocks)):
-        pl.when(i < end)(functools.partial(fetch, i, i))
-
-      @pl.loop(stages, end)
-      def _(j):
-        slot = lax.rem(j, stages)
-        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+      _produce_kv((k_ref, v_ref), (k_smem, v_smem), (k_full, v_full, k_free, v_free), bidx=bidx,
+                  kv_head=lax.div(head, jnp.int32(group)), block_k=block_k, stages=stages,
+                  num_kv_blocks=num_kv_blocks, end=end)
 
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   smem = (
@@ -623,7 +641,7 @@ def _call_dq(*args, static, config: BackwardConfig):
     if causal:
       tile = num_q_tiles - 1 - tile
     cta_row = tile * rows
-    full, end = _kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
+    full, end = kv_ranges(tile, block_q=rows, block_k=block_k, static=static)
 
     @pl.when(wg < wgs)
     def _consumer():
@@ -690,24 +708,9 @@ def _call_dq(*args, static, config: BackwardConfig):
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(config.producer_registers, action="decrease")
-      kv_head = lax.div(head, jnp.int32(group))
-
-      def fetch(j, slot):
-        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
-        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
-
-      for i in range(min(stages, num_kv_blocks)):
-        pl.when(i < end)(functools.partial(fetch, i, i))
-
-      @pl.loop(stages, end)
-      def _(j):
-        slot = lax.rem(j, stages)
-        block = (bidx, pl.ds(j * block_k, block_k), kv_head)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[block], v_smem.at[slot], v_full.at[slot])
+      _produce_kv((k_ref, v_ref), (k_smem, v_smem), (k_full, v_full, k_free, v_free), bidx=bidx,
+                  kv_head=lax.div(head, jnp.int32(group)), block_k=block_k, stages=stages,
+                  num_kv_blocks=num_kv_blocks, end=end)
 
   transforms = _bwd_smem_transforms()
   smem = (

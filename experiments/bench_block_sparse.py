@@ -1,0 +1,162 @@
+"""`--suite block_sparse`: `pallas.block_sparse_attention` (T=16k, B1 N16 H128, layout blocks of 128)
+forward and forward+backward at 100%, 50%, 25%, 12.5% and 6.25% live blocks (a local window | a
+few global blocks; 100% = every block), relative to its own all-live time, then a Longformer
+layout (window 512 each side + 64 global tokens) against dense cuDNN causal attention in the same
+run, checking the outputs agree on the rows where the masks do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import efficient_attention as ea
+import pallas
+from experiments.bench_timing import inputs, median_time
+
+if TYPE_CHECKING:
+  from experiments.bench_attention import Config
+
+def density_layout(t: int, block: int, density: float):
+  """A local window | a few global blocks with the density closest to `density` (1: every block live)."""
+  if density >= 1.0:
+    return ea.layouts.dense(t, block_size=block)
+  nq = -(-t // block)
+  candidates = [ea.layouts.local(t, window=w * block, block_size=block)
+                | ea.layouts.global_tokens(t, num_global=g * block, block_size=block)
+                for g in range(1, 5) for w in range(nq)]
+  return min(candidates, key=lambda layout: abs(layout.density - density))
+
+def _agreeing_rows(layout, t: int) -> list[int]:
+  """Query rows whose causal row of `layout` is the whole causal row (every key block up to the diagonal live)."""
+  b = layout.block_q
+  return [r for i in range(layout.grid[0]) if layout.blocks[i, : i * b // layout.block_k + 1].all()
+          for r in range(i * b, min((i + 1) * b, t))]
+
+def block_sparse_suite(cfg: Config) -> dict:
+  """Forward and forward+backward time of `pallas.block_sparse_attention` vs density, and Longformer vs dense."""
+  import numpy as np
+
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  t, n, h, block = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block
+  q, k, v, do = inputs(jax.random.key(cfg.seed + 3), 1, t, n, h, dtype)
+  dense_name = "cudnn" if on_gpu else "xla"
+
+  def timed(fn) -> dict:
+    fwd = jax.jit(fn)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+    return dict(fwd_ms=1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup),
+                fwd_bwd_ms=1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup))
+
+  def sparse(layout, is_causal=False):
+    return lambda q, k, v: pallas.block_sparse_attention(q, k, v, layout, is_causal=is_causal)
+
+  def dense(is_causal):
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=dense_name)
+
+  rows = []
+  for target in tqdm(cfg.densities, desc="block-sparse density"):
+    layout = density_layout(t, block, target)
+    rows.append(dict(layout="all live" if target >= 1 else "window + global", target=target,
+                     density=layout.density, live_blocks=int(layout.blocks.sum()), **timed(sparse(layout))))
+  base = next(r for r in rows if r["target"] >= 1)
+  for r in rows:
+    r["fwd_ratio"], r["fwd_bwd_ratio"] = r["fwd_ms"] / base["fwd_ms"], r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+  rows.append(dict(layout=f"{dense_name} dense", target=1.0, density=1.0, **timed(dense(False))))
+
+  longformer = ea.layouts.longformer(t, window=cfg.longformer_window, num_global=cfg.longformer_global,
+                                     block_size=block)
+  contenders = [("block-sparse longformer causal", sparse(longformer, True), True),
+                ("block-sparse longformer", sparse(longformer), False),
+                (f"{dense_name} dense causal", dense(True), True)]
+  compare = []
+  for name, fn, is_causal in tqdm(contenders, desc="longformer"):
+    compare.append(dict(name=name, is_causal=is_causal, density=longformer.density if "longformer" in name else 1.0,
+                        **timed(fn)))
+  ref = compare[-1]
+  for r in compare:
+    r["speedup_fwd"], r["speedup_fwd_bwd"] = ref["fwd_ms"] / r["fwd_ms"], ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+  # Same output where the masks agree: rows whose causal Longformer row is the whole causal row.
+  agree = np.asarray(_agreeing_rows(longformer, t))
+  got = np.asarray(jax.jit(sparse(longformer, True))(q, k, v)[:, agree], np.float32)
+  want = np.asarray(jax.jit(dense(True))(q, k, v)[:, agree], np.float32)
+  agreement = dict(rows=len(agree), max_abs_diff=float(np.abs(got - want).max()),
+                   max_abs_value=float(np.abs(want).max()))
+  return dict(seq_len=t, num_heads=n, head_dim=h, block=block, dtype=jnp.dtype(dtype).name, dense=dense_name,
+              density=rows, longformer=compare, longformer_window=cfg.longformer_window,
+              longformer_global=cfg.longformer_global, agreement=agreement)
+
+def block_sparse_markdown(res: dict, header: str) -> str:
+  lines = [header, "", "Time vs live blocks (non-causal; ratio to this kernel's all-live time in the same run)", "",
+           "| layout | density | live blocks | fwd (ms) | fwd+bwd (ms) | fwd / all-live | fwd+bwd / all-live |",
+           "|---|---|---|---|---|---|---|"]
+  for r in res["density"]:
+    ratios = (f"{r['fwd_ratio']:.3f} | {r['fwd_bwd_ratio']:.3f}" if "fwd_ratio" in r else "– | –")
+    lines.append(f"| {r['layout']} | {100 * r['density']:.2f}% | {r.get('live_blocks', '–')} | {r['fwd_ms']:.3g} | "
+                 f"{r['fwd_bwd_ms']:.3g} | {ratios} |")
+  title = (f"Longformer (window {res['longformer_window']} each side + {res['longformer_global']} global tokens) "
+           f"vs dense {res['dense']} causal, same inputs")
+  lines += ["", title, "",
+            "| contender | density | fwd (ms) | fwd+bwd (ms) | speed-up fwd | speed-up fwd+bwd |",
+            "|---|---|---|---|---|---|"]
+  for r in res["longformer"]:
+    lines.append(f"| {r['name']} | {100 * r['density']:.2f}% | {r['fwd_ms']:.3g} | {r['fwd_bwd_ms']:.3g} | "
+                 f"{r['speedup_fwd']:.2f}× | {r['speedup_fwd_bwd']:.2f}× |")
+  a = res["agreement"]
+  lines += ["", (f"Causal Longformer vs dense causal on the {a['rows']} rows whose masks agree: max |difference| "
+                 f"{a['max_abs_diff']:.3g} (max |output| {a['max_abs_value']:.3g}).")]
+  target = min(res["density"], key=lambda r: abs(r["target"] - 0.125))
+  speedup = res["longformer"][0]["speedup_fwd_bwd"]
+  lines.append(f"{100 * target['density']:.2f}% live: forward+backward {target['fwd_bwd_ratio']:.3f}× the all-live "
+               f"time (target <= 0.16); causal Longformer forward+backward {speedup:.2f}× faster than dense "
+               f"{res['dense']} causal (target >= 4).")
+  return "\n".join(lines) + "\n"
+
+def block_sparse_plot(res: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  rows = [r for r in res["density"] if "fwd_ratio" in r]
+  for key, label in (("fwd_ratio", "forward"), ("fwd_bwd_ratio", "forward+backward")):
+    axes[0].plot([r["density"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+  axes[0].plot([r["density"] for r in rows], [r["density"] for r in rows], "k--", lw=1, label="ideal (= density)")
+  axes[0].set_xscale("log", base=2)
+  axes[0].set_yscale("log", base=2)
+  axes[0].set_xlabel("live blocks (fraction)")
+  axes[0].set_ylabel("time / all-live time")
+  axes[0].set_title(f"block-sparse kernel, T={res['seq_len']}, H={res['head_dim']}")
+  axes[0].legend(fontsize=7)
+  axes[0].grid(alpha=0.3, which="both")
+  names = [r["name"] for r in res["longformer"]]
+  x = range(len(names))
+  axes[1].bar([i - 0.2 for i in x], [r["fwd_ms"] for r in res["longformer"]], width=0.4, label="forward")
+  axes[1].bar([i + 0.2 for i in x], [r["fwd_bwd_ms"] for r in res["longformer"]], width=0.4, label="forward+backward")
+  axes[1].set_xticks(list(x), names, fontsize=7, rotation=10)
+  axes[1].set_ylabel("ms")
+  axes[1].set_title("Longformer vs dense causal")
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
+  """Writes `block_sparse.{json,md,png}` under `out`."""
+  res = block_sparse_suite(cfg)
+  header = (f"# Block-sparse kernel — {env['device']}, JAX {env['jax']}, {res['dtype']}, T={res['seq_len']}, "
+            f"B1 N{res['num_heads']} H{res['head_dim']}, layout blocks {res['block']}, median of {cfg.repeats}")
+  table = block_sparse_markdown(res, header)
+  (out / "block_sparse.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), **res), indent=1))
+  (out / "block_sparse.md").write_text(table)
+  block_sparse_plot(res, out / "block_sparse.png")
+  print(table)
