@@ -40,12 +40,9 @@ import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cli  # the experiments' command lines
-import train_lm
-from profile_linear import busy_ns, kernel_events
-
 from efficient_attention import lm
+from experiments import cli, train_lm  # the experiments' command lines; the training run being timed
+from experiments.profile_linear import busy_ns, kernel_events
 
 # Model shapes (train_lm.py flags). nanogpt: nanoGPT's shakespeare_char model (6 x 384, 6 heads, T=256, batch 64);
 # gpu: train_lm.py --preset gpu (6 x 512, 8 heads, T=1024, batch 64).
