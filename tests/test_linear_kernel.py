@@ -57,7 +57,9 @@ def test_value_and_grad_vs_f64(family, dtype, b, t, n, kh, h, hv, segments, padd
     ref = lambda q, k, v: ea.linear_attention_reference(q, k, v, feature_map=family, **opts)
   # relu features vanish on half the inputs: rows with few live features amplify rounding.
   tol = {"rtol": 1e-3, "atol": 1e-3} if family == "relu" else util.TOL[dtype]
-  out, _ = util.check_against_f64(fn, ref, (q, k, v), **tol)
+  # bf16 FAVOR+ features: q's and k's gradients sit at the bf16 norm bound (see _FAVOR_BF16_NORM_TOL).
+  norm_tol = _FAVOR_BF16_NORM_TOL if family == "favor" and dtype == jnp.bfloat16 else None
+  out, _ = util.check_against_f64(fn, ref, (q, k, v), **tol, norm_tol=norm_tol)
   chex.assert_shape(out, (b, t, n, hv))
   assert out.dtype == dtype
 
