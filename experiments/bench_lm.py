@@ -218,8 +218,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [x for x in getattr(cfg, name) if x not in valid]
     if unknown:
       parser.error(f"unknown --{name} {unknown}; valid: {', '.join(valid)}")
-  if cfg.families and "block_sparse" in cfg.families:
-    parser.error("--families: block_sparse is timed through 'local' (the same kernel with a local layout)")
   if min(cfg.steps, cfg.repeats) < 1 or cfg.warmup < 1:
     parser.error("--steps, --repeats and --warmup must be >= 1 (the first step compiles)")
   out = pathlib.Path(cfg.out_dir) / cfg.run

@@ -501,7 +501,9 @@ class Run:
       self.train_seconds += now - tick
       train_record = self.flush(now - tick, timed - in_flight, upto) or train_record
       if train_record is not None:
-        bar.set_postfix(loss=f"{train_record['loss']:.3f}", tok_s=f"{train_record['tokens_per_s']:,.0f}")
+        mfu = train_record["mfu"]
+        bar.set_postfix(loss=f"{train_record['loss']:.3f}", tok_s=f"{train_record['tokens_per_s']:,.0f}",
+                        **({} if mfu is None else {"mfu": f"{100 * mfu:.1f}%"}))
       tick, timed = now, in_flight
 
     for step in range(self.start_step, end):
