@@ -269,6 +269,11 @@ class RandomFeatures(nnx.Variable):
   """
 
 
+def default_num_features(head_dim: int) -> int:
+  """FAVOR+ projection rows when none are given: `max(H, round(H ln H))`, of order H log H as in Performer."""
+  return max(head_dim, round(head_dim * math.log(head_dim)))
+
+
 class FavorAttention(AttentionModule):
   """FAVOR+ attention (`favor_attention`) with projection rows held as `RandomFeatures`.
 
@@ -306,7 +311,7 @@ class FavorAttention(AttentionModule):
     if isinstance(redraw_interval, bool) or not isinstance(redraw_interval, int) or redraw_interval < 0:
       raise ValueError(f"redraw_interval must be an int >= 0 (0 = never), got {redraw_interval=}")
     h = self.head_dim
-    num_features = max(h, round(h * math.log(h))) if num_features is None else num_features
+    num_features = default_num_features(h) if num_features is None else num_features
     self.kernel, self.orthogonal, self.scaling = kernel, orthogonal, scaling
     self.redraw_interval, self.chunk_size = redraw_interval, _linear.check_chunk_size(chunk_size)
     self.deterministic = deterministic

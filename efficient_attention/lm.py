@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
 import numpy as np
+from flax import nnx
 
 from efficient_attention._layouts import BlockLayout, layout_mask, local
 from efficient_attention._masking import segment_starts
 from efficient_attention._module_base import check_capacity, lengths_checked_ahead
-from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention
+from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention, default_num_features
 
 ROPE_FAMILIES = ("softmax", "local", "block_sparse")
 NORMS = ("rms", "layer")
@@ -177,7 +175,7 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
       pairs = float((np.tril(allowed) if config.is_causal else allowed).sum())
     per_layer += 4 * n * h * pairs / seq_len
   elif family in ("linear", "favor"):
-    m = h if family == "linear" else (config.num_features or max(h, round(h * math.log(h))))
+    m = h if family == "linear" else (config.num_features or default_num_features(h))
     per_layer += 4 * m * n + 2 * m * (h + 1) * kv
     if family == "favor":
       per_layer += 2 * m * h * (n + kv)

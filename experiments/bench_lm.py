@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
 
 from efficient_attention import lm
 from experiments import cli, train_lm  # the experiments' command lines; the training run being timed
-from experiments.profile_linear import busy_ns, kernel_events
+from experiments.device_trace import kernel_summary, traced_kernels
 
 # Model shapes (train_lm.py flags). nanogpt: nanoGPT's shakespeare_char model (6 x 384, 6 heads, T=256, batch 64);
 # gpu: train_lm.py --preset gpu (6 x 512, 8 heads, T=1024, batch 64).
@@ -108,25 +106,21 @@ def time_steps(step, state, batches, steps: int, repeats: int):
 def profile_steps(step, state, batches, steps: int):
   """Per-step kernel summary of `steps` traced steps (None without GPU kernels, e.g. on a CPU)."""
   jax.block_until_ready(state)
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for i in range(steps):
-        state, metrics = step(state, *batches(i))
-      jax.block_until_ready((state, metrics))
-    files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-    events = kernel_events(files[0]) if len(files) == 1 else []
+
+  def run():
+    nonlocal state
+    for i in range(steps):
+      state, metrics = step(state, *batches(i))
+    jax.block_until_ready((state, metrics))
+
+  events = traced_kernels(run)
   if not events:
     return state, None
-  by_name: dict[str, list[int]] = collections.defaultdict(list)
-  for name, s, e in events:
-    by_name[name].append(e - s)
-  kernels = sorted(({"name": n, "launches": len(d) / steps, "us": sum(d) / steps / 1e3} for n, d in by_name.items()),
-                   key=lambda k: -k["us"])
+  summary = kernel_summary(events, steps)
   classes = collections.Counter()
-  for k in kernels:
+  for k in summary["kernels"]:
     classes[kernel_class(k["name"])] += k["us"] / 1e3
-  return state, dict(busy_ms=busy_ns(events) / steps / 1e6, launches=len(events) / steps,
-                     classes_ms=dict(classes.most_common()), kernels=kernels)
+  return state, dict(summary, classes_ms=dict(classes.most_common()))
 
 
 def kernel_class(name: str) -> str:
@@ -213,7 +207,7 @@ def to_markdown(cfg: Config, rows: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
   parser = cli.config_parser(Config, __doc__.split("\n\n")[0], presets=PRESETS, smoke_flag=True)
   cfg = cli.parse_config(parser, Config, argv, presets=PRESETS)
-  for name, valid in (("shapes", SHAPES), ("families", train_lm.lm.ATTENTION_FAMILIES),
+  for name, valid in (("shapes", SHAPES), ("families", lm.ATTENTION_FAMILIES),
                       ("dtypes", ("bfloat16", "float32", "float16"))):
     unknown = [x for x in getattr(cfg, name) if x not in valid]
     if unknown:
@@ -230,7 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
       row = bench_case(cfg, shape, family, dtype)
     except Exception as err:  # an OOM or a failing kernel is a table cell, not the end of the benchmark
-      row = dict(shape=shape, family=family, dtype=dtype, error=f"{type(err).__name__}: {str(err).splitlines()[0][:160]}")
+      error = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+      row = dict(shape=shape, family=family, dtype=dtype, error=error)
     rows.append(row)
     if "error" not in row:
       print(f"  {row['tokens_per_s']:,.0f} tokens/s, step {row['step_ms']:.2f} ms, loop {row['loop_ms']:.2f} ms, "

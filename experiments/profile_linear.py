@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import pathlib
 import statistics
-import tempfile
 import time
 
 import jax
@@ -42,6 +40,7 @@ from tqdm import tqdm
 
 from experiments.bench_favor import favor_fn
 from experiments.bench_timing import compile_pass, inputs
+from experiments.device_trace import kernel_summary, traced_kernels
 
 IMPLS = ("pallas", "xla", "cudnn")
 
@@ -56,58 +55,21 @@ def parse_case(text: str) -> tuple[int, int, int]:
   return h, m, t
 
 
-def kernel_events(xplane: str) -> list[tuple[str, int, int]]:
-  """(name, start_ns, end_ns) of every kernel on the GPU planes' stream lines."""
-  from jax.profiler import ProfileData
-
-  events = []
-  for plane in ProfileData.from_file(xplane).planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      # "Stream #N(...)" lines hold the kernels; "XLA Modules" / "XLA Ops" are summaries.
-      if not line.name.startswith("Stream"):
-        continue
-      events += [(e.name, int(e.start_ns), int(e.end_ns)) for e in line.events]
-  return events
-
-
-def busy_ns(events: list[tuple[str, int, int]]) -> int:
-  """Length of the union of the kernels' intervals."""
-  total, end = 0, None
-  for _, s, e in sorted(events, key=lambda x: x[1]):
-    if end is None or s >= end:
-      total += e - s
-      end = e
-    elif e > end:
-      total += e - end
-      end = e
-  return total
-
-
 def profile(fn, args, calls: int, warmup: int) -> dict:
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   walls = []
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp):
-      for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        walls.append(time.perf_counter() - start)
-    files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-    if len(files) != 1:
-      raise RuntimeError(f"expected one trace file under {tmp}, found {files}")
-    events = kernel_events(files[0])
+
+  def run():
+    for _ in range(calls):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      walls.append(time.perf_counter() - start)
+
+  events = traced_kernels(run)
   if not events:
     raise RuntimeError("the trace holds no GPU kernels (is this a GPU run?)")
-  by_name: dict[str, list[int]] = collections.defaultdict(list)
-  for name, s, e in events:
-    by_name[name].append(e - s)
-  kernels = sorted(({"name": n, "launches": len(d) / calls, "us": sum(d) / calls / 1e3} for n, d in by_name.items()),
-                   key=lambda k: -k["us"])
-  return {"wall_ms": 1e3 * statistics.median(walls), "busy_ms": busy_ns(events) / calls / 1e6,
-          "kernel_ms": sum(k["us"] for k in kernels) / 1e3, "launches": len(events) / calls, "kernels": kernels}
+  return {"wall_ms": 1e3 * statistics.median(walls), **kernel_summary(events, calls)}
 
 
 def profile_or_error(fn, args, calls: int, row: dict) -> dict | None:

@@ -383,6 +383,8 @@ class Run:
     self.pending: list[tuple[int, dict]] = []
     self.tokens_per_s: list[float] = []
     self.flops_per_token = lm.training_flops_per_token(self.model.config, cfg.seq_len)
+    peak = peak_flops(jax.devices()[0].device_kind)
+    self.peak_flops = None if peak is None else peak * self.mesh.size  # all devices of the mesh
     self._check_out_dir()
     if cfg.resume:
       self._resume()
@@ -450,10 +452,7 @@ class Run:
 
   def mfu(self, tokens_per_s: float) -> float | None:
     """Model FLOPs utilisation at `tokens_per_s`: `lm.training_flops_per_token` over the devices' peak bf16 rate."""
-    peak = peak_flops(jax.devices()[0].device_kind)
-    if peak is None:
-      return None
-    return self.flops_per_token * tokens_per_s / (peak * self.mesh.size)
+    return None if self.peak_flops is None else self.flops_per_token * tokens_per_s / self.peak_flops
 
   def evaluate(self, step: int) -> dict:
     totals = [self.model.eval_step(self.state, self.model.place(x), self.model.place(y))

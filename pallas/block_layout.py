@@ -3,6 +3,9 @@
 `BlockLayout` is the static map the block-sparse kernel walks and the dense and
 XLA paths expand with `layout_mask`; the builders of the usual patterns are in
 `efficient_attention.layouts`.
+
+No kernel here: the layouts are data the block-sparse kernel walks (its reference ends
+`block_sparse.py`).
 """
 
 from __future__ import annotations

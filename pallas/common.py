@@ -4,6 +4,8 @@ division that gives 0 (with 0 gradient) where nothing was attended to.
 
 Every check runs on static shapes and dtypes, so it raises the same way with or
 without `jax.jit`, before any tracing-time surprise. Messages name the values.
+
+No kernel here: checks and numerics the kernels and the families share.
 """
 
 from __future__ import annotations

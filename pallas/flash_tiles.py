@@ -9,6 +9,9 @@ nothing to attend to, so that the backward's exp2(s - lse) is 0 there.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K, H head dim (Hv for values).
+
+No kernel of its own: the kernels that use these steps end with their references
+(`softmax.py`, `block_sparse.py`).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ tiles first. Segment ids are compared inside each tile.
 
 The kernel targets JAX 0.11 (`jax.experimental.pallas.mosaic_gpu`); importing
 this module needs no GPU, and every Mosaic GPU call sits inside a function.
+
+The family's reference, `softmax_attention_reference`, ends `softmax.py`, the module that
+dispatches to this backend; `tests/test_softmax_kernel.py` checks this backend against it.
 """
 
 from __future__ import annotations

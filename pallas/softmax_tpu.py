@@ -37,6 +37,9 @@ sizes (`BlockSizes.get_default("mosaic_tpu")`, 128 throughout) are untuned.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K, H head dim (Hv for values).
+
+The family's reference, `softmax_attention_reference`, ends `softmax.py`, the module that
+dispatches to this backend; `tests/test_softmax_tpu.py` checks this backend against it.
 """
 
 from __future__ import annotations

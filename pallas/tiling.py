@@ -1,4 +1,7 @@
-"""Small pieces every kernel of this package uses: sizes, padding, block products, launch settings."""
+"""Small pieces every kernel of this package uses: sizes, padding, block products, launch settings.
+
+No kernel here, so no reference.
+"""
 
 from __future__ import annotations
 

@@ -87,7 +87,13 @@ def test_profile_linear_reads_kernel_times_and_errors(tmp_path):
   kernels = [{"name": "linear_attention_forward", "us": 5.0}, {"name": "linear_attention_span_sums_forward", "us": 2.0},
              {"name": "linear_attention_dk__1", "us": 3.0}, {"name": "favor_key_features", "us": 7.0}]
   assert prof.pass_times(kernels) == {"forward": 7.0, "dk": 3.0}
-  assert prof.busy_ns([("a", 0, 10), ("b", 5, 20), ("c", 30, 40)]) == 30
+  trace = load_experiment("device_trace")
+  events = [("a", 0, 10), ("b", 5, 20), ("c", 30, 40), ("a", 50, 54)]
+  assert trace.busy_ns(events[:3]) == 30
+  summary = trace.kernel_summary(events, calls=2)
+  assert summary["busy_ms"] == 34 / 2 / 1e6 and summary["launches"] == 2
+  assert [(k["name"], k["launches"], k["us"]) for k in summary["kernels"]] == [
+      ("b", 0.5, 15 / 2e3), ("a", 1.0, 14 / 2e3), ("c", 0.5, 10 / 2e3)]
   assert prof.group("linear_attention_span_sums_dq") == "span sums" and prof.group("gemm_fusion_dot_2") == "matmuls"
   row = {}
   assert prof.profile_or_error(lambda: 1 / 0, (), 1, row) is None
