@@ -200,3 +200,48 @@ def test_generate_errors():
   linformer = lm.LanguageModel(config("linformer"), rngs=nnx.Rngs(util.fresh_key()))
   with pytest.raises(ValueError, match="needs a causal model, got attention='linformer'"):
     lm.generate(linformer, prompt, max_new_tokens=3, temperature=0.0)
+
+
+# Hybrid stacks: `attention` a pattern of families cycled over the layers.
+
+def test_hybrid_pattern_cycles_over_layers_and_decodes_like_its_parallel_forward():
+  assert config(("linear", "local"), num_layers=5).layer_families == ("linear", "local", "linear", "local", "linear")
+  cfg = config(("linear", "local"), num_layers=2)
+  assert not cfg.uses_rope  # linear layers need learned positions; local layers keep RoPE
+  model = lm.LanguageModel(cfg, rngs=nnx.Rngs(util.fresh_key()))
+  kinds = [type(block.attention.attention).__name__ for block in model.blocks]
+  assert kinds == ["LinearAttention", "LocalAttention"], kinds
+  assert model.blocks[1].attention.attention.rope_base == cfg.rope_base
+  assert model.position is not None
+  model.init_cache((B, T))
+  parallel, decoded = parallel_and_decoded(model, tokens(B, T), prefill=6)
+  chex.assert_trees_all_close(decoded, parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_trains_and_its_flops_are_the_sum_of_its_layers():
+  cfg = config(["softmax", "favor"], num_layers=2, redraw_interval=2)
+  assert cfg.attention == ("softmax", "favor")  # a list is kept as a tuple (the config is hashable)
+  model = lm.LanguageModel(cfg, rngs=nnx.Rngs(util.fresh_key()))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+  batch = tokens(B, T + 1)
+  losses = [float(train_step(model, optimizer, batch)) for _ in range(4)]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+  one = {name: lm.training_flops_per_token(config(name, num_layers=1), T) for name in ("softmax", "favor")}
+  output_layer = 3 * 2 * WIDTH * 256
+  # Two layers: each single-layer model's layer, and the output layer once.
+  assert lm.training_flops_per_token(cfg, T) == pytest.approx(one["softmax"] + one["favor"] - output_layer)
+
+
+def test_hybrid_pattern_errors_name_the_values():
+  with pytest.raises(ValueError, match="unknown attention family 'lsm'"):
+    config(("linear", "lsm"), num_layers=2)
+  with pytest.raises(ValueError, match=r"attention=\(\)"):
+    config((), num_layers=2)
+  with pytest.raises(ValueError, match="3 families for num_layers=2"):
+    config(("linear", "local", "softmax"), num_layers=2)
+  with pytest.raises(ValueError, match="linformer"):
+    config(("linear", "linformer"), num_layers=2, is_causal=True)
+  with pytest.raises(ValueError, match="layout"):
+    config(("linear", "block_sparse"), num_layers=2)
+  with pytest.raises(ValueError, match="is a pattern"):
+    config(("linear", "local"), num_layers=2).attention_options()
