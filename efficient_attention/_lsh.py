@@ -292,8 +292,7 @@ def lsh_attention_reference(
   ids = None if segment_ids is None else (segment_ids, segment_ids)
   masks = dense_mask(t, t, is_causal=is_causal, mask=mask, segment_ids=ids)
   masks = jnp.ones((1, 1, t, t), bool) if masks is None else jnp.broadcast_to(masks, masks.shape[:2] + (t, t))
-  eye = jnp.eye(t, dtype=bool)
-  other = masks & union & ~eye
+  other = masks & union & ~jnp.eye(t, dtype=bool)[None, None]
   self_live = jnp.diagonal(masks, axis1=-2, axis2=-1)  # [B|1, N|1, T]
   keys = qk * _safe_rsqrt(jnp.sum(qk * qk, axis=-1, keepdims=True))
   vals = jnp.repeat(v, n // v.shape[2], axis=2)
