@@ -4,23 +4,24 @@ Shared-QK attention: one projection `x` per token serves as its query and,
 unit-normalised, as its key, so the logit of query t and key s is
 `(x_t . x_s / |x_s|) * scale`. Each hash round r draws the bucket of every token
 as `argmax([x R_r ; -x R_r])` (random rotations `R_r: [H, num_buckets / 2]`,
-angular LSH, sec. 2 "Hashing attention"), sorts the tokens by (bucket, position),
+angular LSH, sec. 2, "Locality sensitive hashing"), sorts the tokens by (bucket, position),
 cuts the sorted order into chunks of `chunk_size` and lets each chunk attend to
 itself and to the chunk before it. Choices, all shared by the reference:
 
 - Wrap-around: the first chunk's previous chunk is the last one, as in the
   paper. With a single chunk (`chunk_size >= T`) a chunk attends to itself only,
   so no key is seen twice in one round.
-- A query attends to every key in its window (keys of other buckets that fall
-  in it included, as in the paper's implementation), subject to `is_causal`,
-  `mask` and `segment_ids`, all by ORIGINAL positions.
+- A query attends to every key in its window, subject to `is_causal`, `mask`
+  and `segment_ids`, all by ORIGINAL positions. Keys of other buckets that fall
+  in the window are attended to as well (the paper's formulation masks them;
+  here the window is the unit of attention, and the reference agrees).
 - Self: a query never attends to itself while any other key is live for it in
   any round; when none is, its output is its own value (the limit of the
   paper's large negative self logit, exact here). A query whose own position is
   masked too (no live key at all) returns 0 with 0 gradient.
 - Rounds combine by the softmax of their log-sum-exps, and a key seen in n of a
   query's windows (over all rounds) has each of its logits reduced by log n
-  (sec. 2.3, "Multi-round LSH attention"): together the rounds compute ONE
+  (sec. 2, "Multi-round LSH attention"): together the rounds compute ONE
   softmax over the union of the query's windows, each key counted once. The
   reference is exactly that dense softmax.
 
@@ -192,7 +193,7 @@ def _lsh_attention(qk, v, rotations, mask, ids, *, chunk_size, is_causal, scale,
   if mask is not None:
     live &= _lookup(mask, jnp.minimum(pos_q, t - 1), jnp.minimum(pos_k, t - 1), b, n)
 
-  # Duplicates: in how many windows of all rounds each (query, key) pair meets (sec. 2.3).
+  # Duplicates: in how many windows of all rounds each (query, key) pair meets (sec. 2, "Multi-round LSH attention").
   rounds = rotations.shape[0]
   if num_chunks <= 2:
     count = jnp.full((), float(rounds), acc)  # every window holds every key
