@@ -299,3 +299,17 @@ def test_lm_trains_with_a_redraw_in_the_step():
   losses = [float(step(model, optimizer, batch)) for _ in range(2)]
   assert np.isfinite(losses).all() and losses[1] < losses[0]
   assert not np.array_equal(before, attn.rotations[...]) and int(attn.training_calls[...]) == 2
+
+
+def test_training_flops_count_the_windows_and_the_hashing():
+  config = lm.LMConfig(attention="lsh", num_layers=1, width=16, num_heads=2, max_len=64, chunk_size=8, num_hashes=3)
+  linear = lm.LMConfig(attention="linear", num_layers=1, width=16, num_heads=2, max_len=64)
+  h, n, buckets = 8, 2, 16  # 2 * 64 / 8 buckets
+  attention = 3 * 3 * n * (buckets * h + 4 * h * 16)  # forward + backward, rounds, heads: hash and 2c = 16 keys
+  linear_attention = 3 * (4 * h * n + 2 * h * (h + 1) * n)
+  key_projection = 3 * 2 * 16 * n * h
+  assert lm.training_flops_per_token(config, 64) == pytest.approx(
+      lm.training_flops_per_token(linear, 64) - linear_attention - key_projection + attention)
+  # One chunk (chunk_size >= T): every query's window is the T keys.
+  short = lm.training_flops_per_token(config, 8) - lm.training_flops_per_token(config, 64)
+  assert short == pytest.approx(3 * 3 * n * 4 * h * (8 - 16))
