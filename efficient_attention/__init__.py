@@ -1,7 +1,8 @@
-"""efficient-attention: exact, FAVOR+, linear, Linformer and block-sparse attention for JAX.
+"""efficient-attention: exact, FAVOR+, linear, Linformer, block-sparse and LSH attention for JAX.
 
-Every function takes `[B, T, N, H]` queries/keys/values and the same keyword
-options (`is_causal`, `mask`, `segment_ids`, `scale`, `implementation`). The
+Every function takes `[B, T, N, H]` queries/keys/values (LSH: a shared `qk` and
+values) and the same keyword options (`is_causal`, `mask`, `segment_ids`, `scale`,
+`implementation`). The
 Flax nnx modules project `[B, T, D]` inputs and call them; `efficient_attention.lm`
 holds a small decoder-only language model built from them.
 """
@@ -24,6 +25,7 @@ from efficient_attention._linear import (
     linear_attention_step,
 )
 from efficient_attention._linformer import linformer_attention, linformer_attention_reference
+from efficient_attention._lsh import lsh_attention, lsh_attention_reference, lsh_buckets, lsh_rotations
 from efficient_attention._module_base import AttentionModule
 from efficient_attention._modules import (
     ATTENTION_FAMILIES,
@@ -32,6 +34,7 @@ from efficient_attention._modules import (
     LinearAttention,
     LinformerAttention,
     LocalAttention,
+    LSHAttention,
     MultiHeadAttention,
     RandomFeatures,
     SoftmaxAttention,
@@ -48,6 +51,7 @@ __all__ = [
     "FavorAttention",
     "LinearAttention",
     "LinearState",
+    "LSHAttention",
     "LinformerAttention",
     "LocalAttention",
     "MultiHeadAttention",
@@ -68,6 +72,10 @@ __all__ = [
     "linear_attention_step",
     "linformer_attention",
     "linformer_attention_reference",
+    "lsh_attention",
+    "lsh_attention_reference",
+    "lsh_buckets",
+    "lsh_rotations",
     "orthogonal_random_features",
     "redraw",
     "softmax_attention",

@@ -51,6 +51,8 @@ class AttentionModule(nnx.Module):
   """
 
   family: ClassVar[str] = "attention"
+  # Shared-QK families (LSH) have no key projection: the query projection is the key too.
+  shared_qk: ClassVar[bool] = False
 
   def __init__(
       self,
@@ -93,7 +95,7 @@ class AttentionModule(nnx.Module):
     linear = functools.partial(nnx.LinearGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
     self.query = linear(in_features, (num_heads, head_dim))
-    self.key = linear(in_features, (num_kv_heads, head_dim))
+    self.key = None if self.shared_qk else linear(in_features, (num_kv_heads, head_dim))
     self.value = linear(in_features, (num_kv_heads, head_dim))
     self.out = linear((num_heads, head_dim), out_features, axis=(-2, -1))
     self.cache_index: nnx.Cache | None = nnx.data(None)
@@ -137,17 +139,18 @@ class AttentionModule(nnx.Module):
     return self.out(out)
 
   def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`.
+    """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`; k is q itself when `shared_qk`.
 
     q and k are rotated when `rope_base` is set, at `positions` (int `[T]`,
     default `0..T-1`).
     """
-    q, k, v = self.query(x), self.key(x), self.value(x)
+    q, v = self.query(x), self.value(x)
+    k = None if self.shared_qk else self.key(x)
     if self.rope_base is not None:
       positions = jnp.arange(x.shape[1]) if positions is None else positions
       q = apply_rope(q, positions, base=self.rope_base)
-      k = apply_rope(k, positions, base=self.rope_base)
-    return q, k, v
+      k = None if k is None else apply_rope(k, positions, base=self.rope_base)
+    return q, q if k is None else k, v
 
   @abc.abstractmethod
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, segment_ids=None) -> jax.Array:

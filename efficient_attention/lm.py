@@ -4,7 +4,8 @@ Pre-norm blocks (`x + attention(norm(x))`, `x + mlp(norm(x))`), tied input and
 output embeddings, byte-level vocabulary by default. Positions: rotary (RoPE,
 inside attention) for the families that attend to exact keys (softmax, local,
 block_sparse); learned absolute embeddings for FAVOR+, linear and Linformer,
-whose feature maps or projections would not keep RoPE's relative form. A
+whose feature maps or projections would not keep RoPE's relative form, and for
+LSH, whose buckets would depend on the absolute position of a rotated qk. A
 hybrid stack (`attention` a pattern of families) with any layer of the latter
 kind adds learned positions at the input; its RoPE layers keep RoPE too.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -61,12 +63,17 @@ class LMConfig:
       next-token loss is not a language-model loss (the target is in view).
     rope_base: RoPE base for the layers whose family is in `ROPE_FAMILIES`.
     num_features: FAVOR+ projection rows (None: the module's default).
-    redraw_interval: FAVOR+ redraw schedule in training calls (0 = never).
+    redraw_interval: FAVOR+ feature / LSH rotation redraw schedule in training
+      calls (0 = never).
+    num_buckets: LSH hash buckets (even); None: `2 * ceil(max_len / chunk_size)`,
+      half a chunk per bucket on average at the longest sequence.
+    num_hashes: LSH hash rounds.
     feature_map: linear attention's feature map.
     projected_len: Linformer's projected length (the paper's k).
     window, block_size: local attention's window and block size.
     layout: block_sparse's layout, a function `seq_len -> BlockLayout`.
-    chunk_size: time steps per chunk of causal FAVOR+ / linear attention.
+    chunk_size: time steps per chunk of causal FAVOR+ / linear attention; sorted
+      tokens per chunk of LSH attention.
     implementation: the attention functions' `implementation` (None = best
       available; e.g. "pallas" for the flash kernel).
     dtype: computation dtype (None: float32 from the parameters).
@@ -87,6 +94,8 @@ class LMConfig:
   rope_base: float = 10_000.0
   num_features: int | None = None
   redraw_interval: int = 0
+  num_buckets: int | None = None
+  num_hashes: int = 2
   feature_map: str = "elu+1"
   projected_len: int = 64
   window: int = 64
@@ -126,6 +135,11 @@ class LMConfig:
     if "linformer" in families and self.is_causal:
       raise ValueError("attention='linformer' has no causal form: set is_causal=False explicitly (the model then "
                        "sees the whole sequence, so it is an encoder, not a next-token language model)")
+    if self.num_buckets is not None and (isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int)
+                                         or self.num_buckets < 2 or self.num_buckets % 2):
+      raise ValueError(f"num_buckets must be None or an even int >= 2, got num_buckets={self.num_buckets!r}")
+    if isinstance(self.num_hashes, bool) or not isinstance(self.num_hashes, int) or self.num_hashes < 1:
+      raise ValueError(f"num_hashes must be a positive int, got num_hashes={self.num_hashes!r}")
     if (self.layout is None) == ("block_sparse" in families):
       raise ValueError(f"layout (a function seq_len -> BlockLayout) is required for attention='block_sparse' "
                        f"and only for it; got attention={self.attention!r}, layout={self.layout!r}")
@@ -143,6 +157,11 @@ class LMConfig:
     """The attention family of each layer: `attention` itself, or its pattern cycled over `num_layers`."""
     pattern = self.attention if isinstance(self.attention, tuple) else (self.attention,)
     return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def lsh_num_buckets(self) -> int:
+    """LSH hash buckets: `num_buckets`, or `2 * ceil(max_len / chunk_size)` when None."""
+    return self.num_buckets or 2 * math.ceil(self.max_len / self.chunk_size)
 
   @property
   def uses_rope(self) -> bool:
@@ -164,6 +183,8 @@ class LMConfig:
         "linformer": dict(max_len=self.max_len, projected_len=self.projected_len),
         "local": dict(window=self.window, block_size=self.block_size),
         "block_sparse": dict(layout=self.layout),
+        "lsh": dict(num_buckets=self.lsh_num_buckets, num_hashes=self.num_hashes, chunk_size=self.chunk_size,
+                    redraw_interval=self.redraw_interval),
     }.get(family, {})
     options["implementation"] = self.implementation
     if family in ROPE_FAMILIES:
@@ -187,12 +208,18 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
     its normaliser, per key/value head `2 M (H + 1)` to update them;
     FAVOR+ adds `2 M H` per head for each of the q and k projections;
   - Linformer (projected length P): `2 P H` per key/value head for each of
-    K and V, and `4 P H` per query head.
+    K and V, and `4 P H` per query head;
+  - LSH (R rounds, chunk c, b buckets): per head and round `b H` to hash
+    and `4 H` per key of the query's window (its chunk and the previous one:
+    2c keys, or T with a single chunk), masked keys included (the window is
+    data-dependent); the sort is not counted.
   """
   d, n, h = config.width, config.num_heads, config.head_dim
   kv = config.num_kv_heads or n
   dense = 2 * d * (n * h + 2 * kv * h) + 2 * n * h * d + 4 * d * config.mlp_width
-  layers = sum(dense + _attention_flops_per_token(config, family, seq_len) for family in config.layer_families)
+  key_projection = 2 * d * kv * h  # LSH layers have none: shared QK
+  layers = sum(dense - (key_projection if family == "lsh" else 0) + _attention_flops_per_token(config, family, seq_len)
+               for family in config.layer_families)
   return 3 * (layers + 2 * d * config.vocab_size)
 
 
@@ -217,6 +244,10 @@ def _attention_flops_per_token(config: LMConfig, family: str, seq_len: int) -> f
       per_layer += 2 * m * h * (n + kv)
   elif family == "linformer":
     per_layer += 4 * config.projected_len * h * (kv + n)
+  elif family == "lsh":
+    chunk = min(config.chunk_size, seq_len)
+    window = chunk if chunk == seq_len else 2 * chunk
+    per_layer += config.num_hashes * n * (config.lsh_num_buckets * h + 4 * h * window)
   return per_layer
 
 

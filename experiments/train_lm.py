@@ -539,7 +539,7 @@ class Run:
   def sample(self) -> str | None:
     """Text generated from the start of the held-out split, or None where the family cannot decode."""
     cfg = self.cfg
-    if cfg.task != "lm" or not cfg.sample_tokens or cfg.attention in ("linformer", "block_sparse"):
+    if cfg.task != "lm" or not cfg.sample_tokens or cfg.attention in ("linformer", "block_sparse", "lsh"):
       return None
     prompt = self.batches.prompt()
     new = min(cfg.sample_tokens, cfg.seq_len - len(prompt))

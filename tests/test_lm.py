@@ -27,7 +27,8 @@ def config(name, **kwargs):
   """One layer of width 16 (2 heads of 8), bytes; Linformer bidirectional, as it must be."""
   options = dict(attention=name, num_layers=1, width=WIDTH, num_heads=HEADS, mlp_ratio=2.0, max_len=MAX_LEN,
                  num_features=8, projected_len=5, window=5, block_size=4, is_causal=name != "linformer",
-                 layout=sparse_layout if name == "block_sparse" else None)
+                 layout=sparse_layout if name == "block_sparse" else None, num_buckets=4,
+                 chunk_size=4 if name == "lsh" else 64)
   return lm.LMConfig(**{**options, **kwargs})
 
 
@@ -83,7 +84,7 @@ def test_loss_decreases_with_adamw_under_nnx_jit(name):
   assert all(np.isfinite(losses)), losses
   # FAVOR+ redraws its features every 2 steps, which may cost a little on the next step.
   assert losses[1] < losses[0] and losses[-1] < losses[0] - 0.5, losses
-  if name == "favor":
+  if name in ("favor", "lsh"):
     # Redrawn after the 2nd and 4th training calls, inside the jitted gradient step.
     attention = model.blocks[0].attention.attention
     assert int(attention.training_calls[...]) == 4
@@ -245,3 +246,6 @@ def test_hybrid_pattern_errors_name_the_values():
     config(("linear", "block_sparse"), num_layers=2)
   with pytest.raises(ValueError, match="is a pattern"):
     config(("linear", "local"), num_layers=2).attention_options()
+  lsh = lm.LanguageModel(config("lsh"), rngs=nnx.Rngs(util.fresh_key()))
+  with pytest.raises(ValueError, match="lsh: cannot decode"):
+    lm.generate(lsh, prompt, max_new_tokens=3, temperature=0.0)
