@@ -201,6 +201,9 @@ def test_generate_errors():
   linformer = lm.LanguageModel(config("linformer"), rngs=nnx.Rngs(util.fresh_key()))
   with pytest.raises(ValueError, match="needs a causal model, got attention='linformer'"):
     lm.generate(linformer, prompt, max_new_tokens=3, temperature=0.0)
+  lsh = lm.LanguageModel(config("lsh"), rngs=nnx.Rngs(util.fresh_key()))
+  with pytest.raises(ValueError, match="lsh: cannot decode"):
+    lm.generate(lsh, prompt, max_new_tokens=3, temperature=0.0)
 
 
 # Hybrid stacks: `attention` a pattern of families cycled over the layers.
@@ -246,6 +249,3 @@ def test_hybrid_pattern_errors_name_the_values():
     config(("linear", "block_sparse"), num_layers=2)
   with pytest.raises(ValueError, match="is a pattern"):
     config(("linear", "local"), num_layers=2).attention_options()
-  lsh = lm.LanguageModel(config("lsh"), rngs=nnx.Rngs(util.fresh_key()))
-  with pytest.raises(ValueError, match="lsh: cannot decode"):
-    lm.generate(lsh, prompt, max_new_tokens=3, temperature=0.0)
