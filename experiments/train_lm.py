@@ -35,7 +35,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import os
 import resource
+import sys
 import time
 from typing import Any
 
@@ -45,6 +47,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -54,9 +57,12 @@ from efficient_attention import lm
 
 from experiments import cli  # the experiments' command lines
 from experiments import lm_data  # the experiments' data module
+from experiments import run_dir  # the run directory's lock, checkpoint digests, metrics repair
 
 TASKS = ("lm", "mqar")
 MESH_AXES = ("data", "fsdp")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")  # "auto" = None, the best available; the rest as in the API
+SAVE_PAUSE_ENV = "TRAIN_LM_TEST_PAUSE_IN_SAVE"  # seconds to sleep between a checkpoint's files and its digest (tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +147,20 @@ def check_config(cfg: Config) -> None:
   """Raises ValueError for options that cannot make a run (before any data or model is built)."""
   if cfg.attention not in ea.ATTENTION_FAMILIES:
     raise ValueError(f"--attention {cfg.attention!r}: valid families are {', '.join(ea.ATTENTION_FAMILIES)}")
+  if cfg.implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"--implementation {cfg.implementation!r}: valid implementations are {', '.join(IMPLEMENTATIONS)}")
   if cfg.task not in TASKS:
     raise ValueError(f"--task {cfg.task!r}: valid tasks are {', '.join(TASKS)}")
   for name in ("num_layers", "width", "num_heads", "seq_len", "steps", "batch_size", "eval_every", "eval_batches",
-               "log_every"):
+               "log_every", "num_features", "projected_len", "block_size", "stride", "chunk_size", "num_kv_pairs",
+               "mqar_vocab_size"):
     if getattr(cfg, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+  for name in ("window", "redraw_interval", "seed"):
+    if getattr(cfg, name) < 0:
+      raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+  if pathlib.Path(cfg.out_dir).exists() and not pathlib.Path(cfg.out_dir).is_dir():
+    raise ValueError(f"--out-dir {cfg.out_dir!r} is an existing file, not a directory")
   if not 0 <= cfg.warmup_steps < cfg.steps:
     raise ValueError(f"need 0 <= --warmup-steps < --steps, got {cfg.warmup_steps=}, {cfg.steps=}")
   if not cfg.learning_rate > 0 or not 0 <= cfg.min_lr_ratio <= 1 or not cfg.clip_norm > 0:
@@ -164,11 +178,14 @@ def check_config(cfg: Config) -> None:
 
 def mesh_shape(spec: str) -> dict[str, int]:
   """`"data=2,fsdp=2"` -> `{"data": 2, "fsdp": 2}` (absent axes are 1)."""
-  shape = dict.fromkeys(MESH_AXES, 1)
+  shape, seen = dict.fromkeys(MESH_AXES, 1), set()
   for part in filter(None, spec.split(",")):
     name, _, size = part.partition("=")
     if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
       raise ValueError(f"--mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES} and SIZE >= 1")
+    if name in seen:
+      raise ValueError(f"--mesh {spec!r}: axis {name!r} is given twice")
+    seen.add(name)
     shape[name] = int(size)
   return shape
 
@@ -312,14 +329,22 @@ def from_saveable(saved: dict[str, jax.Array], like) -> Any:
 
 
 def checkpoint_manager(out_dir: pathlib.Path) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+  """Keeps the last two checkpoints, so that a bad newest one leaves one to fall back to; removes the temporary
+  directories of saves cut short."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
 
 
-def restore(manager: ocp.CheckpointManager, state) -> Any:
+def restore(manager: ocp.CheckpointManager, step: int, state) -> Any:
   saved = to_saveable(state)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), saved)
-  return from_saveable(manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract)), state)
+  return from_saveable(manager.restore(step, args=ocp.args.StandardRestore(abstract)), state)
+
+
+def notice(message: str) -> None:
+  """A message on stderr that the run goes on after (shown with or without the progress bar)."""
+  tqdm.write(f"train_lm.py: {message}", file=sys.stderr)
 
 
 # Data.
@@ -367,59 +392,114 @@ class NonFiniteError(RuntimeError):
 
 
 class Run:
-  """One training run: state, metrics file, checkpoints, progress bar."""
+  """One training run: state, metrics file, checkpoints, progress bar.
+
+  The run directory is checked, locked and (on --resume) its checkpoint chosen before any data is read or
+  model built; `close()` releases the lock (so does the end of the process, however it ends).
+  """
 
   def __init__(self, cfg: Config):
     self.cfg = cfg
     self.out_dir = pathlib.Path(cfg.out_dir)
-    self.mesh = make_mesh(cfg)
-    self.batches = Batches(cfg)
-    self.model = Model(cfg, self.mesh)
-    self.state = self.model.init()
-    self.manager = checkpoint_manager(self.out_dir)
-    self.train_seconds = 0.0  # cumulative over resumptions, without evaluation
-    self.compile_seconds = 0.0
+    self.checkpoint_dir = self.out_dir / "checkpoints"
+    self.primary = jax.process_index() == 0  # the process that writes the run directory's files
+    self.lock = None
     self.start_step = 0
-    self.pending: list[tuple[int, dict]] = []
-    self.tokens_per_s: list[float] = []
-    self.flops_per_token = lm.training_flops_per_token(self.model.config, cfg.seq_len)
-    peak = peak_flops(jax.devices()[0].device_kind)
-    self.peak_flops = None if peak is None else peak * self.mesh.size  # all devices of the mesh
-    self._check_out_dir()
-    if cfg.resume:
-      self._resume()
-    self.metrics = (self.out_dir / "metrics.jsonl").open("a")
-    if cfg.resume:
-      self._log(dict(kind="resume", step=self.start_step))
+    self.previous: list[dict] = []  # on --resume, the metrics records up to the checkpoint
+    resume_step = self._open_out_dir()
+    try:
+      self.mesh = make_mesh(cfg)
+      self.batches = Batches(cfg)
+      self.model = Model(cfg, self.mesh)
+      self.state = self.model.init()
+      self.manager = checkpoint_manager(self.out_dir)
+      self.train_seconds = 0.0  # cumulative over resumptions, without evaluation
+      self.compile_seconds = 0.0
+      self.pending: list[tuple[int, dict]] = []
+      self.tokens_per_s: list[float] = []
+      self.flops_per_token = lm.training_flops_per_token(self.model.config, cfg.seq_len)
+      peak = peak_flops(jax.devices()[0].device_kind)
+      self.peak_flops = None if peak is None else peak * self.mesh.size  # all devices of the mesh
+      if resume_step is not None:
+        self._resume(resume_step)
+      self.metrics = (self.out_dir / "metrics.jsonl").open("a") if self.primary else None
+      if resume_step is not None and not self.finished:
+        self._log(dict(kind="resume", step=self.start_step))
+    except BaseException:
+      self.release()
+      raise
 
-  def _check_out_dir(self) -> None:
-    config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE}
-    path = self.out_dir / "config.json"
-    if self.cfg.resume:
-      if not path.is_file() or self.manager.latest_step() is None:
-        raise ValueError(f"--resume: no checkpoint under {self.out_dir}/checkpoints (run without --resume first)")
-      saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE}
-      changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-      if changed:
-        raise ValueError(f"--resume with different settings (saved, now): {changed}")
-    else:
-      if self.manager.latest_step() is not None:
-        raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, or another --out-dir")
+  @property
+  def finished(self) -> bool:
+    return self.start_step == self.cfg.steps
+
+  def _open_out_dir(self) -> int | None:
+    """Locks the run directory and checks it; with --resume returns the step of the newest intact checkpoint."""
+    cfg, path = self.cfg, self.out_dir / "config.json"
+    if cfg.resume and not self.out_dir.is_dir():
+      raise ValueError(f"--resume: no checkpoint: {self.out_dir} does not exist (run without --resume first)")
+    if self.primary:
       self.out_dir.mkdir(parents=True, exist_ok=True)
-      path.write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
-      (self.out_dir / "metrics.jsonl").write_text("")
+      self.lock = run_dir.RunLock(self.out_dir)
+    try:
+      step = self._check_out_dir(path) if self.primary else None
+      # Other processes wait until the primary has checked the directory and set bad checkpoints aside.
+      multihost_utils.sync_global_devices("train_lm: run directory checked")
+      if cfg.resume and not self.primary:
+        step = run_dir.checkpoint_steps(self.checkpoint_dir)[-1]
+      return step
+    except BaseException:
+      self.release()
+      raise
 
-  def _resume(self) -> None:
-    self.state = restore(self.manager, self.state)
+  def _check_out_dir(self, path: pathlib.Path) -> int | None:
+    config = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in RESUMABLE}
+    steps = run_dir.checkpoint_steps(self.checkpoint_dir)
+    if not self.cfg.resume:
+      if steps:
+        raise ValueError(f"{self.out_dir} already holds checkpoints: pass --resume to continue, or another --out-dir")
+      run_dir.write_text_atomic(path, json.dumps(dataclasses.asdict(self.cfg), indent=1))
+      (self.out_dir / "metrics.jsonl").write_text("")
+      return None
+    if not path.is_file():
+      raise ValueError(f"--resume: {path} is missing (the run's settings, written when it started); "
+                       f"without it the settings cannot be checked against the checkpoint's")
+    saved = {k: v for k, v in json.loads(path.read_text()).items() if k not in RESUMABLE}
+    changed = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+    if changed:
+      raise ValueError(f"--resume with different settings (saved, now): {changed}")
+    if not steps:
+      raise ValueError(f"--resume: no checkpoint under {self.checkpoint_dir} (run without --resume first)")
+    step, rejected = run_dir.latest_good_checkpoint(self.checkpoint_dir)
+    if step is None:
+      raise ValueError(f"--resume: no intact checkpoint under {self.checkpoint_dir}: " +
+                       "; ".join(f"step {s}: {why}" for s, why, _ in rejected))
+    for bad, why, moved in rejected:
+      notice(f"checkpoint step {bad} is bad ({why}); moved to {moved}; resuming from step {step}")
+    return step
+
+  def _resume(self, step: int) -> None:
+    self.state = restore(self.manager, step, self.state)
     self.start_step = int(self.state["step"])
-    # Keep the metrics up to the checkpoint, so the file reads as one run.
-    path = self.out_dir / "metrics.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in lines if r["step"] <= self.start_step and r["kind"] != "stop"]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    self.train_seconds = max((r.get("train_seconds", 0.0) for r in kept), default=0.0)
+    if self.start_step != step:
+      raise ValueError(f"checkpoint {self.checkpoint_dir / str(step)} holds step {self.start_step}")
+    if self.primary:
+      # Keep the metrics up to the checkpoint, so the file reads as one run.
+      self.previous, notes = run_dir.repair_metrics(self.out_dir / "metrics.jsonl", self.start_step)
+      for note in notes:
+        notice(note)
+    self.train_seconds = max((r.get("train_seconds", 0.0) for r in self.previous), default=0.0)
+    self.tokens_per_s = [r["tokens_per_s"] for r in self.previous
+                         if r["kind"] == "train" and r.get("tokens_per_s") is not None
+                         and math.isfinite(r["tokens_per_s"])]
+
+  def last(self, kind: str) -> dict | None:
+    """The last `kind` record logged before this invocation (on --resume), or None."""
+    return next((r for r in reversed(self.previous) if r["kind"] == kind), None)
 
   def _log(self, record: dict) -> None:
+    if self.metrics is None:
+      return
     self.metrics.write(json.dumps(record) + "\n")
     self.metrics.flush()
 
@@ -470,8 +550,15 @@ class Run:
     return record
 
   def save(self, step: int) -> None:
+    """Saves a checkpoint, then its digest (`run_dir.write_digest`): a step directory without one is incomplete."""
     self.manager.save(step, args=ocp.args.StandardSave(to_saveable(self.state)), force=True)
     self.manager.wait_until_finished()
+    pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
+    if pause:
+      notice(f"pausing {pause:g} s in the save of checkpoint step {step}, before its digest ({SAVE_PAUSE_ENV})")
+      time.sleep(pause)
+    if self.primary:
+      run_dir.write_digest(self.checkpoint_dir / str(step))
 
   def train(self) -> dict:
     """Runs the steps; logs, evaluates and checkpoints at their boundaries.
@@ -484,10 +571,12 @@ class Run:
     """
     cfg = self.cfg
     end = cfg.steps if not cfg.stop_after else min(cfg.steps, self.start_step + cfg.stop_after)
-    last_eval = self.evaluate(self.start_step) if self.start_step in (0, end) else None
+    if self.finished:  # --resume of a finished run: nothing to train or log again
+      return dict(train=self.last("train"), eval=self.last("eval"), steps_done=end)
+    last_eval = self.evaluate(0) if self.start_step == 0 else self.last("eval")
     bar = tqdm(total=cfg.steps, initial=self.start_step, unit="step", disable=not cfg.progress,
                desc=f"{cfg.attention}", dynamic_ncols=True)
-    train_record = None
+    train_record = self.last("train")
     tick, timed = time.perf_counter(), 0
     deferred = False  # the previous step ended a logging interval whose metrics are still to be read
 
@@ -550,8 +639,16 @@ class Run:
     return bytes(np.asarray(out[0], np.uint8).tolist()).decode("utf-8", errors="replace")
 
   def close(self) -> None:
-    self.metrics.close()
+    if self.metrics is not None:
+      self.metrics.close()
     self.manager.close()
+    self.release()
+
+  def release(self) -> None:
+    """Releases the run directory's lock."""
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
 
 
 # Datasheet dense (no sparsity) bfloat16 peaks, TFLOP/s, by a substring of `device_kind`.
@@ -587,14 +684,22 @@ def main(argv: list[str] | None = None) -> dict:
     run = Run(cfg)
   except (FileNotFoundError, ValueError, ConnectionError) as err:
     raise SystemExit(f"train_lm.py: error: {err}") from None
+  try:
+    return finish(run, cfg)
+  except NonFiniteError as err:
+    raise SystemExit(f"train_lm.py: {err}") from None
+  finally:
+    run.close()
+
+
+def finish(run: Run, cfg: Config) -> dict:
+  """Trains `run` to its end, then writes `sample.txt` and `summary.json`; returns the summary."""
   if cfg.progress:
     tqdm.write(f"{cfg.attention}: {count_params(run.state):,} parameters; data: {run.batches.description}; "
                f"mesh {dict(run.mesh.shape)} on {jax.devices()[0].device_kind}; writing {run.out_dir}")
-  try:
-    result = run.train()
-  except NonFiniteError as err:
-    run.close()
-    raise SystemExit(f"train_lm.py: {err}") from None
+  if run.finished:
+    notice(f"{run.out_dir} finished all {cfg.steps} steps already: nothing to train; writing its summary again")
+  result = run.train()
   sample = run.sample()
   final = result["steps_done"] == cfg.steps
   tokens_per_s = float(np.median(run.tokens_per_s)) if run.tokens_per_s else None
@@ -608,12 +713,12 @@ def main(argv: list[str] | None = None) -> dict:
       train_seconds=run.train_seconds, compile_seconds=run.compile_seconds, **peak_memory(),
       devices=int(run.mesh.size), mesh=dict(run.mesh.shape), device_kind=jax.devices()[0].device_kind,
       jax_version=jax.__version__, sample=sample)
-  if sample is not None:
-    (run.out_dir / "sample.txt").write_text(sample)
+  if sample is not None and run.primary:
+    run_dir.write_text_atomic(run.out_dir / "sample.txt", sample)
     if cfg.progress:
       tqdm.write(f"sample:\n{sample}")
-  (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-  run.close()
+  if run.primary:
+    run_dir.write_text_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=1))
   return summary
 
 
