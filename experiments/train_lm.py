@@ -62,7 +62,8 @@ from experiments import run_dir  # the run directory's lock, checkpoint digests,
 TASKS = ("lm", "mqar")
 MESH_AXES = ("data", "fsdp")
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")  # "auto" = None, the best available; the rest as in the API
-SAVE_PAUSE_ENV = "TRAIN_LM_TEST_PAUSE_IN_SAVE"  # seconds to sleep between a checkpoint's files and its digest (tests)
+# Tests: "STEP:SECONDS" sleeps that long in the save of checkpoint STEP, after its files, before its digest.
+SAVE_PAUSE_ENV = "TRAIN_LM_TEST_PAUSE_IN_SAVE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,10 +554,10 @@ class Run:
     """Saves a checkpoint, then its digest (`run_dir.write_digest`): a step directory without one is incomplete."""
     self.manager.save(step, args=ocp.args.StandardSave(to_saveable(self.state)), force=True)
     self.manager.wait_until_finished()
-    pause = float(os.environ.get(SAVE_PAUSE_ENV) or 0)
-    if pause:
-      notice(f"pausing {pause:g} s in the save of checkpoint step {step}, before its digest ({SAVE_PAUSE_ENV})")
-      time.sleep(pause)
+    pause_step, _, pause = os.environ.get(SAVE_PAUSE_ENV, "").partition(":")
+    if pause_step == str(step):
+      notice(f"pausing {pause} s in the save of checkpoint step {step}, before its digest ({SAVE_PAUSE_ENV})")
+      time.sleep(float(pause))
     if self.primary:
       run_dir.write_digest(self.checkpoint_dir / str(step))
 
