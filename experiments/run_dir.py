@@ -134,7 +134,8 @@ def checkpoint_steps(checkpoint_dir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def latest_good_checkpoint(checkpoint_dir: pathlib.Path) -> tuple[int | None, list[tuple[int, str, pathlib.Path | None]]]:
+def latest_good_checkpoint(checkpoint_dir: pathlib.Path
+                           ) -> tuple[int | None, list[tuple[int, str, pathlib.Path | None]]]:
   """The newest step whose checkpoint is intact, and the newer ones found bad: (step, reason, where it was moved).
 
   When a good one is found, the bad ones newer than it move to `../rejected_checkpoints/STEP-N`, so that the

@@ -63,6 +63,23 @@ def _flip(path: pathlib.Path) -> None:
   path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("flags, message", [
+    (("--implementation", "cuda"), "--implementation 'cuda': valid implementations are auto, xla, pallas, cudnn"),
+    (("--stride", "0"), "--stride must be >= 1, got 0"),
+    (("--seed", "-1"), "--seed must be >= 0, got -1"),
+    (("--mesh", "data=1,data=2"), "--mesh 'data=1,data=2': axis 'data' is given twice"),
+    (("--out-dir", "{file}"), "--out-dir '{file}' is an existing file, not a directory"),
+], ids=["implementation", "stride", "seed", "mesh", "out-dir-file"])
+def test_bad_flags_stop_at_parsing(tmp_path, monkeypatch, capsys, flags, message):
+  file = tmp_path / "a_file"
+  file.write_text("x")
+  monkeypatch.setattr(train_lm, "Run", None)  # never reached: no data read, no model built
+  with pytest.raises(SystemExit) as exit_info:
+    train_lm.main([*ARGS, "--out-dir", str(tmp_path / "out"), *(f.format(file=file) for f in flags)])
+  assert exit_info.value.code == 2 and message.format(file=file) in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
 def test_every_kind_of_damage_is_named(stopped):
   checkpoints = stopped / "checkpoints"
   assert run_dir.check_checkpoint(checkpoints / "5") is None and run_dir.check_checkpoint(checkpoints / "4") is None
@@ -188,26 +205,32 @@ def test_a_kill_inside_a_save_resumes_from_the_previous_checkpoint(runs, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_random_kills_and_resumes_repeat_the_uninterrupted_losses(tmp_path, seed):
-  # A checkpoint every step, so that many kills land inside a save; each kill waits for a random logged step.
-  args = ("--steps", "24", "--checkpoint-every", "1", "--eval-every", "8")
+  # A checkpoint every step, so that many kills land inside a save. A kill comes either at a random time of the
+  # start (imports, compilation, restore, metrics repair), or at a random delay after a random number of new
+  # steps were logged.
+  steps = 24
+  args = ("--steps", str(steps), "--checkpoint-every", "1", "--eval-every", "8")
   whole, out = tmp_path / "whole", tmp_path / "run"
   _train(whole, *args)
   rng = random.Random(seed)
   kills = resumes = restarts = 0
   for _ in range(100):
-    has_checkpoint = any(run_dir.check_checkpoint(out / "checkpoints" / str(s)) is None
-                         for s in run_dir.checkpoint_steps(out / "checkpoints"))
-    if out.exists() and not has_checkpoint:  # killed before its first checkpoint: start again
+    good = [s for s in run_dir.checkpoint_steps(out / "checkpoints")
+            if run_dir.check_checkpoint(out / "checkpoints" / str(s)) is None]
+    if out.exists() and not good:  # killed before its first checkpoint: start again
       shutil.rmtree(out)
       restarts += 1
     resume = out.exists()
     resumes += resume
-    started = time.time_ns()
+    started = time.monotonic()
     proc = _spawn(out, *args, *(("--resume",) if resume else ()))
-    target, delay = rng.randint(1, 24), rng.uniform(0.0, 0.4)
-    while proc.poll() is None and not _logged(out, target, since=started):
+    if rng.random() < 0.2:
+      wait = lambda deadline=rng.uniform(0.0, 4.0): time.monotonic() - started < deadline
+    else:
+      wait = lambda target=max(good, default=0) + rng.randint(1, 6): not _logged(out, min(target, steps))
+    while proc.poll() is None and wait():
       time.sleep(0.01)
-    time.sleep(delay)
+    time.sleep(rng.uniform(0.0, 0.3))
     if proc.poll() is not None:
       assert proc.returncode == 0, proc.stderr.read()
       break
@@ -216,17 +239,17 @@ def test_random_kills_and_resumes_repeat_the_uninterrupted_losses(tmp_path, seed
     kills += 1
   else:
     raise AssertionError(f"not finished after {kills} kills")
-  print(f"seed {seed}: {kills} kills, {resumes} resumes, {restarts} restarts")
+  print(f"seed {seed}: {kills} kills, {resumes} resumes, {restarts} restarts, "
+        f"{len(list((out / 'rejected_checkpoints').glob('*')))} checkpoints rejected")
   assert kills >= 1
   assert _losses(out) == _losses(whole)
 
 
-def _logged(out: pathlib.Path, step: int, since: int) -> bool:
-  """Whether metrics.jsonl, written since `since` (ns; so repaired if resumed), logs `step` or a later one."""
-  path = out / "metrics.jsonl"
+def _logged(out: pathlib.Path, step: int) -> bool:
+  """Whether metrics.jsonl logs a training line of `step` or later (lines after the checkpoint are dropped on
+  resume, so such a line is this process's)."""
   try:
-    if path.stat().st_mtime_ns < since:
-      return False
-    return any(json.loads(line)["step"] >= step for line in path.read_text().splitlines()[:-1])
+    return any(r["kind"] == "train" and r["step"] >= step
+               for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()[:-1]))
   except (FileNotFoundError, ValueError):
     return False
