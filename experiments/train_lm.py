@@ -29,8 +29,8 @@ match their digest (a bad one is set aside, with a message naming it), repairs
 `metrics.jsonl` (a partial last line, lines after that checkpoint) and
 continues the same trajectory: on CPU the losses equal an uninterrupted run's
 to the last digit, after a kill at any point too. Resuming a finished run
-trains and logs nothing. `--mesh data=N,fsdp=M` shards the batch over all N * M devices and each
-parameter (and its optimiser state) over the M `fsdp` devices, on
+trains and logs nothing. `--mesh data=N,fsdp=M` shards the batch over all
+N * M devices and each parameter (and its optimiser state) over the M `fsdp` devices, on
 `jax.sharding.Mesh` and `jax.jit` (`--distributed` first calls
 `jax.distributed.initialize()` for multi-host runs).
 """
@@ -40,8 +40,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import os
+import pathlib
 import resource
 import sys
 import time
@@ -166,8 +166,10 @@ def check_config(cfg: Config) -> None:
   for name in ("window", "redraw_interval", "seed"):
     if getattr(cfg, name) < 0:
       raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-  if pathlib.Path(cfg.out_dir).exists() and not pathlib.Path(cfg.out_dir).is_dir():
-    raise ValueError(f"--out-dir {cfg.out_dir!r} is an existing file, not a directory")
+  out_dir = pathlib.Path(cfg.out_dir)
+  existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+  if existing is not None and not existing.is_dir():
+    raise ValueError(f"--out-dir {cfg.out_dir!r}: {str(existing)!r} is an existing file, not a directory")
   if not 0 <= cfg.warmup_steps < cfg.steps:
     raise ValueError(f"need 0 <= --warmup-steps < --steps, got {cfg.warmup_steps=}, {cfg.steps=}")
   if not cfg.learning_rate > 0 or not 0 <= cfg.min_lr_ratio <= 1 or not cfg.clip_norm > 0:

@@ -68,8 +68,9 @@ def _flip(path: pathlib.Path) -> None:
     (("--stride", "0"), "--stride must be >= 1, got 0"),
     (("--seed", "-1"), "--seed must be >= 0, got -1"),
     (("--mesh", "data=1,data=2"), "--mesh 'data=1,data=2': axis 'data' is given twice"),
-    (("--out-dir", "{file}"), "--out-dir '{file}' is an existing file, not a directory"),
-], ids=["implementation", "stride", "seed", "mesh", "out-dir-file"])
+    (("--out-dir", "{file}"), "--out-dir '{file}': '{file}' is an existing file, not a directory"),
+    (("--out-dir", "{file}/run"), "--out-dir '{file}/run': '{file}' is an existing file, not a directory"),
+], ids=["implementation", "stride", "seed", "mesh", "out-dir-file", "out-dir-under-file"])
 def test_bad_flags_stop_at_parsing(tmp_path, monkeypatch, capsys, flags, message):
   file = tmp_path / "a_file"
   file.write_text("x")
@@ -222,12 +223,14 @@ def test_random_kills_and_resumes_repeat_the_uninterrupted_losses(tmp_path, seed
       restarts += 1
     resume = out.exists()
     resumes += resume
+    before = _records(out)
     started = time.monotonic()
     proc = _spawn(out, *args, *(("--resume",) if resume else ()))
     if rng.random() < 0.2:
       wait = lambda deadline=rng.uniform(0.0, 4.0): time.monotonic() - started < deadline
     else:
-      wait = lambda target=max(good, default=0) + rng.randint(1, 6): not _logged(out, min(target, steps))
+      target = min(max(good, default=0) + rng.randint(1, 6), steps)
+      wait = lambda: max(_new_steps(out, before), default=0) < target
     while proc.poll() is None and wait():
       time.sleep(0.01)
     time.sleep(rng.uniform(0.0, 0.3))
@@ -245,11 +248,21 @@ def test_random_kills_and_resumes_repeat_the_uninterrupted_losses(tmp_path, seed
   assert _losses(out) == _losses(whole)
 
 
-def _logged(out: pathlib.Path, step: int) -> bool:
-  """Whether metrics.jsonl logs a training line of `step` or later (lines after the checkpoint are dropped on
-  resume, so such a line is this process's)."""
+def _records(out: pathlib.Path) -> list[dict]:
+  """The complete lines of metrics.jsonl (none while it is missing or being replaced)."""
   try:
-    return any(r["kind"] == "train" and r["step"] >= step
-               for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()[:-1]))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[:-1]]
   except (FileNotFoundError, ValueError):
-    return False
+    return []
+
+
+def _new_steps(out: pathlib.Path, before: list[dict]) -> list[int]:
+  """The steps of the train lines a process logged since `before` was read: after its own resume line, if it
+  resumes (lines logged after a checkpoint by the killed process stay until the new one drops them)."""
+  records = _records(out)
+  resumes = [i for i, r in enumerate(records) if r["kind"] == "resume"]
+  own = sum(r["kind"] == "resume" for r in before)
+  if before and len(resumes) <= own:
+    return []
+  start = resumes[own] + 1 if before else 0
+  return [r["step"] for r in records[start:] if r["kind"] == "train"]
