@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import split_heads
+from efficient_attention._masking import carry_ids_over_masked, drop_masked, split_heads
 from pallas import linear
 from pallas.common import dense_mask, run_labels, safe_divide, segment_starts
 
@@ -160,6 +160,8 @@ def linear_attention(
 @functools.partial(jax.jit, static_argnames=("fmap", "is_causal", "chunk_size", "dims", "pallas"))
 def _linear_attention(q, k, v, mask, ids, *, fmap, is_causal, chunk_size, dims, pallas):
   acc = jnp.promote_types(q.dtype, jnp.float32)
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
+  q, k, v = drop_masked(q, k, v, mask, dims)
   phi_q = apply_feature_map(fmap, q.astype(acc), "q")
   phi_k = apply_feature_map(fmap, k.astype(acc), "k")
   if phi_q.shape[-1] != phi_k.shape[-1]:
@@ -299,7 +301,12 @@ class MaskPlan(NamedTuple):
 
 
 def plan_masks(mask: jax.Array | None, ids: jax.Array | None, is_causal: bool, dims: _checks.Dims) -> MaskPlan:
-  """Splits the options into a key-padding mask (linear cost) or a dense mask (quadratic)."""
+  """Splits the options into a key-padding mask (linear cost) or a dense mask (quadratic).
+
+  Positions no query attends never start or end a run of segment ids (their ids may be anything).
+  """
+  if ids is not None:
+    ids = carry_ids_over_masked(ids, mask)
   if mask is not None and mask.shape[2] != 1:
     runs = None if ids is None else run_labels(ids)
     dense = dense_mask(

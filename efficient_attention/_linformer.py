@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, split_heads
+from efficient_attention._masking import dense_mask, drop_masked, split_heads
 
 
 def linformer_attention(
@@ -73,6 +73,8 @@ def linformer_attention(
   mask = _checks.check_mask(mask, dims)
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
+  q, k, v = drop_masked(q, k, v, mask, dims)
 
   acc = functools.reduce(jnp.promote_types, (q.dtype, e_proj.dtype, f_proj.dtype, jnp.float32))
   per_query = ids is not None or (mask is not None and mask.shape[2] > 1)

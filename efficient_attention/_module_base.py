@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention._masking import zero_nonfinite_padding
 from efficient_attention._rope import apply_rope
 
 _KERNEL_INIT = nnx.initializers.lecun_normal()
@@ -112,7 +113,9 @@ class AttentionModule(nnx.Module):
 
     Args:
       x: `[B, T, in_features]`.
-      mask: optional bool `[B|1, N|1, T|1, T|1]`, True = attend (as in the functions).
+      mask: optional bool `[B|1, N|1, T|1, T|1]`, True = attend (as in the functions). NaN or
+        inf in x at positions no query attends (padding) reaches no output row of a live
+        position and no gradient: such entries are read as 0.
       segment_ids: optional int `[B, T]`: attend only within equal ids.
       decode: take x as the next T tokens after those in the cache (see
         `init_cache`); mask and segment_ids must then be None.
@@ -123,7 +126,7 @@ class AttentionModule(nnx.Module):
     self._check_input(x)
     t = x.shape[1]
     if not decode:
-      q, k, v = self.project(x)
+      q, k, v = self.project(zero_nonfinite_padding(x, mask))
       return self.out(self.attend(q, k, v, mask=mask, segment_ids=segment_ids))
     self._check_decodable()
     if mask is not None or segment_ids is not None:
