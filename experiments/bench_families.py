@@ -69,7 +69,7 @@ def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = 
   key = jax.random.key(cfg.seed + 2)
   for t in tqdm(cfg.family_seq_lens, desc="families"):
     q, k, v, do = inputs(key, 1, t, n, h, dtype)
-    for name in FAMILIES:
+    for name in cfg.families or FAMILIES:
       row = dict(family=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name)
       if name in stopped:
         rows.append(dict(row, status=stopped[name]))
