@@ -12,9 +12,9 @@ decayed state already held there: with `u_t = beta_t (v_t - exp(g_t) S_{t-1}^T k
 `S_t = exp(g_t) S_{t-1} + k_t u_t^T`.
 
 Chunked parallel form (DeltaNet paper, sec. 3.2; Gated DeltaNet, sec. 3.3). Within a
-chunk of C steps entered with state `S_0`, let `L[t, s] = sum_{s < i <= t} g_i`
+chunk of C steps t = 1..C entered with state `S_0`, let `L[t, s] = sum_{s < i <= t} g_i`
 (s <= t, a segment sum: never a difference of large cumulative sums, and never
-positive), `gamma_t = exp(L[t, start])`, `D[t, s] = exp(L[t, s])`. Unrolling the
+positive), `D[t, s] = exp(L[t, s])` and `gamma_t = exp(g_1 + ... + g_t)`. Unrolling the
 recurrence gives `(I + A) U = diag(beta) V - diag(beta gamma) K S_0` with A strictly
 lower, `A[t, s] = beta_t D[t, s] (k_t . k_s)`; so, with the UT transform
 `T = (I + A)^{-1} diag(beta)` (one triangular solve), `W = T (gamma K)` and
