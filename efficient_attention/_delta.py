@@ -106,7 +106,7 @@ def delta_rule_attention(
       None = 0 (plain DeltaNet).
     scale: output scale, default `H**-0.5`; a positive finite Python float.
     qk_norm: divide q and k by their L2 norm (per head vector, `sqrt(|x|^2 + 1e-6)`)
-      first, as DeltaNet does; with unit keys `I - beta k k^T` is a contraction.
+      first, as DeltaNet does; with unit keys `I - beta k k^T` has norm <= 1.
     is_causal: the delta rule is causal by nature; only True is accepted.
     mask: optional bool key-padding mask `[B|1, N|1, 1, T]` (the shared convention
       for key masks), True = keep. A masked step is the identity on the state
@@ -130,7 +130,7 @@ def delta_rule_attention(
   _checks.check_implementation(implementation, ("xla",), family=family)
   if dims.q_len != dims.kv_len:
     raise ValueError(f"{family}: q and k/v must share a length T (a recurrence), got {q.shape=} and {k.shape=}")
-  if not isinstance(is_causal, bool) or not is_causal:
+  if not _checks.check_causal(is_causal, dims, family=family):
     raise ValueError(f"{family} is causal by nature; got {is_causal=}, leave it at True")
   scale = check_finite_scale(scale, dims, family=family)
   qk_norm = check_qk_norm(qk_norm, family=family)

@@ -215,6 +215,10 @@ class DeltaRuleErrorsTest(chex.TestCase):
       f(q, k, v, beta, scale=float("nan"))
     with pytest.raises(ValueError, match="causal by nature; got is_causal=False"):
       f(q, k, v, beta, is_causal=False)
+    with pytest.raises(TypeError, match="is_causal must be a bool, got 1"):
+      f(q, k, v, beta, is_causal=1)
+    with pytest.raises(ValueError, match=r"mask must have rank 4.*mask.shape=\(2, 13\)"):
+      f(q, k, v, beta, mask=jnp.ones((B, T), bool))  # key-padding masks are [B|1, N|1, 1, T]
     with pytest.raises(ValueError, match=r"key-padding masks.*mask.shape=\(2, 1, 13, 13\)"):
       f(q, k, v, beta, mask=jnp.ones((B, 1, T, T), bool))
     with pytest.raises(ValueError, match="chunk_size=0"):
