@@ -1,4 +1,4 @@
-"""efficient-attention: exact, FAVOR+, linear, Linformer, block-sparse and LSH attention for JAX.
+"""efficient-attention: exact, FAVOR+, linear, delta rule, Linformer, block-sparse and LSH attention for JAX.
 
 Every function takes `[B, T, N, H]` queries/keys/values (LSH: a shared `qk` and
 values) and the same keyword options (`is_causal`, `mask`, `segment_ids`, `scale`,
@@ -9,6 +9,12 @@ holds a small decoder-only language model built from them.
 
 from efficient_attention import _layouts as layouts
 from efficient_attention._block_sparse import block_sparse_attention, block_sparse_attention_reference
+from efficient_attention._delta import (
+    DeltaRuleState,
+    delta_rule_attention,
+    delta_rule_step,
+    init_delta_rule_state,
+)
 from efficient_attention._favor import (
     favor_attention,
     favor_attention_reference,
@@ -48,6 +54,7 @@ __all__ = [
     "AttentionModule",
     "BlockLayout",
     "BlockSparseAttention",
+    "DeltaRuleState",
     "FavorAttention",
     "LinearAttention",
     "LinearState",
@@ -61,9 +68,12 @@ __all__ = [
     "attention_options",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "delta_rule_attention",
+    "delta_rule_step",
     "favor_attention",
     "favor_attention_reference",
     "favor_attention_step",
+    "init_delta_rule_state",
     "init_state",
     "layout_mask",
     "layouts",
