@@ -167,7 +167,8 @@ def linear_attention(
       Computed in float32 (float64 for float64 inputs), cumulative sums of the
       gates per chunk.
     normalize: "denominator" (the default): divide by `phi(q_t) . z_t`; "none":
-      return the numerator `phi(q_t) S_t` alone.
+      return the numerator `phi(q_t) S_t` alone (the usual choice with "identity"
+      features, whose denominator can be near 0 or negative).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; with normalize="denominator", rows whose
