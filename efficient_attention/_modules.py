@@ -233,7 +233,7 @@ class LinearAttention(AttentionModule):
   """Linear attention (`linear_attention`); decodes with the O(1) recurrent state.
 
   Args:
-    feature_map: "elu+1", "relu" or a hashable callable `[..., H] -> [..., M]`.
+    feature_map: "elu+1", "relu", "identity" or a hashable callable `[..., H] -> [..., M]`.
     chunk_size: time steps per chunk of the causal form (None: the
       implementation's default, see `linear_attention`).
     **kwargs: the shared arguments of `AttentionModule`.
