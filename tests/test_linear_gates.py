@@ -3,7 +3,8 @@
 Per batch row and key/value head, with `phi` the feature map:
   S_t = exp(g_t) S_{t-1} + phi(k_t)^T v_t,  z_t = exp(g_t) z_{t-1} + phi(k_t),
   o_t = phi(q_t) S_t  (/ phi(q_t) . z_t for normalize="denominator");
-a segment starts from S = 0, z = 0; a masked (padding) step changes nothing.
+a segment starts from S = 0, z = 0; a masked (padding) step changes nothing, and a position
+no head attends never starts a segment (it takes the id of the attended position before it).
 """
 
 import functools
@@ -41,6 +42,11 @@ def recurrence(q, k, v, gates, *, feature_map="elu+1", normalize="denominator", 
   # [B, T, N]: live steps; [B, T]: segment starts.
   live = jnp.ones((b, t, n), bool) if mask is None else jnp.broadcast_to(mask[:, :, 0, :].transpose(0, 2, 1), (b, t, n))
   ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
+  # A position no head attends holds any id: it takes the id of the last attended one before it
+  # (position 0's before the first), so it never starts or ends a segment.
+  attended = live.any(axis=2)
+  last = jax.lax.cummax(jnp.where(attended, jnp.arange(t)[None, :], 0), axis=1)
+  ids = jnp.take_along_axis(ids, last, axis=1)
   start = jnp.concatenate([jnp.ones((b, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
 
   def step(carry, x):
