@@ -98,12 +98,16 @@ def in_f64(fn: Callable, *args, **kwargs):
 
 
 def check_against_f64(fn: Callable, ref: Callable, args: tuple, *, rtol, atol, argnums=(0, 1, 2),
-                      norm_tol: float | None = None):
+                      norm_tol: float | None = None, jit: bool = True):
   """Value and gradient of `fn` (input dtype) against `ref` run in float64 on the same inputs.
 
   `norm_tol` replaces the bound on ‖got − ref‖ / ‖ref‖ (NORM_TOL of the dtype) for a
-  path whose precision is known to be lower; its caller says why.
+  path whose precision is known to be lower; its caller says why. Both run under
+  `jax.jit` unless `jit=False` (op-by-op dispatch costs many times the compile on
+  these small shapes; the eager paths have tests of their own).
   """
+  if jit:
+    fn, ref = jax.jit(fn), jax.jit(ref)
   out = fn(*args)
   chex.assert_tree_all_finite(out)
   w = normal(out.shape, jnp.float32)
