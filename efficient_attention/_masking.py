@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas.common import dense_mask, dense_segment_ids, segment_starts  # noqa: F401  (the families and the LM use them from here)
+# The families and the LM use these from here.
+from pallas.common import dense_mask, dense_segment_ids, segment_starts  # noqa: F401
 
 
 def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:

@@ -49,7 +49,8 @@ NORMS = ("rms", "layer")
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-  """Sizes and options of `LanguageModel`.
+  """Sizes and options of `LanguageModel`; every field is checked at construction (ValueError /
+  TypeError naming it), whichever family uses it.
 
   Attributes:
     attention: the attention family, a name in `ATTENTION_FAMILIES`.
