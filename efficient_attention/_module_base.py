@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention._checks import check_implementation
 from efficient_attention._rope import apply_rope
 
 _KERNEL_INIT = nnx.initializers.lecun_normal()
@@ -208,12 +209,6 @@ class AttentionModule(nnx.Module):
       raise ValueError(f"{self.family}: x must be [B, T, in_features={self.in_features}], got {x.shape=}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{self.family}: x must be floating point, got {x.dtype=}")
-
-
-def check_implementation(implementation: Any, supported: tuple[str, ...], *, family: str) -> None:
-  """Raises unless `implementation` is None or one of `supported`."""
-  if implementation is not None and implementation not in supported:
-    raise ValueError(f"{family} attention has no {implementation=}; valid: None, {', '.join(map(repr, supported))}")
 
 
 def check_rope_base(rope_base: Any) -> None:

@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_attention import _linear
+from efficient_attention._checks import check_implementation
 from efficient_attention._layouts import BlockLayout, layout_mask, local
 from efficient_attention._masking import segment_starts
-from efficient_attention import _linear
 from efficient_attention._module_base import (
     check_cache_batch,
     check_capacity,
     check_dtype,
-    check_implementation,
     check_rope_base,
     check_segment_ids,
     check_values,

@@ -235,10 +235,10 @@ def test_dense_segment_ids_keep_exactly_the_equalities(values, data):
 
 
 @pytest.mark.parametrize("options,error,match", [
-    (dict(implementation="cuda"), ValueError, r"softmax attention has no implementation='cuda'"),
+    (dict(implementation="cuda"), ValueError, r"unknown implementation='cuda'; valid: None, 'xla', 'pallas', 'cudnn'"),
     (dict(attention="linformer", max_len=8, implementation="pallas"), ValueError,
-     r"linformer attention has no implementation='pallas'; valid: None, 'xla'"),
-    (dict(attention="favor", implementation="cudnn"), ValueError, r"favor attention has no implementation='cudnn'"),
+     r"linformer has no implementation='pallas'; it supports: None, 'xla'"),
+    (dict(attention="favor", implementation="cudnn"), ValueError, r"favor has no implementation='cudnn'"),
     (dict(rope_base=-1.0), ValueError, r"rope_base must be a finite positive number.*got rope_base=-1\.0"),
     (dict(rope_base=math.inf), ValueError, r"got rope_base=inf"),
     (dict(rope_base="10k"), TypeError, r"rope_base must be None or a number, got rope_base='10k'"),
@@ -256,8 +256,8 @@ def test_module_options_are_checked_at_construction(options, error, match):
 
 
 @pytest.mark.parametrize("options,error,match", [
-    (dict(implementation="cuda"), ValueError, r"softmax attention has no implementation='cuda'"),
-    (dict(attention="linear", implementation="cudnn"), ValueError, r"linear attention has no implementation='cudnn'"),
+    (dict(implementation="cuda"), ValueError, r"unknown implementation='cuda'"),
+    (dict(attention="linear", implementation="cudnn"), ValueError, r"linear has no implementation='cudnn'"),
     (dict(rope_base=-1.0), ValueError, r"got rope_base=-1\.0"),
     (dict(rope_base=None), ValueError, r"got rope_base=None"),
     (dict(dtype="float33"), TypeError, r"got dtype='float33'"),
