@@ -1,13 +1,20 @@
-"""efficient-attention: exact, FAVOR+, linear, Linformer and block-sparse attention for JAX.
+"""efficient-attention: exact, FAVOR+, linear, delta rule, Linformer, block-sparse and LSH attention for JAX.
 
-Every function takes `[B, T, N, H]` queries/keys/values and the same keyword
-options (`is_causal`, `mask`, `segment_ids`, `scale`, `implementation`). The
+Every function takes `[B, T, N, H]` queries/keys/values (LSH: a shared `qk` and
+values) and the same keyword options (`is_causal`, `mask`, `segment_ids`, `scale`,
+`implementation`). The
 Flax nnx modules project `[B, T, D]` inputs and call them; `efficient_attention.lm`
 holds a small decoder-only language model built from them.
 """
 
 from efficient_attention import _layouts as layouts
 from efficient_attention._block_sparse import block_sparse_attention, block_sparse_attention_reference
+from efficient_attention._delta import (
+    DeltaRuleState,
+    delta_rule_attention,
+    delta_rule_step,
+    init_delta_rule_state,
+)
 from efficient_attention._favor import (
     favor_attention,
     favor_attention_reference,
@@ -24,6 +31,7 @@ from efficient_attention._linear import (
     linear_attention_step,
 )
 from efficient_attention._linformer import linformer_attention, linformer_attention_reference
+from efficient_attention._lsh import lsh_attention, lsh_attention_reference, lsh_buckets, lsh_rotations
 from efficient_attention._module_base import AttentionModule
 from efficient_attention._modules import (
     ATTENTION_FAMILIES,
@@ -32,6 +40,7 @@ from efficient_attention._modules import (
     LinearAttention,
     LinformerAttention,
     LocalAttention,
+    LSHAttention,
     MultiHeadAttention,
     RandomFeatures,
     SoftmaxAttention,
@@ -45,9 +54,11 @@ __all__ = [
     "AttentionModule",
     "BlockLayout",
     "BlockSparseAttention",
+    "DeltaRuleState",
     "FavorAttention",
     "LinearAttention",
     "LinearState",
+    "LSHAttention",
     "LinformerAttention",
     "LocalAttention",
     "MultiHeadAttention",
@@ -57,9 +68,12 @@ __all__ = [
     "attention_options",
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "delta_rule_attention",
+    "delta_rule_step",
     "favor_attention",
     "favor_attention_reference",
     "favor_attention_step",
+    "init_delta_rule_state",
     "init_state",
     "layout_mask",
     "layouts",
@@ -68,6 +82,10 @@ __all__ = [
     "linear_attention_step",
     "linformer_attention",
     "linformer_attention_reference",
+    "lsh_attention",
+    "lsh_attention_reference",
+    "lsh_buckets",
+    "lsh_rotations",
     "orthogonal_random_features",
     "redraw",
     "softmax_attention",

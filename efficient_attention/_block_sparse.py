@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attention import _checks
-from efficient_attention._masking import mask_infinite_bias, padding_as_segment_ids, split_heads
+from efficient_attention._masking import drop_masked, mask_infinite_bias, padding_as_segment_ids, split_heads
 from efficient_attention._softmax import MASKED_LOGIT
 from pallas import block_sparse as kernel
 from pallas.block_layout import BlockLayout, check_grid
@@ -105,6 +105,8 @@ def block_sparse_attention(
     return empty
   if bias is not None:
     mask = mask_infinite_bias(bias, mask)
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
+  q, k, v = drop_masked(q, k, v, mask, dims)
   if implementation == "pallas":
     return _pallas(q, k, v, layout, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from efficient_attention import _checks, _linear
 from efficient_attention._linear import LinearState
+from efficient_attention._masking import drop_masked
 from pallas import favor, linear
 from pallas.favor import LOG_FEATURE_FLOOR
 
@@ -174,6 +175,8 @@ def favor_attention(
 @functools.partial(jax.jit, static_argnames=("kernel", "scale", "is_causal", "chunk_size", "dims", "pallas"))
 def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, chunk_size, dims, pallas):
   acc = jnp.promote_types(q.dtype, jnp.float32)
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
+  q, k, v = drop_masked(q, k, v, mask, dims)
   w = features.astype(acc)
   plan = _linear.plan_masks(mask, ids, is_causal, dims)
   if pallas and kernel == "softmax" and _linear.live_keys(plan, dims) is None and dims.kv_len > 0:

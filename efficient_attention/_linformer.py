@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import dense_mask, split_heads
+from efficient_attention._masking import dense_mask, drop_masked, split_heads
 
 
 def linformer_attention(
@@ -76,6 +76,8 @@ def linformer_attention(
   empty = _checks.empty_output(q, dims)
   if empty is not None:
     return empty
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
+  q, k, v = drop_masked(q, k, v, mask, dims)
 
   acc = functools.reduce(jnp.promote_types, (q.dtype, e_proj.dtype, f_proj.dtype, jnp.float32))
   per_query = ids is not None or (mask is not None and mask.shape[2] > 1)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_attention._checks import check_implementation
+from efficient_attention._masking import zero_nonfinite_padding
 from efficient_attention._rope import apply_rope
 
 _KERNEL_INIT = nnx.initializers.lecun_normal()
@@ -56,6 +57,8 @@ class AttentionModule(nnx.Module):
   family: ClassVar[str] = "attention"
   # The `implementation` values the family's function takes (besides None).
   implementations: ClassVar[tuple[str, ...]] = ("xla", "pallas", "cudnn")
+  # Shared-QK families (LSH) have no key projection: the query projection is the key too.
+  shared_qk: ClassVar[bool] = False
 
   def __init__(
       self,
@@ -104,7 +107,7 @@ class AttentionModule(nnx.Module):
     linear = functools.partial(nnx.LinearGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                                kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
     self.query = linear(in_features, (num_heads, head_dim))
-    self.key = linear(in_features, (num_kv_heads, head_dim))
+    self.key = None if self.shared_qk else linear(in_features, (num_kv_heads, head_dim))
     self.value = linear(in_features, (num_kv_heads, head_dim))
     self.out = linear((num_heads, head_dim), out_features, axis=(-2, -1))
     self.cache_index: nnx.Cache | None = nnx.data(None)
@@ -122,7 +125,9 @@ class AttentionModule(nnx.Module):
 
     Args:
       x: `[B, T, in_features]`.
-      mask: optional bool `[B|1, N|1, T|1, T|1]`, True = attend (as in the functions).
+      mask: optional bool `[B|1, N|1, T|1, T|1]`, True = attend (as in the functions). NaN or
+        inf in x at positions no query attends (padding) reaches no output row of a live
+        position and no gradient: such entries are read as 0.
       segment_ids: optional int `[B, T]`: attend only within equal ids.
       decode: take x as the next T tokens after those in the cache (see
         `init_cache`); mask and segment_ids must then be None.
@@ -134,7 +139,7 @@ class AttentionModule(nnx.Module):
     check_segment_ids(segment_ids, x.shape[:2], name=self.family)
     t = x.shape[1]
     if not decode:
-      q, k, v = self.project(x)
+      q, k, v = self.project(zero_nonfinite_padding(x, mask))
       return self.out(self.attend(q, k, v, mask=mask, segment_ids=segment_ids))
     self._check_decodable()
     if mask is not None or segment_ids is not None:
@@ -151,17 +156,18 @@ class AttentionModule(nnx.Module):
     return self.out(out)
 
   def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`.
+    """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`; k is q itself when `shared_qk`.
 
     q and k are rotated when `rope_base` is set, at `positions` (int `[T]`,
     default `0..T-1`).
     """
-    q, k, v = self.query(x), self.key(x), self.value(x)
+    q, v = self.query(x), self.value(x)
+    k = None if self.shared_qk else self.key(x)
     if self.rope_base is not None:
       positions = jnp.arange(x.shape[1]) if positions is None else positions
       q = apply_rope(q, positions, base=self.rope_base)
-      k = apply_rope(k, positions, base=self.rope_base)
-    return q, k, v
+      k = None if k is None else apply_rope(k, positions, base=self.rope_base)
+    return q, q if k is None else k, v
 
   @abc.abstractmethod
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask=None, segment_ids=None) -> jax.Array:

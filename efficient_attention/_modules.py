@@ -13,10 +13,12 @@ Decoding caches (`init_cache`, then `decode=True`):
 | `LocalAttention` | ring buffer of the last keys and values | `[B, R, K, H]`, R = `LocalAttention.span` |
 | `LinearAttention`, `FavorAttention` | recurrent state (`LinearState`) | `[B, K, M, H]`, independent of length |
 | `LinformerAttention`, `BlockSparseAttention` | none: no causal form / no bounded cache | |
+| `LSHAttention` | none: the hash sort spans the whole sequence | |
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import inspect
 import math
@@ -34,6 +36,7 @@ from efficient_attention._favor import favor_attention, favor_attention_step, or
 from efficient_attention._layouts import BlockLayout
 from efficient_attention._linear import LinearState, init_state, linear_attention, linear_attention_step
 from efficient_attention._linformer import linformer_attention
+from efficient_attention._lsh import lsh_attention, lsh_rotations
 from efficient_attention._module_base import AttentionModule
 from efficient_attention._softmax import softmax_attention
 
@@ -235,7 +238,7 @@ class LinearAttention(AttentionModule):
   """Linear attention (`linear_attention`); decodes with the O(1) recurrent state.
 
   Args:
-    feature_map: "elu+1", "relu" or a hashable callable `[..., H] -> [..., M]`.
+    feature_map: "elu+1", "relu", "identity" or a hashable callable `[..., H] -> [..., M]`.
     chunk_size: time steps per chunk of the causal form (None: the
       implementation's default, see `linear_attention`).
     **kwargs: the shared arguments of `AttentionModule`.
@@ -280,7 +283,46 @@ def default_num_features(head_dim: int) -> int:
   return max(head_dim, round(head_dim * math.log(head_dim)))
 
 
-class FavorAttention(AttentionModule):
+class _RedrawSchedule(AttentionModule):
+  """A module holding random state (`RandomFeatures`) redrawn after every `redraw_interval`-th training call.
+
+  A training call is one with `deterministic=False` and `decode=False`;
+  `model.eval()` sets `deterministic=True` and freezes the state (`model.train()`
+  undoes it). The schedule is a counter variable (`training_calls`, counted when
+  `redraw_interval > 0`) and a `jax.lax.cond` under a transform, so it runs under
+  `nnx.jit` and `nnx.grad`. Subclasses set `rngs` (the stream redraws come from),
+  `redraw_interval`, `deterministic` and `training_calls`, and say what a redraw
+  replaces (`_redraw`).
+  """
+
+  def __call__(self, x, *, mask=None, segment_ids=None, decode=False):
+    out = super().__call__(x, mask=mask, segment_ids=segment_ids, decode=decode)
+    if not decode and not self.deterministic and self.redraw_interval:
+      self._count_training_call()
+    return out
+
+  def set_view(self, deterministic: bool | None = None):
+    """Used by `nnx.view(model, deterministic=...)`."""
+    if deterministic is not None:
+      self.deterministic = deterministic
+
+  @abc.abstractmethod
+  def _redraw(self, key: jax.Array) -> tuple[RandomFeatures, Callable[[], jax.Array]]:
+    """The variable a redraw replaces and a function giving its new value from `key`."""
+
+  def _count_training_call(self) -> None:
+    calls = self.training_calls[...] + 1
+    variable, new = self._redraw(self.rngs())
+    old = variable[...]
+    due = calls % self.redraw_interval == 0
+    if isinstance(due, jax.core.Tracer):
+      variable[...] = jax.lax.cond(due, new, lambda: old)
+    elif due:
+      variable[...] = new()
+    self.training_calls[...] = calls
+
+
+class FavorAttention(_RedrawSchedule):
   """FAVOR+ attention (`favor_attention`) with projection rows held as `RandomFeatures`.
 
   The rows are redrawn from the module's `features` rng stream after every
@@ -334,32 +376,14 @@ class FavorAttention(AttentionModule):
   def num_features(self) -> int:
     return self.features.shape[0]
 
-  def __call__(self, x, *, mask=None, segment_ids=None, decode=False):
-    out = super().__call__(x, mask=mask, segment_ids=segment_ids, decode=decode)
-    if not decode and not self.deterministic and self.redraw_interval:
-      self._count_training_call()
-    return out
-
-  def set_view(self, deterministic: bool | None = None):
-    """Used by `nnx.view(model, deterministic=...)`."""
-    if deterministic is not None:
-      self.deterministic = deterministic
-
   def attend(self, q, k, v, *, mask=None, segment_ids=None):
     return favor_attention(q, k, v, self.features[...], kernel=self.kernel, mask=mask, segment_ids=segment_ids,
                            is_causal=self.is_causal, chunk_size=self.chunk_size,
                            implementation=self.implementation)
 
-  def _count_training_call(self) -> None:
-    calls = self.training_calls[...] + 1
-    key, features = self.rngs(), self.features[...]
-    due = calls % self.redraw_interval == 0
-    new = functools.partial(redraw, key, features, orthogonal=self.orthogonal, scaling=self.scaling)
-    if isinstance(due, jax.core.Tracer):
-      self.features[...] = jax.lax.cond(due, new, lambda: features)
-    elif due:
-      self.features[...] = new()
-    self.training_calls[...] = calls
+  def _redraw(self, key):
+    return self.features, functools.partial(redraw, key, self.features[...], orthogonal=self.orthogonal,
+                                            scaling=self.scaling)
 
   def _init_cache(self, batch, length, dtype):
     width = 2 * self.num_features if self.kernel == "trig" else self.num_features
@@ -368,6 +392,69 @@ class FavorAttention(AttentionModule):
   def _decode(self, q, k, v, index):
     step = functools.partial(favor_attention_step, features=self.features[...], kernel=self.kernel)
     return _scan_steps(self, step, q, k, v)
+
+
+class LSHAttention(_RedrawSchedule):
+  """Reformer's LSH attention (`lsh_attention`): one shared query/key projection, random rotations as `RandomFeatures`.
+
+  The module has no key projection (`shared_qk`): `query` gives the shared
+  `qk` (rotated by RoPE when `rope_base` is set), `value` the values, `out` the
+  output. The rotations `[num_hashes, H, num_buckets // 2]` are redrawn from the
+  `features` rng stream (falling back to `default`) after every
+  `redraw_interval`-th training call (0 = never), with the schedule and eval
+  freezing of `FavorAttention`.
+
+  LSH attention sorts the whole sequence by hash bucket, so it has no
+  incremental form: decoding raises.
+
+  Args:
+    num_buckets: hash buckets per round, even; about `2 * T / chunk_size` keeps
+      the average bucket at half a chunk.
+    num_hashes: hash rounds.
+    chunk_size: sorted tokens per chunk; each chunk attends to itself and the
+      previous one.
+    redraw_interval: redraw the rotations after this many training calls; 0 never redraws.
+    deterministic: start in eval mode (no redraws).
+    **kwargs: the shared arguments of `AttentionModule`.
+  """
+
+  family = "lsh"
+  shared_qk = True
+
+  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
+               num_buckets: int = 8, num_hashes: int = 2, chunk_size: int = 64, redraw_interval: int = 0,
+               deterministic: bool = False, rngs: nnx.Rngs, **kwargs):
+    super().__init__(num_heads, in_features, qkv_features, rngs=rngs, **kwargs)
+    if isinstance(redraw_interval, bool) or not isinstance(redraw_interval, int) or redraw_interval < 0:
+      raise ValueError(f"redraw_interval must be an int >= 0 (0 = never), got {redraw_interval=}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+      raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size=!r}")
+    self.chunk_size, self.redraw_interval, self.deterministic = chunk_size, redraw_interval, deterministic
+    self.rngs = rngs.features.fork()
+    self.rotations = RandomFeatures(lsh_rotations(self.rngs(), self.head_dim, num_buckets=num_buckets,
+                                                  num_hashes=num_hashes))
+    self.training_calls = RandomFeatures(jnp.zeros((), jnp.int32))
+
+  @property
+  def num_buckets(self) -> int:
+    return 2 * self.rotations.shape[2]
+
+  @property
+  def num_hashes(self) -> int:
+    return self.rotations.shape[0]
+
+  def attend(self, q, k, v, *, mask=None, segment_ids=None):
+    """`q` is the shared qk (`k` is the same array, from `project`)."""
+    return lsh_attention(q, v, self.rotations[...], chunk_size=self.chunk_size, mask=mask,
+                         segment_ids=segment_ids, is_causal=self.is_causal, implementation=self.implementation)
+
+  def _redraw(self, key):
+    return self.rotations, functools.partial(lsh_rotations, key, self.head_dim, num_buckets=self.num_buckets,
+                                             num_hashes=self.num_hashes, dtype=self.rotations.dtype)
+
+  def _check_decodable(self):
+    raise ValueError("lsh: cannot decode: LSH attention sorts the whole sequence by hash bucket, so it has no "
+                     "incremental (cached) form; run it on full sequences")
 
 
 # The recurrent state of linear attention and FAVOR+ as three cache variables.
@@ -410,6 +497,7 @@ ATTENTION_FAMILIES: Mapping[str, type[AttentionModule]] = types.MappingProxyType
     "linformer": LinformerAttention,
     "local": LocalAttention,
     "block_sparse": BlockSparseAttention,
+    "lsh": LSHAttention,
 })
 """Family name -> module class, for `MultiHeadAttention(attention=name)` and `LMConfig.attention`."""
 

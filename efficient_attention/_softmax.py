@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import mask_infinite_bias, padding_as_segment_ids, split_heads
+from efficient_attention._masking import drop_masked, mask_infinite_bias, padding_as_segment_ids, split_heads
 from pallas.common import dense_mask
 from pallas.softmax import flash_attention, softmax_attention_reference  # noqa: F401  (exported by the package)
 
@@ -69,6 +69,8 @@ def softmax_attention(
     mask = mask_infinite_bias(bias, mask)
   if implementation is None:
     implementation = _default_implementation(q.dtype, dims, bias=bias, mask=mask)
+  # Garbage under the mask (NaN, inf) must not reach live rows or any gradient, on every path.
+  q, k, v = drop_masked(q, k, v, mask, dims)
   if implementation == "pallas":
     return _pallas(q, k, v, bias=bias, mask=mask, is_causal=is_causal, ids=ids, scale=scale, dims=dims)
   if implementation == "cudnn":

@@ -4,9 +4,13 @@ Pre-norm blocks (`x + attention(norm(x))`, `x + mlp(norm(x))`), tied input and
 output embeddings, byte-level vocabulary by default. Positions: rotary (RoPE,
 inside attention) for the families that attend to exact keys (softmax, local,
 block_sparse); learned absolute embeddings for FAVOR+, linear and Linformer,
-whose feature maps or projections would not keep RoPE's relative form.
+whose feature maps or projections would not keep RoPE's relative form, and for
+LSH, whose buckets would depend on the absolute position of a rotated qk. A
+hybrid stack (`attention` a pattern of families) with any layer of the latter
+kind adds learned positions at the input; its RoPE layers keep RoPE too.
 
     config = LMConfig(attention="favor", num_layers=2, width=64, num_heads=4)
+    hybrid = LMConfig(attention=("linear", "linear", "local"), num_layers=6)  # a cycle over layers
     model = LanguageModel(config, rngs=nnx.Rngs(0))
     logits = model(tokens)                                   # [B, T, vocab_size]
     out = generate(model, prompt, max_new_tokens=32, temperature=0.0)
@@ -53,7 +57,10 @@ class LMConfig:
   TypeError naming it), whichever family uses it.
 
   Attributes:
-    attention: the attention family, a name in `ATTENTION_FAMILIES`.
+    attention: the attention family, a name in `ATTENTION_FAMILIES`; or a
+      tuple of names, a pattern cycled over the layers (layer i uses
+      `attention[i % len(attention)]`, `layer_families` lists them), for
+      hybrid stacks. Each family's options below apply to its layers.
     vocab_size: V (256: bytes).
     num_layers: decoder blocks.
     width: D, the model width.
@@ -66,21 +73,26 @@ class LMConfig:
     is_causal: causal self-attention. Linformer has no causal form and needs
       False: it then sees the whole sequence, a bidirectional encoder whose
       next-token loss is not a language-model loss (the target is in view).
-    rope_base: RoPE base for the families in `ROPE_FAMILIES`.
+    rope_base: RoPE base for the layers whose family is in `ROPE_FAMILIES`.
     num_features: FAVOR+ projection rows (None: the module's default).
-    redraw_interval: FAVOR+ redraw schedule in training calls (0 = never).
+    redraw_interval: FAVOR+ feature / LSH rotation redraw schedule in training
+      calls (0 = never).
+    num_buckets: LSH hash buckets (even); None: `2 * ceil(max_len / chunk_size)`,
+      half a chunk per bucket on average at the longest sequence.
+    num_hashes: LSH hash rounds.
     feature_map: linear attention's feature map.
     projected_len: Linformer's projected length (the paper's k).
     window, block_size: local attention's window and block size.
     layout: block_sparse's layout, a function `seq_len -> BlockLayout`.
-    chunk_size: time steps per chunk of causal FAVOR+ / linear attention.
+    chunk_size: time steps per chunk of causal FAVOR+ / linear attention; sorted
+      tokens per chunk of LSH attention.
     implementation: the attention functions' `implementation` (None = best
       available; e.g. "pallas" for the flash kernel).
     dtype: computation dtype (None: float32 from the parameters).
     param_dtype: parameter dtype.
   """
 
-  attention: str = "softmax"
+  attention: str | tuple[str, ...] = "softmax"
   vocab_size: int = 256
   num_layers: int = 2
   width: int = 128
@@ -94,6 +106,8 @@ class LMConfig:
   rope_base: float = 10_000.0
   num_features: int | None = None
   redraw_interval: int = 0
+  num_buckets: int | None = None
+  num_hashes: int = 2
   feature_map: str = "elu+1"
   projected_len: int = 64
   window: int = 64
@@ -105,8 +119,15 @@ class LMConfig:
   param_dtype: Any = jnp.float32
 
   def __post_init__(self):
-    if self.attention not in ATTENTION_FAMILIES:
-      raise ValueError(f"unknown attention={self.attention!r}; valid: {', '.join(map(repr, ATTENTION_FAMILIES))}")
+    if isinstance(self.attention, list):
+      object.__setattr__(self, "attention", tuple(self.attention))
+    pattern = self.attention if isinstance(self.attention, tuple) else (self.attention,)
+    if not pattern:
+      raise ValueError("attention must be a family name or a non-empty tuple of them, got attention=()")
+    for family in pattern:
+      if not isinstance(family, str) or family not in ATTENTION_FAMILIES:
+        where = f"attention family {family!r} in attention=" if isinstance(self.attention, tuple) else "attention="
+        raise ValueError(f"unknown {where}{self.attention!r}; valid: {', '.join(map(repr, ATTENTION_FAMILIES))}")
     for name in ("vocab_size", "num_layers", "width", "num_heads", "max_len"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -120,10 +141,19 @@ class LMConfig:
     if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, numbers.Real) or not (
         0 < self.mlp_ratio < math.inf):
       raise ValueError(f"mlp_ratio must be a finite positive number, got mlp_ratio={self.mlp_ratio!r}")
-    if self.attention == "linformer" and self.is_causal:
+    if isinstance(self.attention, tuple) and len(pattern) > self.num_layers:
+      raise ValueError(f"the attention pattern has {len(pattern)} families for num_layers={self.num_layers}: "
+                       f"the last {len(pattern) - self.num_layers} would never be used; got attention={self.attention!r}")
+    families = set(self.layer_families)
+    if "linformer" in families and self.is_causal:
       raise ValueError("attention='linformer' has no causal form: set is_causal=False explicitly (the model then "
                        "sees the whole sequence, so it is an encoder, not a next-token language model)")
-    if (self.layout is None) == (self.attention == "block_sparse"):
+    if self.num_buckets is not None and (isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int)
+                                         or self.num_buckets < 2 or self.num_buckets % 2):
+      raise ValueError(f"num_buckets must be None or an even int >= 2, got num_buckets={self.num_buckets!r}")
+    if isinstance(self.num_hashes, bool) or not isinstance(self.num_hashes, int) or self.num_hashes < 1:
+      raise ValueError(f"num_hashes must be a positive int, got num_hashes={self.num_hashes!r}")
+    if (self.layout is None) == ("block_sparse" in families):
       raise ValueError(f"layout (a function seq_len -> BlockLayout) is required for attention='block_sparse' "
                        f"and only for it; got attention={self.attention!r}, layout={self.layout!r}")
     _check_options(self)
@@ -137,12 +167,29 @@ class LMConfig:
     return max(1, round(self.width * self.mlp_ratio))
 
   @property
-  def uses_rope(self) -> bool:
-    """RoPE inside attention (True) or learned absolute position embeddings (False)."""
-    return self.attention in ROPE_FAMILIES
+  def layer_families(self) -> tuple[str, ...]:
+    """The attention family of each layer: `attention` itself, or its pattern cycled over `num_layers`."""
+    pattern = self.attention if isinstance(self.attention, tuple) else (self.attention,)
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
 
-  def attention_options(self) -> dict[str, Any]:
-    """The family options passed to `MultiHeadAttention`."""
+  @property
+  def lsh_num_buckets(self) -> int:
+    """LSH hash buckets: `num_buckets`, or `2 * ceil(max_len / chunk_size)` when None."""
+    return self.num_buckets or 2 * math.ceil(self.max_len / self.chunk_size)
+
+  @property
+  def uses_rope(self) -> bool:
+    """Positions by RoPE inside every layer's attention (True), or learned absolute
+    position embeddings added to the input (False: some layer's family does not take RoPE;
+    the layers whose family does still apply it)."""
+    return all(family in ROPE_FAMILIES for family in self.layer_families)
+
+  def attention_options(self, family: str | None = None) -> dict[str, Any]:
+    """The options passed to `MultiHeadAttention` for `family` (default: `attention`, a single family)."""
+    if family is None:
+      if isinstance(self.attention, tuple):
+        raise ValueError(f"attention={self.attention!r} is a pattern: name the family, attention_options(family)")
+      family = self.attention
     options = {
         "favor": dict(num_features=self.num_features, redraw_interval=self.redraw_interval,
                       chunk_size=self.chunk_size),
@@ -150,9 +197,11 @@ class LMConfig:
         "linformer": dict(max_len=self.max_len, projected_len=self.projected_len),
         "local": dict(window=self.window, block_size=self.block_size),
         "block_sparse": dict(layout=self.layout),
-    }.get(self.attention, {})
+        "lsh": dict(num_buckets=self.lsh_num_buckets, num_hashes=self.num_hashes, chunk_size=self.chunk_size,
+                    redraw_interval=self.redraw_interval),
+    }.get(family, {})
     options["implementation"] = self.implementation
-    if self.uses_rope:
+    if family in ROPE_FAMILIES:
       options["rope_base"] = self.rope_base
     return options
 
@@ -185,8 +234,8 @@ def _check_options(config: LMConfig) -> None:
   if config.layout is not None and not callable(config.layout):
     raise TypeError(f"layout must be a function seq_len -> BlockLayout, got layout={config.layout!r}")
   _linear.check_chunk_size(config.chunk_size)
-  check_implementation(config.implementation, ATTENTION_FAMILIES[config.attention].implementations,
-                       family=config.attention)
+  for family in dict.fromkeys(config.layer_families):
+    check_implementation(config.implementation, ATTENTION_FAMILIES[family].implementations, family=family)
   check_dtype(dtype=config.dtype)
   check_dtype(param_dtype=config.param_dtype, optional=False)
 
@@ -207,13 +256,26 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
     its normaliser, per key/value head `2 M (H + 1)` to update them;
     FAVOR+ adds `2 M H` per head for each of the q and k projections;
   - Linformer (projected length P): `2 P H` per key/value head for each of
-    K and V, and `4 P H` per query head.
+    K and V, and `4 P H` per query head;
+  - LSH (R rounds, chunk c, b buckets): per head and round `b H` to hash
+    and `4 H` per key of the query's window (its chunk and the previous one:
+    2c keys, or T with a single chunk), masked keys included (the window is
+    data-dependent); the sort is not counted.
   """
   d, n, h = config.width, config.num_heads, config.head_dim
   kv = config.num_kv_heads or n
   dense = 2 * d * (n * h + 2 * kv * h) + 2 * n * h * d + 4 * d * config.mlp_width
-  per_layer = float(dense)
-  family = config.attention
+  key_projection = 2 * d * kv * h  # LSH layers have none: shared QK
+  layers = sum(dense - (key_projection if family == "lsh" else 0) + _attention_flops_per_token(config, family, seq_len)
+               for family in config.layer_families)
+  return 3 * (layers + 2 * d * config.vocab_size)
+
+
+def _attention_flops_per_token(config: LMConfig, family: str, seq_len: int) -> float:
+  """One layer's attention FLOPs per token (forward), as `training_flops_per_token` counts them."""
+  n, h = config.num_heads, config.head_dim
+  kv = config.num_kv_heads or n
+  per_layer = 0.0
   if family in ("softmax", "local", "block_sparse"):
     if family == "softmax":
       pairs = seq_len * (seq_len + 1) / 2 if config.is_causal else seq_len**2
@@ -230,7 +292,11 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
       per_layer += 2 * m * h * (n + kv)
   elif family == "linformer":
     per_layer += 4 * config.projected_len * h * (kv + n)
-  return 3 * (config.num_layers * per_layer + 2 * d * config.vocab_size)
+  elif family == "lsh":
+    chunk = min(config.chunk_size, seq_len)
+    window = chunk if chunk == seq_len else 2 * chunk
+    per_layer += config.num_hashes * n * (config.lsh_num_buckets * h + 4 * h * window)
+  return per_layer
 
 
 class MLP(nnx.Module):
@@ -247,12 +313,13 @@ class MLP(nnx.Module):
 class DecoderBlock(nnx.Module):
   """Pre-norm block: `x + drop(attention(norm(x)))`, then `x + drop(mlp(norm(x)))`."""
 
-  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LMConfig, *, rngs: nnx.Rngs, family: str | None = None):
+    family = config.attention if family is None else family
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
     self.attention_norm = _norm(config, rngs)
     self.attention = MultiHeadAttention(
-        config.num_heads, config.width, attention=config.attention, num_kv_heads=config.num_kv_heads,
-        is_causal=config.is_causal, use_bias=False, **common, **config.attention_options())
+        config.num_heads, config.width, attention=family, num_kv_heads=config.num_kv_heads,
+        is_causal=config.is_causal, use_bias=False, **common, **config.attention_options(family))
     self.mlp_norm = _norm(config, rngs)
     self.mlp = MLP(config.width, config.mlp_width, **common)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -281,7 +348,7 @@ class LanguageModel(nnx.Module):
     common = dict(dtype=config.dtype, param_dtype=config.param_dtype, embedding_init=embed_init, rngs=rngs)
     self.embed = nnx.Embed(config.vocab_size, config.width, **common)
     self.position = nnx.data(None) if config.uses_rope else nnx.Embed(config.max_len, config.width, **common)
-    self.blocks = nnx.List([DecoderBlock(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.blocks = nnx.List([DecoderBlock(config, rngs=rngs, family=family) for family in config.layer_families])
     self.final_norm = _norm(config, rngs)
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
     self.cache_index: nnx.Cache | None = nnx.data(None)

@@ -37,6 +37,7 @@ class Config:
   tune: bool = False
   suite: str = "softmax"  # one of SUITES
   family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
+  families: tuple[str, ...] = ()  # --suite families: the families to time (empty: all of bench_families.FAMILIES)
   # --suite block_sparse: B1, N, H, layout blocks, live fractions, Longformer window / global tokens
   sparse_seq_len: int = 16384
   sparse_heads: int = 16
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--suite", choices=tuple(SUITES), default=Config.suite)
   parser.add_argument("--favor-seq-lens", type=int, nargs="+", default=Config.favor_seq_lens)
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)
+  parser.add_argument("--families", nargs="+", default=Config.families, choices=bench_families.FAMILIES,
+                      help="--suite families: time these only (default: all)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds on a CPU")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--run", default=Config.run)

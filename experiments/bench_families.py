@@ -1,5 +1,5 @@
 """`--suite families`: every family (exact through XLA / cuDNN / Pallas, FAVOR+, linear, Linformer,
-block-sparse local), causal where the family has a causal form (Linformer: non-causal), B1 N8 H64,
+block-sparse local, LSH), causal where the family has a causal form (Linformer: non-causal), B1 N8 H64,
 T from 512 to 128k, forward and forward+backward, with the peak memory of forward+backward; a
 family that runs out of memory is recorded as OOM and not run at longer T. The PNG shows time vs T
 (log-log): where each approximate family overtakes exact attention.
@@ -23,7 +23,9 @@ if TYPE_CHECKING:
   from experiments.bench_attention import Config
 
 FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "favor-pallas", "linear", "linear-pallas",
-            "linformer", "local", "local-pallas")
+            "linformer", "local", "local-pallas", "lsh")
+# LSH: chunks of 128 tokens (T / 4 below T = 512), two hash rounds, 2T / chunk buckets (half a chunk per bucket).
+LSH_CHUNK, LSH_HASHES = 128, 2
 
 
 def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, bool] | None:
@@ -51,6 +53,11 @@ def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, boo
   if base == "local":
     layout = ea.layouts.local(t, window=256, block_size=128 if t >= 128 else 16)
     return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True, implementation=impl)), True
+  if name == "lsh":
+    chunk = min(LSH_CHUNK, max(t // 4, 1))
+    rotations = ea.lsh_rotations(jax.random.key(3), h, num_buckets=max(2, 2 * (t // chunk)), num_hashes=LSH_HASHES)
+    # Shared QK: q serves as queries and keys; k is unused.
+    return (lambda q, k, v: ea.lsh_attention(q, v, rotations.astype(q.dtype), chunk_size=chunk, is_causal=True)), True
   raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
 
 def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -62,7 +69,7 @@ def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = 
   key = jax.random.key(cfg.seed + 2)
   for t in tqdm(cfg.family_seq_lens, desc="families"):
     q, k, v, do = inputs(key, 1, t, n, h, dtype)
-    for name in FAMILIES:
+    for name in cfg.families or FAMILIES:
       row = dict(family=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name)
       if name in stopped:
         rows.append(dict(row, status=stopped[name]))

@@ -8,7 +8,8 @@ differs) with `train_lm.py`, one process per run, on the same data, seed,
 tokens per step and number of steps. The parent process
 never touches the accelerator. Families: exact softmax attention (and its
 Pallas flash kernel where a GPU or TPU runs it), FAVOR+, linear attention,
-Linformer and block-sparse local attention. Linformer has no causal form: its
+Linformer and block-sparse local attention by default; `--families` adds the
+other kernels and LSH (Reformer) attention. Linformer has no causal form: its
 model sees the byte it predicts, so its loss is no language-model loss; it is
 trained and tabled for speed and memory, marked, and left out of the curves.
 
@@ -64,6 +65,7 @@ FAMILIES = {
                            accelerator_only=True),
     "local-pallas": Family("block-sparse local (Pallas)", ("--attention", "local", "--implementation", "pallas"),
                            accelerator_only=True),
+    "lsh": Family("LSH (Reformer)", ("--attention", "lsh")),
 }
 DEFAULT_FAMILIES = ("softmax", "softmax-pallas", "favor", "linear", "local", "linformer")
 

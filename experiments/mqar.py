@@ -14,7 +14,7 @@ loss and the accuracy count only the query positions: the input there is a
 re-appearing key and the target is its paired value; every other label is
 -100 (ignored).
 
-For every family with a causal form it trains the small LM of
+For every family with a causal form (LSH when named in `--families`) it trains the small LM of
 `efficient_attention.lm` with optax AdamW (warmup-cosine, clipping) on batches
 generated on the fly and measures accuracy at the query positions of held-out
 sequences (a separate data stream), for every (model width, number of pairs,
@@ -62,15 +62,17 @@ from experiments.lm_data import (  # the experiments' data module
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
-# Families with a causal form; block_sparse runs local | strided, so it differs from local.
-CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse")
+# Families with a causal form; block_sparse runs local | strided, so it differs from local. LSH (chunks of
+# `chunk_size`, 2 hash rounds) runs when asked for (`--families ... lsh`).
+CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh")
+DEFAULT_FAMILIES = CAUSAL_FAMILIES[:-1]
 SKIPPED = {"linformer": "no causal form: a bidirectional model would see the value it must predict"}
 EVAL_SEED_OFFSET = MQAR_EVAL_SEED_OFFSET  # held-out sequences come from data seed `seed + EVAL_SEED_OFFSET`
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  families: tuple[str, ...] = CAUSAL_FAMILIES
+  families: tuple[str, ...] = DEFAULT_FAMILIES
   widths: tuple[int, ...] = (16, 32, 64)
   num_kv_pairs: tuple[int, ...] = (2, 4, 8, 16)
   seq_len: int = 64  # T, model inputs; needs T + 1 >= 4 * max(num_kv_pairs)
@@ -88,7 +90,7 @@ class Config:
   window: int = 8  # local / block_sparse: tokens of context on either side of a query block
   block_size: int = 8  # local / block_sparse block size
   stride: int = 4  # block_sparse: the strided half of the layout, in blocks
-  chunk_size: int = 32  # causal FAVOR+ / linear chunk
+  chunk_size: int = 32  # causal FAVOR+ / linear chunk; LSH's sorted chunk
   seeds: int = 1
   steps_per_call: int = 100  # training steps per jitted call (a loop on the device)
   mix: bool = True  # one model per (family, width, seed) on batches mixing every pair count; else one per count

@@ -171,6 +171,23 @@ def dense_mask(
   return out
 
 
+def carry_ids_over_masked(ids: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Segment ids `[B, T]` (shared by queries and keys) where each position no query attends takes
+  the id of the last attended position before it, so the ids found there never start or end a run.
+
+  For the families whose segments are runs of equal ids (linear, FAVOR+): a masked position may
+  hold any id. Masked positions before the first attended one take the id at position 0 (only
+  masked keys lie before them).
+  """
+  if mask is None:
+    return ids
+  # [B|1, S|1] -> [B, T]: positions some query (of some head) attends.
+  live = jnp.broadcast_to(jnp.any(mask, axis=(1, 2)), ids.shape)
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+  source = jax.lax.cummax(jnp.where(live, pos, 0), axis=1)
+  return jnp.take_along_axis(ids, source, axis=1)
+
+
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
   """bool `[B, T]`: True where a new run of equal ids begins (always at t = 0)."""
   first = jnp.ones(segment_ids.shape[:1] + (1,), bool)

@@ -109,3 +109,12 @@ def test_profile_linear_reads_kernel_times_and_errors(tmp_path):
   assert lines[2:] == ["| 64 | 128 | 4096 | 128 | 32 | 4.5 | 9.0 |", "| 64 | 128 | 4096 | 64 | auto | 9.0 | 18.0 |",
                        "| 64 | 128 | 4096 | 256 | 32 | RESOURCE_EXHAUSTED |  |"]
   assert json.loads((tmp_path / "sweep.json").read_text()) == rows
+
+
+def test_families_suite_times_only_the_families_asked_for(tmp_path):
+  bench = load_experiment("bench_attention")
+  out = bench.main(["--smoke", "--suite", "families", "--families", "lsh", "linear", "--out-dir", str(tmp_path),
+                    "--run", "fam"])
+  rows = json.loads((out / "families.json").read_text())["rows"]
+  assert sorted(r["family"] for r in rows) == ["linear", "linear", "lsh", "lsh"]  # the smoke run's two lengths
+  assert all(r["status"] == "ok" for r in rows), rows

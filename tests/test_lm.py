@@ -27,7 +27,8 @@ def config(name, **kwargs):
   """One layer of width 16 (2 heads of 8), bytes; Linformer bidirectional, as it must be."""
   options = dict(attention=name, num_layers=1, width=WIDTH, num_heads=HEADS, mlp_ratio=2.0, max_len=MAX_LEN,
                  num_features=8, projected_len=5, window=5, block_size=4, is_causal=name != "linformer",
-                 layout=sparse_layout if name == "block_sparse" else None)
+                 layout=sparse_layout if name == "block_sparse" else None, num_buckets=4,
+                 chunk_size=4 if name == "lsh" else 64)
   return lm.LMConfig(**{**options, **kwargs})
 
 
@@ -83,7 +84,7 @@ def test_loss_decreases_with_adamw_under_nnx_jit(name):
   assert all(np.isfinite(losses)), losses
   # FAVOR+ redraws its features every 2 steps, which may cost a little on the next step.
   assert losses[1] < losses[0] and losses[-1] < losses[0] - 0.5, losses
-  if name == "favor":
+  if name in ("favor", "lsh"):
     # Redrawn after the 2nd and 4th training calls, inside the jitted gradient step.
     attention = model.blocks[0].attention.attention
     assert int(attention.training_calls[...]) == 4
@@ -200,3 +201,51 @@ def test_generate_errors():
   linformer = lm.LanguageModel(config("linformer"), rngs=nnx.Rngs(util.fresh_key()))
   with pytest.raises(ValueError, match="needs a causal model, got attention='linformer'"):
     lm.generate(linformer, prompt, max_new_tokens=3, temperature=0.0)
+  lsh = lm.LanguageModel(config("lsh"), rngs=nnx.Rngs(util.fresh_key()))
+  with pytest.raises(ValueError, match="lsh: cannot decode"):
+    lm.generate(lsh, prompt, max_new_tokens=3, temperature=0.0)
+
+
+# Hybrid stacks: `attention` a pattern of families cycled over the layers.
+
+def test_hybrid_pattern_cycles_over_layers_and_decodes_like_its_parallel_forward():
+  assert config(("linear", "local"), num_layers=5).layer_families == ("linear", "local", "linear", "local", "linear")
+  cfg = config(("linear", "local"), num_layers=2)
+  assert not cfg.uses_rope  # linear layers need learned positions; local layers keep RoPE
+  model = lm.LanguageModel(cfg, rngs=nnx.Rngs(util.fresh_key()))
+  kinds = [type(block.attention.attention).__name__ for block in model.blocks]
+  assert kinds == ["LinearAttention", "LocalAttention"], kinds
+  assert model.blocks[1].attention.attention.rope_base == cfg.rope_base
+  assert model.position is not None
+  model.init_cache((B, T))
+  parallel, decoded = parallel_and_decoded(model, tokens(B, T), prefill=6)
+  chex.assert_trees_all_close(decoded, parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_trains_and_its_flops_are_the_sum_of_its_layers():
+  cfg = config(["softmax", "favor"], num_layers=2, redraw_interval=2)
+  assert cfg.attention == ("softmax", "favor")  # a list is kept as a tuple (the config is hashable)
+  model = lm.LanguageModel(cfg, rngs=nnx.Rngs(util.fresh_key()))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+  batch = tokens(B, T + 1)
+  losses = [float(train_step(model, optimizer, batch)) for _ in range(4)]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+  one = {name: lm.training_flops_per_token(config(name, num_layers=1), T) for name in ("softmax", "favor")}
+  output_layer = 3 * 2 * WIDTH * 256
+  # Two layers: each single-layer model's layer, and the output layer once.
+  assert lm.training_flops_per_token(cfg, T) == pytest.approx(one["softmax"] + one["favor"] - output_layer)
+
+
+def test_hybrid_pattern_errors_name_the_values():
+  with pytest.raises(ValueError, match="unknown attention family 'lsm'"):
+    config(("linear", "lsm"), num_layers=2)
+  with pytest.raises(ValueError, match=r"attention=\(\)"):
+    config((), num_layers=2)
+  with pytest.raises(ValueError, match="3 families for num_layers=2"):
+    config(("linear", "local", "softmax"), num_layers=2)
+  with pytest.raises(ValueError, match="linformer"):
+    config(("linear", "linformer"), num_layers=2, is_causal=True)
+  with pytest.raises(ValueError, match="layout"):
+    config(("linear", "block_sparse"), num_layers=2)
+  with pytest.raises(ValueError, match="is a pattern"):
+    config(("linear", "local"), num_layers=2).attention_options()

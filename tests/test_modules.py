@@ -19,7 +19,7 @@ from tests import util
 
 B, T, D, N, K, H, OUT = 2, 13, 11, 6, 3, 4, 7
 T_MAX, P, M = 17, 5, 7
-CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse")
+CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh")
 
 
 def sparse_layout(seq_len):
@@ -34,6 +34,7 @@ FAMILY_OPTIONS = {
     "linformer": dict(max_len=T_MAX, projected_len=P),
     "local": dict(window=3, block_size=2),
     "block_sparse": dict(layout=sparse_layout),
+    "lsh": dict(num_buckets=4, num_hashes=2, chunk_size=3),
 }
 
 
@@ -57,6 +58,7 @@ def pure(module):
           q, k, v, ea.layouts.local(q.shape[1], window=3, block_size=2), **causal, **kw),
       "block_sparse": lambda q, k, v, **kw: ea.block_sparse_attention(q, k, v, sparse_layout(q.shape[1]), **causal,
                                                                        **kw),
+      "lsh": lambda q, k, v, **kw: ea.lsh_attention(q, v, module.rotations[...], chunk_size=3, **causal, **kw),
   }[module.family]
 
 
@@ -145,14 +147,15 @@ def test_bf16_computation_keeps_dtype_in_outputs_and_cache():
   assert nnx.eval_shape(lambda m, x: m(x, decode=True), module, x[:, :1]).dtype == jnp.bfloat16
 
 
-def test_favor_redraws_on_schedule_and_only_in_training():
-  module = make("favor", redraw_interval=3)
+@pytest.mark.parametrize("name,variable,shape", [("favor", "features", (M, H)), ("lsh", "rotations", (2, H, 2))])
+def test_random_features_are_redrawn_on_schedule_and_only_in_training(name, variable, shape):
+  module = make(name, redraw_interval=3)
   x = util.normal((B, T, D))
 
   def changed_after(fn):
-    before = module.features[...]
+    before = getattr(module, variable)[...]
     fn()
-    return not np.array_equal(before, module.features[...])
+    return not np.array_equal(before, getattr(module, variable)[...])
 
   assert not changed_after(lambda: (call(module, x), call(module, x)))
   assert changed_after(lambda: call(module, x))  # the 3rd training call, under nnx.jit
@@ -164,8 +167,10 @@ def test_favor_redraws_on_schedule_and_only_in_training():
   assert not changed_after(lambda: (call(module, x), call(module, x)))
   assert changed_after(lambda: module(x))  # the 6th, eagerly
   assert int(module.training_calls[...]) == 6
-  chex.assert_shape(module.features[...], (M, H))
-  chex.assert_tree_all_finite(module.features[...])
+  chex.assert_shape(getattr(module, variable)[...], shape)
+  chex.assert_tree_all_finite(getattr(module, variable)[...])
+  if name == "lsh":
+    return  # no decoding
   module.init_cache((B, T, D))
   assert not changed_after(lambda: [call(module, x[:, :1], decode=True) for _ in range(3)])
   assert int(module.training_calls[...]) == 6
@@ -177,9 +182,14 @@ def test_parameter_shapes_and_count(name, use_bias):
   module = make(name, use_bias=use_bias)
   params = nnx.state(module, nnx.Param)
   chex.assert_shape(module.query.kernel[...], (D, N, H))
-  chex.assert_shape((module.key.kernel[...], module.value.kernel[...]), (D, K, H))
+  chex.assert_shape(module.value.kernel[...], (D, K, H))
   chex.assert_shape(module.out.kernel[...], (N, H, OUT))
-  want = D * N * H + 2 * D * K * H + N * H * OUT + use_bias * (N * H + 2 * K * H + OUT)
+  keys = 0 if name == "lsh" else 1  # LSH shares one projection for queries and keys
+  if keys:
+    chex.assert_shape(module.key.kernel[...], (D, K, H))
+  else:
+    assert module.key is None
+  want = D * N * H + (1 + keys) * D * K * H + N * H * OUT + use_bias * (N * H + (1 + keys) * K * H + OUT)
   if name == "linformer":
     chex.assert_shape((module.e_proj[...], module.f_proj[...]), (P, T_MAX))
     want += 2 * P * T_MAX
@@ -188,6 +198,10 @@ def test_parameter_shapes_and_count(name, use_bias):
     chex.assert_shape(module.features[...], (M, H))
     features = nnx.state(module, ea.RandomFeatures)
     assert {path[0] for path, _ in nnx.to_flat_state(features)} == {"features", "training_calls"}
+  if name == "lsh":
+    chex.assert_shape(module.rotations[...], (2, H, 2))
+    features = nnx.state(module, ea.RandomFeatures)
+    assert {path[0] for path, _ in nnx.to_flat_state(features)} == {"rotations", "training_calls"}
 
 
 def test_per_head_linformer_projections():
@@ -226,10 +240,12 @@ def test_multi_head_attention_by_name_builds_the_family_module(name):
   chex.assert_trees_all_equal(nnx.state(by_name.attention, nnx.Param), nnx.state(direct, nnx.Param))
   if name == "favor":
     chex.assert_trees_all_equal(by_name.attention.features[...], direct.features[...])
+  if name == "lsh":
+    chex.assert_trees_all_equal(by_name.attention.rotations[...], direct.rotations[...])
 
 
 def test_families_are_listed():
-  assert set(ea.ATTENTION_FAMILIES) == {"softmax", "favor", "linear", "linformer", "local", "block_sparse"}
+  assert set(ea.ATTENTION_FAMILIES) == {"softmax", "favor", "linear", "linformer", "local", "block_sparse", "lsh"}
   assert {"window", "block_size", "rngs", "num_kv_heads"} <= set(ea.attention_options("local"))
 
 
@@ -257,6 +273,10 @@ def test_decoding_errors():
     make("linformer")(x, decode=True)
   with pytest.raises(ValueError, match="LocalAttention"):
     make("block_sparse").init_cache((B, T, D))
+  with pytest.raises(ValueError, match="lsh: cannot decode: LSH attention sorts the whole sequence"):
+    make("lsh").init_cache((B, T, D))
+  with pytest.raises(ValueError, match="lsh: cannot decode"):
+    make("lsh")(x, decode=True)
   with pytest.raises(ValueError, match="init_cache"):
     make("softmax")(x, decode=True)
   with pytest.raises(ValueError, match="is_causal=True"):

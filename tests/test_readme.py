@@ -17,6 +17,6 @@ def test_readme_has_examples():
 def test_readme_example_runs(index):
   namespace = {}
   exec(compile(_BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
-  for name in ("exact", "favor", "linear", "linformer", "sparse"):
+  for name in ("exact", "favor", "linear", "linformer", "sparse", "lsh"):
     if name in namespace:
       assert namespace[name].shape == namespace["q"].shape, name

@@ -26,7 +26,7 @@ def _smoke(out, *args) -> dict:
   return train_lm.main(["--preset", "smoke", "--no-progress", "--out-dir", str(out), *args])
 
 
-@pytest.mark.parametrize("family", ["softmax", "favor", "linear", "linformer", "local", "block_sparse"])
+@pytest.mark.parametrize("family", ["softmax", "favor", "linear", "linformer", "local", "block_sparse", "lsh"])
 def test_every_family_trains_and_the_held_out_loss_falls(tmp_path, family):
   summary = _smoke(tmp_path, "--attention", family)
   evals = _records(tmp_path, "eval")
@@ -36,7 +36,7 @@ def test_every_family_trains_and_the_held_out_loss_falls(tmp_path, family):
   assert summary["eval"]["bpc"] == pytest.approx(evals[-1]["loss"] / np.log(2))
   assert summary["params"] > 0 and summary["tokens_per_s"] > 0 and summary["peak_memory_bytes"] > 0
   assert (tmp_path / "checkpoints" / "8").is_dir()
-  assert (summary["sample"] is None) == (family in ("linformer", "block_sparse"))
+  assert (summary["sample"] is None) == (family in ("linformer", "block_sparse", "lsh"))
 
 
 def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
