@@ -151,6 +151,34 @@ def test_zero_lengths_give_empty_or_zero_outputs(name, b, t, s, causal):
     np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
+def _recent_families():
+  """`fn(q, k, v, **kw)` of LSH, the delta rule and gated linear attention (fresh rotations, beta, gates)."""
+  rotations = ea.lsh_rotations(util.fresh_key(), H, num_buckets=4, num_hashes=2)
+  beta = lambda q: jax.nn.sigmoid(util.normal(q.shape[:2] + (K,)))  # noqa: E731
+  gates = jnp.log(jnp.linspace(0.5, 0.9, K))
+  return {
+      "lsh": lambda q, k, v, **kw: ea.lsh_attention(q, v, rotations, chunk_size=4, **kw),
+      "delta_rule": lambda q, k, v, **kw: ea.delta_rule_attention(q, k, v, beta(q), **kw),
+      "gated_linear": lambda q, k, v, **kw: ea.linear_attention(q, k, v, is_causal=True, gates=gates, **kw),
+  }
+
+
+@pytest.mark.parametrize("name", ["lsh", "delta_rule"])
+@pytest.mark.parametrize("scale", [math.inf, math.nan, 0.0, -0.5])
+def test_recent_families_check_scale(name, scale):
+  q, k, v = util.qkv(B, T, T, N, K, H)
+  with pytest.raises(ValueError, match=rf"scale must be finite.*got scale={scale}"):
+    _recent_families()[name](q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("b,t", [(B, 0), (0, T)])
+@pytest.mark.parametrize("name", ["lsh", "delta_rule", "gated_linear"])
+def test_recent_families_give_empty_outputs(name, b, t):
+  q, k, v = util.qkv(b, t, t, N, K, H, hv=5)
+  out = _recent_families()[name](q, k, v)
+  assert out.shape == (b, t, N, 5) and out.dtype == q.dtype
+
+
 @pytest.mark.parametrize("name", ["softmax", "block_sparse"])
 def test_bias_of_minus_inf_on_every_key_is_a_fully_masked_row(name):
   q, k, v = util.qkv(B, T, T, N, K, H)
