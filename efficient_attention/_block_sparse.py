@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attention import _checks
-from efficient_attention._masking import drop_masked, padding_as_segment_ids, split_heads
+from efficient_attention._masking import drop_masked, mask_infinite_bias, padding_as_segment_ids, split_heads
 from efficient_attention._softmax import MASKED_LOGIT
 from pallas import block_sparse as kernel
 from pallas.block_layout import BlockLayout, check_grid
@@ -69,12 +69,14 @@ def block_sparse_attention(
     k: `[B, S, K, H]` keys, `N % K == 0`.
     v: `[B, S, K, Hv]` values.
     layout: a static `BlockLayout` with grid `(ceil(T / block_q), ceil(S / block_k))`,
-      shared or with N heads. Pass it as a static argument under `jax.jit`.
+      shared or with N heads. Pass it as a static argument under `jax.jit`. With
+      T = 0 or S = 0 no grid matches and any layout is taken (nothing is computed).
     is_causal: query t attends keys s <= t (top-left aligned); blocks above the
       block diagonal are skipped.
     mask: optional bool `[B|1, N|1, T|1, S|1]`, True = attend.
     segment_ids: int `[B, T]` (when T == S) or a (`[B, T]`, `[B, S]`) pair.
-    bias: optional float `[B|1, N|1, T|1, S|1]` added to the logits.
+    bias: optional float `[B|1, N|1, T|1, S|1]` added to the logits; -inf
+      entries mask their keys (a row of -inf is a row with nothing to attend to).
     scale: logit scale, default `H**-0.5`.
     implementation: None or "xla" (the bucketed gathers above), or "pallas" (the
       tiled kernel `pallas.block_sparse`, whose time follows the live blocks;
@@ -87,7 +89,11 @@ def block_sparse_attention(
   """
   dims = _checks.check_qkv(q, k, v)
   _checks.check_implementation(implementation, ("xla", "pallas"), family="block_sparse_attention")
-  check_grid(layout, dims.q_len, dims.kv_len)
+  empty = _checks.empty_output(q, dims)
+  if empty is None:
+    check_grid(layout, dims.q_len, dims.kv_len)
+  elif not isinstance(layout, BlockLayout):  # no layout has an empty grid: any one is taken
+    raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
   if layout.num_heads not in (None, dims.num_heads):
     raise ValueError(f"per-head layout has num_heads={layout.num_heads} but q has N={dims.num_heads} heads")
   mask = _checks.check_mask(mask, dims)
@@ -95,6 +101,10 @@ def block_sparse_attention(
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
   is_causal = _checks.check_causal(is_causal, dims, family="block_sparse_attention")
+  if empty is not None:
+    return empty
+  if bias is not None:
+    mask = mask_infinite_bias(bias, mask)
   # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
   q, k, v = drop_masked(q, k, v, mask, dims)
   if implementation == "pallas":

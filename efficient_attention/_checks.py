@@ -19,6 +19,7 @@ from pallas.common import (  # noqa: F401  (the checks the kernels share)
     check_scale,
     check_segment_ids,
     check_shared_segment_ids,
+    empty_output,
 )
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")

@@ -11,7 +11,7 @@ attention into kernelised attention, computed by the linear core of `_linear.py`
 - "trig": `phi(x) = exp(|x|^2 / 2) [sin(w . x), cos(w . x)] / sqrt(M)`, 2M features
   (sec. 2.2); can give near-zero or negative denominators.
 - "relu": `phi(x) = relu(w . x) / sqrt(M)`, the generalised attention of sec. 2.2
-  (no longer an estimate of softmax; `scale` cancels).
+  (no longer an estimate of softmax; it takes no `scale`, which would cancel).
 
 Stabilisers: a factor common to all features of a query cancels in the ratio, so
 "softmax" query features are divided by their per-row maximum and the "trig"
@@ -133,6 +133,7 @@ def favor_attention(
       attend within maximal runs of equal ids (an id recurring after another id
       starts a new segment).
     scale: logit scale, default `H**-0.5`; q and k are each multiplied by `scale**0.5`.
+      kernel="relu" takes none (it would cancel): it must then be None.
     chunk_size: time steps per chunk of the causal / segmented form (static);
       "pallas": a power of two >= 16. None: 64 for "xla", the kernel's choice
       for "pallas" (`pallas.LinearBlockSizes`).
@@ -155,12 +156,15 @@ def favor_attention(
   _check_features(features, dims.head_dim)
   mask = _checks.check_mask(mask, dims)
   ids = _checks.check_shared_segment_ids(segment_ids, dims, family=family)
-  scale = _checks.check_scale(scale, dims)
+  scale = _check_scale(scale, kernel, dims, family=family)
   _checks.check_causal(is_causal, dims, family=family, need_square=True)
   chunk_size = _linear.check_chunk_size(chunk_size)
   pallas = implementation == "pallas"
   if pallas:
     _linear.check_pallas_options(q.dtype, mask, is_causal, chunk_size, family=family)
+  empty = _checks.empty_output(q, dims)
+  if empty is not None:
+    return empty
   return _favor_attention(
       q, k, v, features, mask, ids, kernel=kernel, scale=scale, is_causal=is_causal, chunk_size=chunk_size,
       dims=dims, pallas=pallas,
@@ -237,7 +241,7 @@ def favor_attention_step(
   dims = _linear.check_step_inputs(q_t, k_t, v_t, family=family)
   _check_kernel(kernel)
   _check_features(features, dims.head_dim)
-  scale = _checks.check_scale(scale, dims)
+  scale = _check_scale(scale, kernel, dims, family=family)
   num_features = 2 * features.shape[0] if kernel == "trig" else features.shape[0]
   _linear.check_state(state, dims, num_features, family=family)
   return _favor_attention_step(state, q_t, k_t, v_t, features, kernel=kernel, scale=scale)
@@ -339,6 +343,16 @@ def _check_features(features: Any, head_dim: int) -> None:
     raise TypeError(f"features must be floating point, got {features.dtype=}")
   if features.ndim != 2 or features.shape[1] != head_dim:
     raise ValueError(f"features must be [M, H] with H = {head_dim} (the q/k head dim), got {features.shape=}")
+  if features.shape[0] == 0:
+    raise ValueError(f"features must have at least one row (M >= 1), got {features.shape=}")
+
+
+def _check_scale(scale: Any, kernel: str, dims: _checks.Dims, *, family: str) -> float:
+  """The logit scale; "relu" features take none (relu is positively homogeneous: a scale cancels)."""
+  if kernel == "relu" and scale is not None:
+    raise ValueError(f"{family}(kernel='relu') has no logit scale (relu features are positively homogeneous, "
+                     f"so a scale cancels in the ratio), got {scale=}; leave it unset")
+  return _checks.check_scale(scale, dims)
 
 
 def _check_feature_options(num_features: Any, head_dim: Any, orthogonal: Any, scaling: Any, dtype: Any) -> None:

@@ -200,6 +200,9 @@ def linear_attention(
       raise ValueError(f"{family}: gates and normalize='none' run on implementation='xla' for now; got {given} "
                        f"with {implementation=}")
     check_pallas_options(q.dtype, mask, is_causal, chunk_size, family=family)
+  empty = _checks.empty_output(q, dims)
+  if empty is not None:
+    return empty
   return _linear_attention(
       q, k, v, mask, ids, gates, fmap=fmap, is_causal=is_causal, chunk_size=chunk_size, dims=dims, pallas=pallas,
       normalize=normalize,
@@ -216,6 +219,8 @@ def _linear_attention(q, k, v, mask, ids, gates, *, fmap, is_causal, chunk_size,
   phi_k = apply_feature_map(fmap, k.astype(acc), "k")
   if phi_q.shape[-1] != phi_k.shape[-1]:
     raise ValueError(f"feature_map gave {phi_q.shape=} and {phi_k.shape=}, which differ in features")
+  if phi_q.shape[-1] == 0:
+    raise ValueError(f"feature_map gave no features ({phi_q.shape=}); it must map [..., H] to [..., M], M >= 1")
   plan = plan_masks(mask, ids, is_causal, dims)
   if pallas:
     return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)

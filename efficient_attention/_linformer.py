@@ -73,6 +73,9 @@ def linformer_attention(
   mask = _checks.check_mask(mask, dims)
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
+  empty = _checks.empty_output(q, dims)
+  if empty is not None:
+    return empty
   # Garbage under the mask (NaN, inf) must not reach live rows or any gradient.
   q, k, v = drop_masked(q, k, v, mask, dims)
 
@@ -106,6 +109,8 @@ def _check_projections(e_proj, f_proj, dims: _checks.Dims) -> None:
       raise TypeError(f"{name} must be floating point, got {name}.dtype={proj.dtype}")
     if proj.ndim not in (2, 3):
       raise ValueError(f"{name} must be [P, T_max] or [K, P, T_max], got {name}.shape={proj.shape}")
+    if proj.shape[-2] == 0:
+      raise ValueError(f"{name} projects to P=0 slots ({name}.shape={proj.shape}); the projected length must be >= 1")
     if proj.ndim == 3 and proj.shape[0] != dims.num_kv_heads:
       raise ValueError(
           f"per-head {name}.shape={proj.shape} must have K={dims.num_kv_heads} key/value heads on axis 0"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas.common import carry_ids_over_masked, dense_mask, segment_starts  # noqa: F401  (the families and the LM use them from here)
+# The families and the LM use these from here.
+from pallas.common import carry_ids_over_masked, dense_mask, int32_segment_ids, segment_starts  # noqa: F401
 
 
 def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
@@ -17,6 +18,17 @@ def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:
   if x.shape[1] == 1:
     return x[:, :, None]
   return x.reshape(x.shape[0], num_kv_heads, group, *x.shape[2:])
+
+
+def mask_infinite_bias(bias: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """`mask` (True = attend) and `bias != -inf`, bool `[B|1, N|1, T|1, S|1]`.
+
+  A key whose bias is -inf gets weight 0 either way; as a masked key, a query row
+  whose bias is -inf on every key is a row with nothing to attend to (0, with 0
+  gradient) rather than the NaN of `softmax` over all -inf logits.
+  """
+  live = bias != -jnp.inf
+  return live if mask is None else jnp.logical_and(mask, live)
 
 
 def padding_as_segment_ids(mask: jax.Array, segment_ids: tuple[jax.Array, jax.Array] | None, batch: int,
@@ -31,8 +43,9 @@ def padding_as_segment_ids(mask: jax.Array, segment_ids: tuple[jax.Array, jax.Ar
                      f"{mask.shape=}; use implementation='xla' for per-head or per-query masks")
   live = jnp.broadcast_to(mask[:, 0, 0, :], (batch, kv_len))
   if segment_ids is None:
-    segment_ids = (jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32))
-  q_ids, kv_ids = segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32)
+    return jnp.zeros((batch, q_len), jnp.int32), jnp.where(live, 0, -1).astype(jnp.int32)
+  # int32 ids keep every equality (wider ones are relabelled densely, never cast).
+  q_ids, kv_ids = int32_segment_ids(*segment_ids)
   # The padded keys' own ids may be anything: they are replaced by one that no query has.
   return q_ids, jnp.where(live, kv_ids, id_outside(q_ids))
 

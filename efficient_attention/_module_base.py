@@ -15,13 +15,16 @@ import abc
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_attention._checks import check_implementation
 from efficient_attention._masking import zero_nonfinite_padding
 from efficient_attention._rope import apply_rope
 
@@ -52,6 +55,8 @@ class AttentionModule(nnx.Module):
   """
 
   family: ClassVar[str] = "attention"
+  # The `implementation` values the family's function takes (besides None).
+  implementations: ClassVar[tuple[str, ...]] = ("xla", "pallas", "cudnn")
   # Shared-QK families (LSH) have no key projection: the query projection is the key too.
   shared_qk: ClassVar[bool] = False
 
@@ -84,6 +89,12 @@ class AttentionModule(nnx.Module):
       raise ValueError(f"num_heads must be a multiple of num_kv_heads (GQA), got {num_heads=}, {num_kv_heads=}")
     if not isinstance(is_causal, bool):
       raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if not isinstance(use_bias, bool):
+      raise TypeError(f"use_bias must be a bool, got {use_bias!r}")
+    check_implementation(implementation, self.implementations, family=self.family)
+    check_rope_base(rope_base)
+    check_dtype(dtype=dtype)
+    check_dtype(param_dtype=param_dtype, optional=False)
     head_dim = qkv_features // num_heads
     if rope_base is not None and head_dim % 2:
       raise ValueError(f"rope_base needs an even head dim, got head_dim={head_dim} "
@@ -100,6 +111,7 @@ class AttentionModule(nnx.Module):
     self.value = linear(in_features, (num_kv_heads, head_dim))
     self.out = linear((num_heads, head_dim), out_features, axis=(-2, -1))
     self.cache_index: nnx.Cache | None = nnx.data(None)
+    self.cache_batch: int | None = None
 
   def __call__(
       self,
@@ -124,6 +136,7 @@ class AttentionModule(nnx.Module):
       `[B, T, out_features]`.
     """
     self._check_input(x)
+    check_segment_ids(segment_ids, x.shape[:2], name=self.family)
     t = x.shape[1]
     if not decode:
       q, k, v = self.project(zero_nonfinite_padding(x, mask))
@@ -134,6 +147,7 @@ class AttentionModule(nnx.Module):
                        f"new token attends to), got mask={_short(mask)}, segment_ids={_short(segment_ids)}")
     if self.cache_index is None:
       raise ValueError(f"{self.family}: no cache; call init_cache(input_shape) before decode=True")
+    check_cache_batch(x.shape[0], self.cache_batch, name=self.family)
     index = self.cache_index[...]
     check_capacity(index, t, self._capacity(), name=self.family)
     q, k, v = self.project(x, index + jnp.arange(t))
@@ -174,6 +188,7 @@ class AttentionModule(nnx.Module):
       dtype = jnp.float32 if self.dtype is None else self.dtype
     self._init_cache(batch, length, dtype)
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.cache_batch = batch
 
   # Decoding, by family.
 
@@ -202,30 +217,82 @@ class AttentionModule(nnx.Module):
       raise TypeError(f"{self.family}: x must be floating point, got {x.dtype=}")
 
 
+def check_rope_base(rope_base: Any) -> None:
+  """Raises unless `rope_base` is None or a finite positive number (RoPE's frequencies are `base**(-2i/H)`)."""
+  if rope_base is None:
+    return
+  if isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real):
+    raise TypeError(f"rope_base must be None or a number, got {rope_base=!r}")
+  if not (math.isfinite(rope_base) and rope_base > 0):
+    raise ValueError(f"rope_base must be a finite positive number (None: no RoPE), got {rope_base=!r}")
+
+
+def check_dtype(*, optional: bool = True, **dtypes: Any) -> None:
+  """Raises unless each `name=dtype` names a floating-point dtype (or is None, when `optional`)."""
+  for name, dtype in dtypes.items():
+    if dtype is None and optional:
+      continue
+    try:
+      ok = dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+      ok = False
+    if not ok:
+      raise TypeError(f"{name} must be a floating-point dtype{' or None' if optional else ''}, got {name}={dtype!r}")
+
+
+def check_segment_ids(segment_ids: Any, batch_time: tuple[int, int], *, name: str) -> None:
+  """Raises unless `segment_ids` is None or an int array `[B, T]` of the input's batch and length."""
+  if segment_ids is None:
+    return
+  if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+    raise TypeError(f"{name}: segment_ids must be an int array [B, T], got {type(segment_ids).__name__}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(f"{name}: segment_ids must be an int array [B, T], got {segment_ids.dtype=}")
+  if tuple(segment_ids.shape) != tuple(batch_time):
+    raise ValueError(f"{name}: segment_ids.shape={tuple(segment_ids.shape)} must be the input's [B, T]="
+                     f"{tuple(batch_time)}")
+
+
+def check_cache_batch(batch: int, cache_batch: int | None, *, name: str) -> None:
+  """Raises when decoding a batch of `batch` rows from a cache built for `cache_batch`."""
+  if cache_batch is not None and batch != cache_batch:
+    raise ValueError(f"{name}: decoding a batch of B={batch} from a cache built for B={cache_batch}; "
+                     f"call init_cache with input_shape[0]={batch}")
+
+
 def check_capacity(index: jax.Array, steps: int, capacity: int | None, *, name: str) -> None:
   """Raises when `steps` more tokens at `index` overflow a cache of `capacity` positions.
 
-  With a concrete index (eager calls) this raises ValueError at once. Under a
-  transform (`nnx.jit`, `jax.jit`, scan) the index is traced: the same check runs
-  on the host through `jax.debug.callback`, and the ValueError surfaces as the
-  runtime error of the call (a `jax.errors.JaxRuntimeError` quoting it), unless
-  traced under `lengths_checked_ahead()`.
+  A value check (see `check_values`): ValueError at once for a concrete index,
+  the runtime error of the call for a traced one.
   """
   if capacity is None:
     return
-  check = functools.partial(_raise_on_overflow, steps=steps, capacity=capacity, name=name)
-  if not isinstance(index, jax.core.Tracer):
-    check(index)
+  check_values(functools.partial(_raise_on_overflow, steps=steps, capacity=capacity, name=name), index)
+
+
+def check_values(check: Callable[..., None], *values: jax.Array) -> None:
+  """Runs `check(*values)`, which raises ValueError on bad values, wherever the values are known.
+
+  With concrete values (eager calls) it raises at once. Under a transform
+  (`nnx.jit`, `jax.jit`, scan) they are traced: the same check runs on the host
+  through `jax.debug.callback`, and the ValueError surfaces as the runtime error
+  of the call (a `jax.errors.JaxRuntimeError` quoting it), unless traced under
+  `inputs_checked_ahead()`. Pass small values (scalars: reduce on the device first).
+  """
+  if not any(isinstance(value, jax.core.Tracer) for value in values):
+    check(*values)
   elif _CHECK_TRACED.get():
-    jax.debug.callback(check, index)
+    jax.debug.callback(check, *values)
 
 
-_CHECK_TRACED = contextvars.ContextVar("check_traced_cache_capacity", default=True)
+_CHECK_TRACED = contextvars.ContextVar("check_traced_values", default=True)
 
 
 @contextlib.contextmanager
-def lengths_checked_ahead() -> Iterator[None]:
-  """Traced decoding within skips the host callback of `check_capacity`: the caller checked the lengths.
+def inputs_checked_ahead() -> Iterator[None]:
+  """Traced calls within skip the host callbacks of `check_values`: the caller checked the inputs
+  (cache lengths, token ranges) ahead.
 
   (A host callback per layer and token would synchronise every decoding step.)
   """

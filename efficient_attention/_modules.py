@@ -93,6 +93,7 @@ class BlockSparseAttention(AttentionModule):
   """
 
   family = "block_sparse"
+  implementations = ("xla", "pallas")
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                layout: BlockLayout | Callable[[int], BlockLayout], **kwargs):
@@ -129,6 +130,7 @@ class LocalAttention(AttentionModule):
   """
 
   family = "local"
+  implementations = ("xla", "pallas")
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                window: int = 256, block_size: int = 64, **kwargs):
@@ -199,6 +201,7 @@ class LinformerAttention(AttentionModule):
   """
 
   family = "linformer"
+  implementations = ("xla",)
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                max_len: int, projected_len: int = 64, per_head_projections: bool = False,
@@ -210,6 +213,8 @@ class LinformerAttention(AttentionModule):
     for name, size in (("max_len", max_len), ("projected_len", projected_len)):
       if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"{name} must be a positive int, got {name}={size!r}")
+    if not isinstance(per_head_projections, bool):
+      raise TypeError(f"per_head_projections must be a bool, got {per_head_projections!r}")
     self.max_len, self.projected_len, self.per_head_projections = max_len, projected_len, per_head_projections
     shape = ((self.num_kv_heads,) if per_head_projections else ()) + (projected_len, max_len)
     batch_axis = (0,) if per_head_projections else ()
@@ -240,6 +245,7 @@ class LinearAttention(AttentionModule):
   """
 
   family = "linear"
+  implementations = ("xla", "pallas")
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                feature_map: str | Callable[[jax.Array], jax.Array] = "elu+1", chunk_size: int | None = None,
@@ -342,6 +348,7 @@ class FavorAttention(_RedrawSchedule):
   """
 
   family = "favor"
+  implementations = ("xla", "pallas")
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *,
                num_features: int | None = None, kernel: str = "softmax", orthogonal: bool = True,
@@ -352,6 +359,8 @@ class FavorAttention(_RedrawSchedule):
       raise ValueError(f"unknown {kernel=}; valid: {', '.join(map(repr, _favor.KERNELS))}")
     if isinstance(redraw_interval, bool) or not isinstance(redraw_interval, int) or redraw_interval < 0:
       raise ValueError(f"redraw_interval must be an int >= 0 (0 = never), got {redraw_interval=}")
+    if not isinstance(deterministic, bool):
+      raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     h = self.head_dim
     num_features = default_num_features(h) if num_features is None else num_features
     self.kernel, self.orthogonal, self.scaling = kernel, orthogonal, scaling

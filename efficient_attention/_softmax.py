@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_attention import _checks
-from efficient_attention._masking import drop_masked, padding_as_segment_ids, split_heads
+from efficient_attention._masking import drop_masked, mask_infinite_bias, padding_as_segment_ids, split_heads
 from pallas.common import dense_mask
 from pallas.softmax import flash_attention, softmax_attention_reference  # noqa: F401  (exported by the package)
 
@@ -40,7 +40,8 @@ def softmax_attention(
     q: `[B, T, N, H]` queries.
     k: `[B, S, K, H]` keys, `N % K == 0` (GQA when K < N).
     v: `[B, S, K, Hv]` values.
-    bias: optional float `[B|1, N|1, T|1, S|1]`, added to the logits.
+    bias: optional float `[B|1, N|1, T|1, S|1]`, added to the logits; -inf
+      entries mask their keys (a row of -inf is a row with nothing to attend to).
     mask: optional bool `[B|1, N|1, T|1, S|1]`, True = attend.
     is_causal: query t attends keys s <= t (top-left aligned).
     segment_ids: int `[B, T]` (when T == S) or a (`[B, T]`, `[B, S]`) pair; attend
@@ -61,6 +62,11 @@ def softmax_attention(
   ids = _checks.check_segment_ids(segment_ids, dims)
   scale = _checks.check_scale(scale, dims)
   _checks.check_causal(is_causal, dims, family="softmax_attention")
+  empty = _checks.empty_output(q, dims)
+  if empty is not None:
+    return empty
+  if bias is not None:
+    mask = mask_infinite_bias(bias, mask)
   if implementation is None:
     implementation = _default_implementation(q.dtype, dims, bias=bias, mask=mask)
   # Garbage under the mask (NaN, inf) must not reach live rows or any gradient, on every path.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_attention import _linear
+from efficient_attention._checks import check_implementation
 from efficient_attention._layouts import BlockLayout, layout_mask, local
 from efficient_attention._masking import segment_starts
-from efficient_attention._module_base import check_capacity, lengths_checked_ahead
+from efficient_attention._module_base import (
+    check_cache_batch,
+    check_capacity,
+    check_dtype,
+    check_rope_base,
+    check_segment_ids,
+    check_values,
+    inputs_checked_ahead,
+)
 from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention, default_num_features
 
 ROPE_FAMILIES = ("softmax", "local", "block_sparse")
@@ -42,7 +53,8 @@ NORMS = ("rms", "layer")
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-  """Sizes and options of `LanguageModel`.
+  """Sizes and options of `LanguageModel`; every field is checked at construction (ValueError /
+  TypeError naming it), whichever family uses it.
 
   Attributes:
     attention: the attention family, a name in `ATTENTION_FAMILIES`; or a
@@ -124,10 +136,11 @@ class LMConfig:
       raise ValueError(f"width must be a multiple of num_heads, got width={self.width}, num_heads={self.num_heads}")
     if self.norm not in NORMS:
       raise ValueError(f"unknown norm={self.norm!r}; valid: {', '.join(map(repr, NORMS))}")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout}")
-    if not self.mlp_ratio > 0:
-      raise ValueError(f"mlp_ratio must be positive, got mlp_ratio={self.mlp_ratio}")
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be a number in [0, 1), got dropout={self.dropout!r}")
+    if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, numbers.Real) or not (
+        0 < self.mlp_ratio < math.inf):
+      raise ValueError(f"mlp_ratio must be a finite positive number, got mlp_ratio={self.mlp_ratio!r}")
     if isinstance(self.attention, tuple) and len(pattern) > self.num_layers:
       raise ValueError(f"the attention pattern has {len(pattern)} families for num_layers={self.num_layers}: "
                        f"the last {len(pattern) - self.num_layers} would never be used; got attention={self.attention!r}")
@@ -143,6 +156,7 @@ class LMConfig:
     if (self.layout is None) == ("block_sparse" in families):
       raise ValueError(f"layout (a function seq_len -> BlockLayout) is required for attention='block_sparse' "
                        f"and only for it; got attention={self.attention!r}, layout={self.layout!r}")
+    _check_options(self)
 
   @property
   def head_dim(self) -> int:
@@ -190,6 +204,40 @@ class LMConfig:
     if family in ROPE_FAMILIES:
       options["rope_base"] = self.rope_base
     return options
+
+
+def _check_options(config: LMConfig) -> None:
+  """The fields `LMConfig.__post_init__` leaves to the modules' own checks, checked at construction.
+
+  Every field is checked, whichever family uses it, so a config is valid or not on its own.
+  """
+  kv = config.num_kv_heads
+  if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or config.num_heads % kv):
+    raise ValueError(f"num_kv_heads must be None or a positive int dividing num_heads={config.num_heads}, "
+                     f"got num_kv_heads={kv!r}")
+  if not isinstance(config.is_causal, bool):
+    raise TypeError(f"is_causal must be a bool, got is_causal={config.is_causal!r}")
+  if config.rope_base is None:
+    raise ValueError("rope_base must be a finite positive number, got rope_base=None")
+  check_rope_base(config.rope_base)
+  nf = config.num_features
+  if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf <= 0):
+    raise ValueError(f"num_features must be None or a positive int, got num_features={nf!r}")
+  ri = config.redraw_interval
+  if isinstance(ri, bool) or not isinstance(ri, int) or ri < 0:
+    raise ValueError(f"redraw_interval must be an int >= 0 (0 = never), got redraw_interval={ri!r}")
+  _linear.feature_map_fn(config.feature_map)
+  pl = config.projected_len
+  if isinstance(pl, bool) or not isinstance(pl, int) or pl <= 0:
+    raise ValueError(f"projected_len must be a positive int, got projected_len={pl!r}")
+  local(1, window=config.window, block_size=config.block_size)  # checks window >= 0 and block_size > 0
+  if config.layout is not None and not callable(config.layout):
+    raise TypeError(f"layout must be a function seq_len -> BlockLayout, got layout={config.layout!r}")
+  _linear.check_chunk_size(config.chunk_size)
+  for family in dict.fromkeys(config.layer_families):
+    check_implementation(config.implementation, ATTENTION_FAMILIES[family].implementations, family=family)
+  check_dtype(dtype=config.dtype)
+  check_dtype(param_dtype=config.param_dtype, optional=False)
 
 
 def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
@@ -284,6 +332,10 @@ class DecoderBlock(nnx.Module):
 class LanguageModel(nnx.Module):
   """Decoder-only LM: tokens `[B, T]` -> logits `[B, T, vocab_size]` (float32).
 
+  Tokens must lie in `[0, vocab_size)`: out-of-range tokens raise a ValueError
+  at once when the tokens are concrete, and fail the call at run time under
+  `jax.jit` / `nnx.jit` (see `check_tokens`).
+
   Call with `segment_ids [B, T]` for packed sequences or padding (attention
   stays within equal ids; learned positions restart with each run of ids).
   For decoding, `init_cache((B, L))` then `model(tokens, decode=True)` with the
@@ -301,6 +353,7 @@ class LanguageModel(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
     self.cache_index: nnx.Cache | None = nnx.data(None)
     self.cache_length: int | None = None
+    self.cache_batch: int | None = None
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, decode: bool = False) -> jax.Array:
     """Logits `[B, T, V]` in float32 for int tokens `[B, T]`."""
@@ -309,6 +362,10 @@ class LanguageModel(nnx.Module):
     t = tokens.shape[1]
     if t > self.config.max_len:
       raise ValueError(f"sequence length T={t} exceeds max_len={self.config.max_len}")
+    check_tokens(tokens, self.config.vocab_size, name="LanguageModel")
+    check_segment_ids(segment_ids, tokens.shape, name="LanguageModel")
+    if decode:
+      check_cache_batch(tokens.shape[0], self.cache_batch, name="LanguageModel")
     positions = self._advance_cache(t) if decode else self._positions(t, segment_ids)
     x = _lookup(self.embed, tokens)
     if self.position is not None:
@@ -327,6 +384,7 @@ class LanguageModel(nnx.Module):
       block.attention.init_cache((*input_shape, self.config.width), dtype)
     self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
     self.cache_length = input_shape[1]
+    self.cache_batch = input_shape[0]
 
   def _advance_cache(self, t: int) -> jax.Array:
     """int `[1, T]` positions of the next t decoded tokens; counts them in `cache_index`."""
@@ -393,6 +451,8 @@ def generate(
     raise ValueError(f"top_k must be None or an int in [1, vocab_size={config.vocab_size}], got {top_k=}")
   if temperature > 0 and key is None:
     raise ValueError(f"sampling with {temperature=} needs a PRNG key (or temperature=0 for greedy decoding)")
+  # Checked here once (a host callback if the prompt is traced); the decoding steps below skip the check.
+  check_tokens(prompt, config.vocab_size, name="generate: prompt")
   if max_new_tokens == 0:
     return prompt.astype(jnp.int32)
   view = nnx.with_attributes(model, deterministic=True, raise_if_not_found=False)
@@ -400,7 +460,7 @@ def generate(
   graphdef, state = nnx.split(view)
   key = jax.random.key(0) if key is None else key
   top_k = config.vocab_size if top_k is None else top_k
-  with lengths_checked_ahead():  # total <= the cache length, checked above
+  with inputs_checked_ahead():  # total <= the cache length and the prompt's tokens, checked above
     return _generate(graphdef, state, prompt.astype(jnp.int32), key, jnp.float32(temperature), jnp.int32(top_k),
                      max_new_tokens=max_new_tokens)
 
@@ -423,6 +483,27 @@ def _generate(graphdef, state, prompt, key, temperature, top_k, *, max_new_token
 
   _, rest = jax.lax.scan(step, (state, first), keys[1:])
   return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)
+
+
+def check_tokens(tokens: jax.Array, vocab_size: int, *, name: str) -> None:
+  """Raises ValueError unless every token lies in `[0, vocab_size)`.
+
+  An out-of-range token would index past the embedding table: NaN logits above
+  it, a wrapped row below 0. Eagerly (concrete tokens) it raises at once; under
+  `jax.jit` the minimum and maximum are taken on the device and checked on the
+  host by `jax.debug.callback`, failing the call with a runtime error quoting the
+  message (the mechanism of the decoding caches' length check).
+  """
+  if tokens.size == 0:
+    return
+  check = functools.partial(_raise_on_out_of_vocab, vocab_size=vocab_size, name=name)
+  check_values(check, jnp.min(tokens), jnp.max(tokens))
+
+
+def _raise_on_out_of_vocab(low, high, *, vocab_size: int, name: str) -> None:
+  low, high = int(low), int(high)
+  if low < 0 or high >= vocab_size:
+    raise ValueError(f"{name}: tokens must lie in [0, vocab_size={vocab_size}), got tokens from {low} to {high}")
 
 
 def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array) -> jax.Array:

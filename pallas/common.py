@@ -11,6 +11,8 @@ No kernel here: checks and numerics the kernels and the families share.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -52,6 +54,10 @@ def check_qkv(q: Any, k: Any, v: Any) -> Dims:
     raise ValueError(f"k and v must agree on [B, S, K]: {k.shape=} and {v.shape=}")
   if q.shape[-1] != k.shape[-1]:
     raise ValueError(f"{q.shape=} and {k.shape=} differ in head dim")
+  for name, size in (("q/k head dim H", q.shape[3]), ("v head dim Hv", v.shape[3]), ("query heads N", q.shape[2]),
+                     ("key/value heads K", k.shape[2])):
+    if size == 0:
+      raise ValueError(f"{name} must be positive, got {q.shape=}, {k.shape=}, {v.shape=}")
   if q.shape[2] % k.shape[2] != 0:
     raise ValueError(
         f"query heads must be a multiple of key/value heads (GQA): {q.shape[2]=} % {k.shape[2]=} != 0"
@@ -89,14 +95,25 @@ def check_segment_ids(segment_ids: Any, dims: Dims) -> tuple[jax.Array, jax.Arra
 
 
 def check_scale(scale: Any, dims: Dims) -> float:
-  """Returns the logit scale, `H**-0.5` by default."""
+  """Returns the logit scale as a Python float, `H**-0.5` by default.
+
+  A Python or numpy real or a concrete 0-d array is taken; a traced value is not (the
+  scale is a static option). It must be finite and positive: an infinite scale makes
+  every logit infinite and the output NaN.
+  """
   if scale is None:
     return dims.head_dim**-0.5
-  if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-    raise TypeError(f"scale must be a Python float (it is static), got {scale!r}")
-  if not scale > 0:
-    raise ValueError(f"scale must be positive, got {scale=}")
-  return float(scale)
+  if isinstance(scale, jax.core.Tracer):
+    raise TypeError(f"scale must be concrete (it is a static option), got the traced value {scale}")
+  if hasattr(scale, "shape") and hasattr(scale, "dtype") and scale.shape == () and (
+      jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer)):
+    scale = scale.item()
+  if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+    raise TypeError(f"scale must be a real number (a static option), got {scale!r}")
+  scale = float(scale)
+  if not (scale > 0 and math.isfinite(scale)):
+    raise ValueError(f"scale must be finite and positive, got {scale=}")
+  return scale
 
 
 def check_causal(is_causal: Any, dims: Dims, *, family: str, need_square: bool = False) -> bool:
@@ -186,3 +203,47 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   """`num / den`, and 0 with 0 gradient where `den == 0` (a `where` on both sides)."""
   empty = den == 0
   return jnp.where(empty, 0.0, num / jnp.where(empty, 1.0, den))
+
+
+def int32_segment_ids(q_ids: jax.Array, kv_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Query and key segment ids `[B, T]`, `[B, S]` as int32, with the same equalities.
+
+  Ids that int32 holds are cast; wider ones (int64 or uint32, e.g. under
+  `jax_enable_x64`) are relabelled by `dense_segment_ids`, since casting would
+  wrap distinct ids (0 and 2**32) onto one.
+  """
+  if jnp.can_cast(q_ids.dtype, jnp.int32) and jnp.can_cast(kv_ids.dtype, jnp.int32):
+    return q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  return dense_segment_ids(q_ids, kv_ids)
+
+
+def dense_segment_ids(q_ids: jax.Array, kv_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """int32 `[B, T]`, `[B, S]` labels `0..T+S-1`: each id's rank among the distinct ids of its batch row.
+
+  Two positions of a row (query or key) get the same label exactly when their ids
+  are equal, whatever the ids' dtype, so attention "within equal ids" is unchanged.
+  """
+  wide = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
+  if not jnp.issubdtype(wide, jnp.integer):
+    raise TypeError(f"segment ids of dtypes {q_ids.dtype} and {kv_ids.dtype} have no common integer type")
+  both = jnp.concatenate([q_ids.astype(wide), kv_ids.astype(wide)], axis=1)
+  # [B, T + S]: sort each row, count the distinct ids before each position, scatter back.
+  order = jnp.argsort(both, axis=1)
+  ordered = jnp.take_along_axis(both, order, axis=1)
+  changes = jnp.concatenate([jnp.zeros_like(ordered[:, :1], jnp.int32),
+                             (ordered[:, 1:] != ordered[:, :-1]).astype(jnp.int32)], axis=1)
+  rows = jnp.arange(both.shape[0])[:, None]
+  labels = jnp.zeros(both.shape, jnp.int32).at[rows, order].set(jnp.cumsum(changes, axis=1))
+  return labels[:, :q_ids.shape[1]], labels[:, q_ids.shape[1]:]
+
+
+def empty_output(q: jax.Array, dims: Dims) -> jax.Array | None:
+  """Zeros `[B, T, N, Hv]` in q's dtype when there is nothing to compute (B, T or S is 0), else None.
+
+  With no key (S = 0) every query row has nothing to attend to, so it is 0 (with
+  0 gradient), as for a fully masked row; with no query (T = 0) or no batch row
+  (B = 0) the output is empty.
+  """
+  if dims.batch and dims.q_len and dims.kv_len:
+    return None
+  return jnp.zeros((dims.batch, dims.q_len, dims.num_heads, dims.v_head_dim), q.dtype)

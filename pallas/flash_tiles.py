@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas import common
-from pallas.tiling import dot, dot_nt, dot_tn, pad_ids, pad_to, pow2_at_least, round_up, triton_params
+from pallas.tiling import dot, dot_nt, dot_tn, idiv, pad_ids, pad_to, pow2_at_least, round_up, triton_params
 
 if TYPE_CHECKING:
   from pallas.softmax import BlockSizes
@@ -66,8 +66,9 @@ def pad_inputs(q, k, v, ids, dims: common.Dims, blocks: BlockSizes):
   q_ids = kv_ids = None
   if ids is not None:
     # Padded queries get an id no key has; padded keys are masked by position.
-    q_ids = pad_ids(ids[0].astype(jnp.int32), t_pad, value=jnp.iinfo(jnp.int32).min)
-    kv_ids = pad_ids(ids[1].astype(jnp.int32), s_pad, value=jnp.iinfo(jnp.int32).max)
+    q_ids, kv_ids = common.int32_segment_ids(*ids)
+    q_ids = pad_ids(q_ids, t_pad, value=jnp.iinfo(jnp.int32).min)
+    kv_ids = pad_ids(kv_ids, s_pad, value=jnp.iinfo(jnp.int32).max)
   return qp, kp, vp, q_ids, kv_ids
 
 
@@ -103,8 +104,8 @@ def kv_ranges(q_block, *, block_q: int, block_k: int, static: FlashStatic):
   """Key blocks query block `q_block` visits: unmasked `[0, full)`, masked `[full, end)`."""
   kv_len = static.kv_len
   if static.is_causal:
-    end = jnp.minimum(lax.div(q_block * block_q + block_q + block_k - 1, block_k), pl.cdiv(kv_len, block_k))
-    full = jnp.minimum(lax.div(q_block * block_q + 1, block_k), kv_len // block_k)
+    end = jnp.minimum(idiv(q_block * block_q + block_q + block_k - 1, block_k), pl.cdiv(kv_len, block_k))
+    full = jnp.minimum(idiv(q_block * block_q + 1, block_k), kv_len // block_k)
   else:
     end = jnp.int32(pl.cdiv(kv_len, block_k))
     full = jnp.int32(kv_len // block_k)

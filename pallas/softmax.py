@@ -42,7 +42,7 @@ from pallas.flash_tiles import (
     sum_groups,
     with_optional_ids,
 )
-from pallas.tiling import matmul_precision, pow2_at_least
+from pallas.tiling import idiv, matmul_precision, pow2_at_least
 
 BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
 
@@ -140,6 +140,9 @@ def flash_attention(
   ids = common.check_segment_ids(segment_ids, dims)
   scale = common.check_scale(scale, dims)
   common.check_causal(is_causal, dims, family="flash_attention")
+  empty = common.empty_output(q, dims)
+  if empty is not None:
+    return empty
   platform = jax.default_backend()
   if interpret is None:
     interpret = platform not in ("gpu", "tpu")
@@ -220,8 +223,8 @@ def _q_ranges(kv_block, num_q_blocks: int, *, block_q: int, block_k: int, static
   """Query blocks key block `kv_block` meets: masked `[lo, mid)`, unmasked `[mid, hi)`."""
   hi = jnp.int32(num_q_blocks)
   if static.is_causal:
-    lo = jnp.minimum(lax.div(kv_block * block_k, block_q), hi)
-    mid = jnp.minimum(lax.div((kv_block + 1) * block_k - 1 + block_q - 1, block_q), hi)
+    lo = jnp.minimum(idiv(kv_block * block_k, block_q), hi)
+    mid = jnp.minimum(idiv((kv_block + 1) * block_k - 1 + block_q - 1, block_q), hi)
   else:
     lo = mid = jnp.int32(0)
   tail = (kv_block + 1) * block_k > static.kv_len

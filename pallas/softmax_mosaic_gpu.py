@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas.flash_tiles import LOG2E, kv_ranges
+from pallas.tiling import idiv, irem
 
 RCP_LN2 = 1.0 / math.log(2.0)
 # Running maxima start finite (base-2 units), so a row whose keys are all masked
@@ -275,7 +276,7 @@ def _produce_kv(refs, smem, barriers, *, bidx, kv_head, block_k: int, stages: in
 
   @pl.loop(stages, end)
   def _(j):
-    slot = lax.rem(j, stages)
+    slot = irem(j, stages)
     block = (bidx, pl.ds(j * block_k, block_k), kv_head)
     plgpu.barrier_wait(k_free.at[slot])
     plgpu.copy_gmem_to_smem(k_ref.at[block], k_smem.at[slot], k_full.at[slot])
@@ -345,7 +346,7 @@ def _call(*args, static, config: KernelConfig):
 
       def pass_turn():
         if pingpong:
-          plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, wgs)])
+          plgpu.barrier_arrive(turn.at[irem(wg + 1, wgs)])
 
       def softmax(s, m, l, j, masked):
         """Online-softmax update of block j: s `[bq, block_k]` raw logits."""
@@ -384,8 +385,8 @@ def _call(*args, static, config: KernelConfig):
 
         def step(j, carry, *, masked, overlap):
           p_prev, m, l = carry
-          slot = lax.rem(j, stages)
-          prev = lax.rem(j - 1, stages)
+          slot = irem(j, stages)
+          prev = irem(j - 1, stages)
           s_acc[...] = zeros_s
           plgpu.barrier_wait(k_full.at[slot])
           plgpu.barrier_wait(v_full.at[prev])
@@ -425,7 +426,7 @@ def _call(*args, static, config: KernelConfig):
             carry = step(j, carry, masked=masked, overlap=True)
             return step(j + 1, carry, masked=masked, overlap=True)
 
-          pairs = lax.div(jnp.maximum(hi - lo, 0), 2)
+          pairs = idiv(jnp.maximum(hi - lo, 0), 2)
           carry = lax.fori_loop(jnp.int32(0), pairs, pair, carry)
           return lax.fori_loop(lo + 2 * pairs, hi, functools.partial(step, masked=masked, overlap=False),
                                carry)
@@ -438,7 +439,7 @@ def _call(*args, static, config: KernelConfig):
         p, m, l = carry
 
         # Last PV product.
-        last = lax.rem(end - 1, stages)
+        last = irem(end - 1, stages)
         plgpu.barrier_wait(v_full.at[last])
         take_turn()
         plgpu.wgmma(o_acc, p, v_smem.at[last])
@@ -464,7 +465,7 @@ def _call(*args, static, config: KernelConfig):
     def _producer():
       plgpu.set_max_registers(config.producer_registers, action="decrease")
       _produce_kv((k_ref, v_ref), (k_smem, v_smem), (k_full, v_full, k_free, v_free), bidx=bidx,
-                  kv_head=lax.div(head, jnp.int32(group)), block_k=block_k, stages=stages,
+                  kv_head=idiv(head, jnp.int32(group)), block_k=block_k, stages=stages,
                   num_kv_blocks=num_kv_blocks, end=end)
 
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -668,7 +669,7 @@ def _call_dq(*args, static, config: BackwardConfig):
         zeros = plgpu.layout_cast(jnp.zeros((bq, block_k), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(j, masked):
-          slot = lax.rem(j, stages)
+          slot = irem(j, stages)
           s_acc[...] = zeros
           dp_acc[...] = zeros
           plgpu.barrier_wait(k_full.at[slot])
@@ -712,7 +713,7 @@ def _call_dq(*args, static, config: BackwardConfig):
     def _producer():
       plgpu.set_max_registers(config.producer_registers, action="decrease")
       _produce_kv((k_ref, v_ref), (k_smem, v_smem), (k_full, v_full, k_free, v_free), bidx=bidx,
-                  kv_head=lax.div(head, jnp.int32(group)), block_k=block_k, stages=stages,
+                  kv_head=idiv(head, jnp.int32(group)), block_k=block_k, stages=stages,
                   num_kv_blocks=num_kv_blocks, end=end)
 
   transforms = _bwd_smem_transforms()
@@ -782,8 +783,8 @@ def _call_dkv(*args, static, config: BackwardConfig):
     hi = jnp.int32(num_q_blocks)
     if causal:
       # Blocks below `lo` see none of these keys; from `mid` on every query sees all of them.
-      lo = jnp.minimum(lax.div(key_base, block_q), hi)
-      mid = jnp.minimum(lax.div(key_base + keys - 1 + block_q - 1, block_q), hi)
+      lo = jnp.minimum(idiv(key_base, block_q), hi)
+      mid = jnp.minimum(idiv(key_base + keys - 1 + block_q - 1, block_q), hi)
     else:
       lo = mid = jnp.int32(0)
     if segments:
@@ -795,7 +796,7 @@ def _call_dkv(*args, static, config: BackwardConfig):
       plgpu.set_max_registers(config.compute_registers, action="increase")
       key0 = key_base + wg * bk
       k_smem, v_smem = k_all.at[wg], v_all.at[wg]
-      kv_head = lax.div(head, jnp.int32(group))
+      kv_head = idiv(head, jnp.int32(group))
       plgpu.copy_gmem_to_smem(k_ref.at[bidx, pl.ds(key0, bk), kv_head], k_smem, kv_full.at[wg])
       plgpu.copy_gmem_to_smem(v_ref.at[bidx, pl.ds(key0, bk), kv_head], v_smem, kv_full.at[wgs + wg])
       kv_ids = None
@@ -808,7 +809,7 @@ def _call_dkv(*args, static, config: BackwardConfig):
         zeros = plgpu.layout_cast(jnp.zeros((bk, block_q), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(i, masked):
-          slot = lax.rem(i - lo, stages)
+          slot = irem(i - lo, stages)
           q_slot, do_slot = q_ring.at[slot], do_ring.at[slot]
           st_acc[...] = zeros
           dpt_acc[...] = zeros
@@ -877,7 +878,7 @@ def _call_dkv(*args, static, config: BackwardConfig):
 
       @pl.loop(lo + stages, hi)
       def _(i):
-        slot = lax.rem(i - lo, stages)
+        slot = irem(i - lo, stages)
         plgpu.barrier_wait(free.at[slot])
         fetch(i, slot)
 

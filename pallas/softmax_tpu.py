@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas.flash_tiles import LOG2E, MASKED
+from pallas.tiling import idiv
 
 LANES = 128
 SUBLANES = 8
@@ -235,7 +236,7 @@ def _last_kv_block(q_block, *, block_q: int, block_k: int, static):
   """
   last = max(static.kv_len - 1, 0) // block_k
   if static.is_causal:
-    last = jnp.minimum(last, lax.div(q_block * block_q + block_q - 1, block_k))
+    last = jnp.minimum(last, idiv(q_block * block_q + block_q - 1, block_k))
   return jnp.where(q_block * block_q < static.q_len, last, 0)
 
 
@@ -252,7 +253,7 @@ def _query_grid_specs(bq: int, bk: int, head_dim: int, v_dim: int, static):
     return b, n, i, 0
 
   def kv_map(b, n, i, j):
-    return b, lax.div(n, group), jnp.minimum(j, last_kv(i)), 0
+    return b, idiv(n, group), jnp.minimum(j, last_kv(i)), 0
 
   specs = [
       pl.BlockSpec((None, None, bq, head_dim), q_map),
@@ -268,7 +269,7 @@ def _query_grid_specs(bq: int, bk: int, head_dim: int, v_dim: int, static):
 
 def _q_range(kv_block, *, block_q: int, block_k: int, static):
   """Query blocks `[first, last]` that key block `kv_block` meets (empty when first > last)."""
-  first = lax.div(kv_block * block_k, block_q) if static.is_causal else jnp.int32(0)
+  first = idiv(kv_block * block_k, block_q) if static.is_causal else jnp.int32(0)
   last = max(static.q_len - 1, 0) // block_q
   first = jnp.where(kv_block * block_k < static.kv_len, first, last + 1)
   return first, last

@@ -36,6 +36,20 @@ def pad_ids(ids: jax.Array, length: int, *, value: int) -> jax.Array:
   return jnp.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=value)
 
 
+def idiv(a, b) -> jax.Array:
+  """`a // b` for non-negative index math, in int32 whatever the operands' int type.
+
+  Under `jax_enable_x64` a Python int operand is int64 while program ids and
+  `iota` are int32, and `lax.div` takes one dtype: both sides become int32.
+  """
+  return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
+def irem(a, b) -> jax.Array:
+  """`a % b` for non-negative index math, in int32 (see `idiv`)."""
+  return lax.rem(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
+
+
 def dot(a, b, precision: Any = None):
   """`a b` for 2-D blocks, float32 result."""
   return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
