@@ -93,7 +93,7 @@ class ShortConvolution(nnx.Module):
       tap = padded[:, j:j + t]
       if taps is not None:
         tap = jnp.where(taps[j], tap, jnp.zeros((), dtype))
-      out = out + kernel[j] * tap
+      out = out + kernel[None, None, j] * tap
     return jax.nn.silu(out)
 
 
@@ -117,7 +117,9 @@ class DecayGate(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x `[B, T, D]` -> float32 `[B, T, K]`."""
     f32 = jnp.float32
-    return -jnp.exp(self.a_log[...].astype(f32)) * jax.nn.softplus(self.proj(x).astype(f32) + self.dt_bias[...])
+    a = jnp.exp(self.a_log[...].astype(f32))
+    dt = jax.nn.softplus(self.proj(x).astype(f32) + self.dt_bias[...].astype(f32)[None, None])
+    return -a[None, None] * dt
 
 
 class LowRankGate(nnx.Module):

@@ -1,8 +1,9 @@
 """`--suite families`: every family (exact through XLA / cuDNN / Pallas, FAVOR+, linear, Linformer,
 block-sparse local, LSH, GLA with per-feature gates, Gated DeltaNet), causal where the family has a
-causal form (Linformer: non-causal), B1 N8 H64, T from 512 to 128k, forward and forward+backward, with the peak memory of forward+backward; a
-family that runs out of memory is recorded as OOM and not run at longer T. The PNG shows time vs T
-(log-log): where each approximate family overtakes exact attention.
+causal form (Linformer: non-causal), B1 N8 H64, T from 512 to 128k, forward and forward+backward,
+with the peak memory of forward+backward; a family that runs out of memory is recorded as OOM and
+not run at longer T. The PNG shows time vs T (log-log): where each approximate family overtakes
+exact attention.
 """
 
 from __future__ import annotations
