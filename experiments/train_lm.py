@@ -241,7 +241,8 @@ def lm_config(cfg: Config) -> lm.LMConfig:
       layout=(ea.layouts.local_strided(window=cfg.window, stride=cfg.stride, block_size=cfg.block_size)
               if "block_sparse" in cfg.families else None),
       gate=cfg.gate, gate_rank=cfg.gate_rank, gated=cfg.gated, short_conv=cfg.short_conv,
-      output_norm=cfg.output_norm, output_gate=cfg.output_gate, chunk_size=cfg.chunk_size, implementation=None if cfg.implementation == "auto" else cfg.implementation,
+      output_norm=cfg.output_norm, output_gate=cfg.output_gate, chunk_size=cfg.chunk_size,
+      implementation=None if cfg.implementation == "auto" else cfg.implementation,
       dtype=None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype))
 
 
