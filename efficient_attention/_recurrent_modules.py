@@ -197,16 +197,21 @@ class GatedRecurrentModule(AttentionModule):
       q, k, v = self.convolve(q, k, v, mask=mask, segment_ids=segment_ids)
       out = self.attend(q, k, v, mask=mask, segment_ids=segment_ids, **inputs)
     else:
-      if self.short_conv:
-        cache = self.cached_conv[...]
-        # [B, W - 1, N + 2K, H]: the q, k and v caches side by side.
-        split = (self.num_heads, self.num_heads + self.num_kv_heads)
-        old_q, old_k, old_v = jnp.split(cache, split, axis=2)
-        (q, new_q), (k, new_k), (v, new_v) = (self.q_conv.step(q, old_q), self.k_conv.step(k, old_k),
-                                              self.v_conv.step(v, old_v))
-        self.cached_conv[...] = jnp.concatenate([new_q, new_k, new_v], axis=2)
+      q, k, v = self._convolve_cached(q, k, v)
       out = self._decode(q, k, v, index, **inputs)
     return self.out(self.gate_output(out, x))
+
+  def _convolve_cached(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The short convolutions of the next tokens after those in `cached_conv`, which they update."""
+    if not self.short_conv:
+      return q, k, v
+    # [B, W - 1, N + 2K, H]: the q, k and v caches side by side.
+    split = (self.num_heads, self.num_heads + self.num_kv_heads)
+    old_q, old_k, old_v = jnp.split(self.cached_conv[...], split, axis=2)
+    (q, new_q), (k, new_k), (v, new_v) = (self.q_conv.step(q, old_q), self.k_conv.step(k, old_k),
+                                          self.v_conv.step(v, old_v))
+    self.cached_conv[...] = jnp.concatenate([new_q, new_k, new_v], axis=2)
+    return q, k, v
 
   def convolve(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
