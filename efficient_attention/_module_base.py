@@ -139,8 +139,7 @@ class AttentionModule(nnx.Module):
     check_segment_ids(segment_ids, x.shape[:2], name=self.family)
     t = x.shape[1]
     if not decode:
-      q, k, v = self.project(zero_nonfinite_padding(x, mask))
-      return self.out(self.attend(q, k, v, mask=mask, segment_ids=segment_ids))
+      return self.forward(zero_nonfinite_padding(x, mask), mask=mask, segment_ids=segment_ids)
     self._check_decodable()
     if mask is not None or segment_ids is not None:
       raise ValueError(f"{self.family}: decode=True takes no mask or segment_ids (the cache decides what each "
@@ -150,10 +149,25 @@ class AttentionModule(nnx.Module):
     check_cache_batch(x.shape[0], self.cache_batch, name=self.family)
     index = self.cache_index[...]
     check_capacity(index, t, self._capacity(), name=self.family)
-    q, k, v = self.project(x, index + jnp.arange(t))
-    out = self._decode(q, k, v, index)
+    out = self.forward(x, index=index)
     self.cache_index[...] = index + t
-    return self.out(out)
+    return out
+
+  def forward(self, x: jax.Array, *, mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              index: jax.Array | None = None) -> jax.Array:
+    """The family's computation on checked x `[B, T, D]`: `[B, T, out_features]`.
+
+    With `index` None, x is the whole sequence, under `mask` and `segment_ids`:
+    `out(attend(*project(x)))`. Otherwise x holds the next T tokens after the
+    `index` in the cache: `out(_decode(*project(x, index + 0..T-1), index))`.
+    `__call__` does the checks and counts `cache_index`; families whose attention
+    reads x itself (gates, short convolutions, output gates) override this.
+    """
+    if index is None:
+      q, k, v = self.project(x)
+      return self.out(self.attend(q, k, v, mask=mask, segment_ids=segment_ids))
+    q, k, v = self.project(x, index + jnp.arange(x.shape[1]))
+    return self.out(self._decode(q, k, v, index))
 
   def project(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x `[B, T, D]` -> q `[B, T, N, H]`, k and v `[B, T, K, H]`; k is q itself when `shared_qk`.

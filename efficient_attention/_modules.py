@@ -14,6 +14,11 @@ Decoding caches (`init_cache`, then `decode=True`):
 | `LinearAttention`, `FavorAttention` | recurrent state (`LinearState`) | `[B, K, M, H]`, independent of length |
 | `LinformerAttention`, `BlockSparseAttention` | none: no causal form / no bounded cache | |
 | `LSHAttention` | none: the hash sort spans the whole sequence | |
+| `GatedLinearAttention` | recurrent state (`LinearState`) and the last `short_conv - 1` projected q, k, v | `[B, K, M, H]`, `[B, W - 1, N + 2K, H]` |
+| `DeltaRuleAttention` | recurrent state (`DeltaRuleState.s`) and the same convolution inputs | `[B, K, H, H]`, `[B, W - 1, N + 2K, H]` |
+
+`GatedLinearAttention` and `DeltaRuleAttention` (in `_recurrent_modules.py`) read x itself
+too: forget gates and write strengths per step, short convolutions, an output gate.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from efficient_attention._linear import LinearState, init_state, linear_attentio
 from efficient_attention._linformer import linformer_attention
 from efficient_attention._lsh import lsh_attention, lsh_rotations
 from efficient_attention._module_base import AttentionModule
+from efficient_attention._recurrent_modules import DeltaRuleAttention, GatedLinearAttention
 from efficient_attention._softmax import softmax_attention
 
 
@@ -498,6 +504,8 @@ ATTENTION_FAMILIES: Mapping[str, type[AttentionModule]] = types.MappingProxyType
     "local": LocalAttention,
     "block_sparse": BlockSparseAttention,
     "lsh": LSHAttention,
+    "gla": GatedLinearAttention,
+    "delta_rule": DeltaRuleAttention,
 })
 """Family name -> module class, for `MultiHeadAttention(attention=name)` and `LMConfig.attention`."""
 

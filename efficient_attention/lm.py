@@ -3,14 +3,14 @@
 Pre-norm blocks (`x + attention(norm(x))`, `x + mlp(norm(x))`), tied input and
 output embeddings, byte-level vocabulary by default. Positions: rotary (RoPE,
 inside attention) for the families that attend to exact keys (softmax, local,
-block_sparse); learned absolute embeddings for FAVOR+, linear and Linformer,
-whose feature maps or projections would not keep RoPE's relative form, and for
+block_sparse); learned absolute embeddings for FAVOR+, linear, GLA, the delta rule and
+Linformer, whose feature maps, recurrences or projections would not keep RoPE's relative form, and for
 LSH, whose buckets would depend on the absolute position of a rotated qk. A
 hybrid stack (`attention` a pattern of families) with any layer of the latter
 kind adds learned positions at the input; its RoPE layers keep RoPE too.
 
     config = LMConfig(attention="favor", num_layers=2, width=64, num_heads=4)
-    hybrid = LMConfig(attention=("linear", "linear", "local"), num_layers=6)  # a cycle over layers
+    hybrid = LMConfig(attention=("gla", "gla", "local"), num_layers=6)  # a cycle over layers
     model = LanguageModel(config, rngs=nnx.Rngs(0))
     logits = model(tokens)                                   # [B, T, vocab_size]
     out = generate(model, prompt, max_new_tokens=32, temperature=0.0)
@@ -46,8 +46,11 @@ from efficient_attention._module_base import (
     inputs_checked_ahead,
 )
 from efficient_attention._modules import ATTENTION_FAMILIES, MultiHeadAttention, default_num_features
+from efficient_attention._recurrent_modules import GLA_GATES
 
 ROPE_FAMILIES = ("softmax", "local", "block_sparse")
+# Recurrences: causal by nature.
+RECURRENT_FAMILIES = ("gla", "delta_rule")
 NORMS = ("rms", "layer")
 
 
@@ -73,6 +76,7 @@ class LMConfig:
     is_causal: causal self-attention. Linformer has no causal form and needs
       False: it then sees the whole sequence, a bidirectional encoder whose
       next-token loss is not a language-model loss (the target is in view).
+      GLA and the delta rule are recurrences and need True.
     rope_base: RoPE base for the layers whose family is in `ROPE_FAMILIES`.
     num_features: FAVOR+ projection rows (None: the module's default).
     redraw_interval: FAVOR+ feature / LSH rotation redraw schedule in training
@@ -84,8 +88,17 @@ class LMConfig:
     projected_len: Linformer's projected length (the paper's k).
     window, block_size: local attention's window and block size.
     layout: block_sparse's layout, a function `seq_len -> BlockLayout`.
-    chunk_size: time steps per chunk of causal FAVOR+ / linear attention; sorted
-      tokens per chunk of LSH attention.
+    gate: GLA's forget gates, "feature" (one per key/value head and feature, low
+      rank, as in GLA) or "step" (one per key/value head, Mamba-2 style).
+    gate_rank: rank of GLA's "feature" gate projection.
+    gated: the delta rule with Gated DeltaNet's forget gate.
+    short_conv: GLA / delta rule: width of the causal depthwise convolution (then
+      SiLU) on q, k and v; 0 for none.
+    output_norm: GLA / delta rule: RMSNorm of each head's output.
+    output_gate: GLA / delta rule: swish output gate `norm(o) * silu(W_g x)`.
+    chunk_size: time steps per chunk of causal FAVOR+ / linear / delta rule
+      attention (GLA uses `linear_attention`'s default: 16 steps with per-feature
+      gates, 64 with per-step ones); sorted tokens per chunk of LSH attention.
     implementation: the attention functions' `implementation` (None = best
       available; e.g. "pallas" for the flash kernel).
     dtype: computation dtype (None: float32 from the parameters).
@@ -113,6 +126,12 @@ class LMConfig:
   window: int = 64
   block_size: int = 16
   layout: Callable[[int], BlockLayout] | None = None
+  gate: str = "feature"
+  gate_rank: int = 16
+  gated: bool = False
+  short_conv: int = 4
+  output_norm: bool = True
+  output_gate: bool = True
   chunk_size: int = 64
   implementation: str | None = None
   dtype: Any = None
@@ -148,6 +167,10 @@ class LMConfig:
     if "linformer" in families and self.is_causal:
       raise ValueError("attention='linformer' has no causal form: set is_causal=False explicitly (the model then "
                        "sees the whole sequence, so it is an encoder, not a next-token language model)")
+    recurrent = sorted(families & set(RECURRENT_FAMILIES))
+    if recurrent and not self.is_causal:
+      raise ValueError(f"{', '.join(recurrent)} attention is a recurrence, causal by nature: it needs is_causal=True, "
+                       f"got attention={self.attention!r} with is_causal=False")
     if self.num_buckets is not None and (isinstance(self.num_buckets, bool) or not isinstance(self.num_buckets, int)
                                          or self.num_buckets < 2 or self.num_buckets % 2):
       raise ValueError(f"num_buckets must be None or an even int >= 2, got num_buckets={self.num_buckets!r}")
@@ -199,11 +222,16 @@ class LMConfig:
         "block_sparse": dict(layout=self.layout),
         "lsh": dict(num_buckets=self.lsh_num_buckets, num_hashes=self.num_hashes, chunk_size=self.chunk_size,
                     redraw_interval=self.redraw_interval),
+        "gla": dict(gate=self.gate, gate_rank=self.gate_rank, **self._recurrent_options()),
+        "delta_rule": dict(gated=self.gated, chunk_size=self.chunk_size, **self._recurrent_options()),
     }.get(family, {})
     options["implementation"] = self.implementation
     if family in ROPE_FAMILIES:
       options["rope_base"] = self.rope_base
     return options
+
+  def _recurrent_options(self) -> dict[str, Any]:
+    return dict(short_conv=self.short_conv, output_norm=self.output_norm, output_gate=self.output_gate)
 
 
 def _check_options(config: LMConfig) -> None:
@@ -234,6 +262,15 @@ def _check_options(config: LMConfig) -> None:
   if config.layout is not None and not callable(config.layout):
     raise TypeError(f"layout must be a function seq_len -> BlockLayout, got layout={config.layout!r}")
   _linear.check_chunk_size(config.chunk_size)
+  if not isinstance(config.gate, str) or config.gate not in GLA_GATES:
+    raise ValueError(f"unknown gate={config.gate!r}; valid: {', '.join(map(repr, GLA_GATES))}")
+  for name in ("gate_rank", "short_conv"):
+    value, low = getattr(config, name), 1 if name == "gate_rank" else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}, got {name}={value!r}")
+  for name in ("gated", "output_norm", "output_gate"):
+    if not isinstance(getattr(config, name), bool):
+      raise TypeError(f"{name} must be a bool, got {name}={getattr(config, name)!r}")
   for family in dict.fromkeys(config.layer_families):
     check_implementation(config.implementation, ATTENTION_FAMILIES[family].implementations, family=family)
   check_dtype(dtype=config.dtype)
@@ -260,15 +297,39 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
   - LSH (R rounds, chunk c, b buckets): per head and round `b H` to hash
     and `4 H` per key of the query's window (its chunk and the previous one:
     2c keys, or T with a single chunk), masked keys included (the window is
-    data-dependent); the sort is not counted.
+    data-dependent); the sort is not counted;
+  - GLA (M = H features): per key/value head `3 M H` to decay the state and
+    add `k v^T`, per query head `2 M H` to read it (no normaliser);
+  - delta rule: per key/value head `4 H^2` to read `S^T k` and add the
+    rank-one update (`5 H^2` gated: the decay), per query head `2 H^2` to read;
+  - GLA and delta rule layers add `2 W` per channel of q, k and v for the
+    short convolution (W = `short_conv`), and their own projections count as
+    matrix parameters: the output gate `2 D N H`, GLA's forget gates
+    `2 r (D + K M)` (rank r, "feature") or `2 D K` ("step"), the delta rule's
+    beta `2 D K` and forget gate `2 D K` (gated).
   """
   d, n, h = config.width, config.num_heads, config.head_dim
   kv = config.num_kv_heads or n
   dense = 2 * d * (n * h + 2 * kv * h) + 2 * n * h * d + 4 * d * config.mlp_width
-  key_projection = 2 * d * kv * h  # LSH layers have none: shared QK
-  layers = sum(dense - (key_projection if family == "lsh" else 0) + _attention_flops_per_token(config, family, seq_len)
+  layers = sum(dense + _projection_flops_per_token(config, family) + _attention_flops_per_token(config, family, seq_len)
                for family in config.layer_families)
   return 3 * (layers + 2 * d * config.vocab_size)
+
+
+def _projection_flops_per_token(config: LMConfig, family: str) -> float:
+  """One layer's matrix FLOPs per token beyond the q, k, v and output projections (forward)."""
+  d, n, h = config.width, config.num_heads, config.head_dim
+  kv = config.num_kv_heads or n
+  if family == "lsh":
+    return -2 * d * kv * h  # no key projection: shared QK
+  if family not in RECURRENT_FAMILIES:
+    return 0
+  flops = 2 * d * n * h if config.output_gate else 0
+  if family == "gla":
+    flops += 2 * config.gate_rank * (d + kv * h) if config.gate == "feature" else 2 * d * kv
+  else:
+    flops += 2 * d * kv * (2 if config.gated else 1)
+  return flops
 
 
 def _attention_flops_per_token(config: LMConfig, family: str, seq_len: int) -> float:
@@ -296,6 +357,12 @@ def _attention_flops_per_token(config: LMConfig, family: str, seq_len: int) -> f
     chunk = min(config.chunk_size, seq_len)
     window = chunk if chunk == seq_len else 2 * chunk
     per_layer += config.num_hashes * n * (config.lsh_num_buckets * h + 4 * h * window)
+  elif family == "gla":
+    per_layer += 2 * h * h * n + 3 * h * h * kv
+  elif family == "delta_rule":
+    per_layer += 2 * h * h * n + (5 if config.gated else 4) * h * h * kv
+  if family in RECURRENT_FAMILIES:
+    per_layer += 2 * config.short_conv * (n + 2 * kv) * h
   return per_layer
 
 

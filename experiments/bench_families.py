@@ -1,8 +1,9 @@
 """`--suite families`: every family (exact through XLA / cuDNN / Pallas, FAVOR+, linear, Linformer,
-block-sparse local, LSH), causal where the family has a causal form (Linformer: non-causal), B1 N8 H64,
-T from 512 to 128k, forward and forward+backward, with the peak memory of forward+backward; a
-family that runs out of memory is recorded as OOM and not run at longer T. The PNG shows time vs T
-(log-log): where each approximate family overtakes exact attention.
+block-sparse local, LSH, GLA with per-feature gates, Gated DeltaNet), causal where the family has a
+causal form (Linformer: non-causal), B1 N8 H64, T from 512 to 128k, forward and forward+backward,
+with the peak memory of forward+backward; a family that runs out of memory is recorded as OOM and
+not run at longer T. The PNG shows time vs T (log-log): where each approximate family overtakes
+exact attention.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ if TYPE_CHECKING:
   from experiments.bench_attention import Config
 
 FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "favor-pallas", "linear", "linear-pallas",
-            "linformer", "local", "local-pallas", "lsh")
+            "linformer", "local", "local-pallas", "lsh", "gla", "delta_rule")
 # LSH: chunks of 128 tokens (T / 4 below T = 512), two hash rounds, 2T / chunk buckets (half a chunk per bucket).
 LSH_CHUNK, LSH_HASHES = 128, 2
 
 
-def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, bool] | None:
-  """(fn(q, k, v) -> out, is_causal) for family `name` at length t, or None when unavailable."""
+def family_fn(name: str, t: int, h: int, *, on_gpu: bool, n: int = 8) -> tuple[Callable, bool] | None:
+  """(fn(q, k, v) -> out, is_causal) for family `name` at length t (n heads of h), or None when unavailable."""
   if name == "softmax-xla":
     return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="xla")), True
   if name == "softmax-cudnn":
@@ -58,6 +59,15 @@ def family_fn(name: str, t: int, h: int, *, on_gpu: bool) -> tuple[Callable, boo
     rotations = ea.lsh_rotations(jax.random.key(3), h, num_buckets=max(2, 2 * (t // chunk)), num_hashes=LSH_HASHES)
     # Shared QK: q serves as queries and keys; k is unused.
     return (lambda q, k, v: ea.lsh_attention(q, v, rotations.astype(q.dtype), chunk_size=chunk, is_causal=True)), True
+  if name in ("gla", "delta_rule"):
+    # Fixed random gates (and write strengths) in the modules' parametrisations, [1, T, N(, H)].
+    logits = jax.random.normal(jax.random.key(4), (1, t, n, h if name == "gla" else 2), jnp.float32)
+    if name == "gla":
+      gates = jax.nn.log_sigmoid(logits) / 16.0
+      return (lambda q, k, v: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=gates,
+                                                  is_causal=True)), True
+    beta, gates = jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1])
+    return (lambda q, k, v: ea.delta_rule_attention(q, k, v, beta, gates=gates)), True
   raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
 
 def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -74,7 +84,7 @@ def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = 
       if name in stopped:
         rows.append(dict(row, status=stopped[name]))
         continue
-      made = family_fn(name, t, h, on_gpu=on_gpu)
+      made = family_fn(name, t, h, on_gpu=on_gpu, n=n)
       if made is None:
         continue
       fn, is_causal = made

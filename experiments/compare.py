@@ -9,7 +9,8 @@ tokens per step and number of steps. The parent process
 never touches the accelerator. Families: exact softmax attention (and its
 Pallas flash kernel where a GPU or TPU runs it), FAVOR+, linear attention,
 Linformer and block-sparse local attention by default; `--families` adds the
-other kernels and LSH (Reformer) attention. Linformer has no causal form: its
+other kernels, LSH (Reformer) attention, GLA, DeltaNet, Gated DeltaNet and a
+hybrid of GLA and local layers (`gla+local`). Linformer has no causal form: its
 model sees the byte it predicts, so its loss is no language-model loss; it is
 trained and tabled for speed and memory, marked, and left out of the curves.
 
@@ -66,6 +67,11 @@ FAMILIES = {
     "local-pallas": Family("block-sparse local (Pallas)", ("--attention", "local", "--implementation", "pallas"),
                            accelerator_only=True),
     "lsh": Family("LSH (Reformer)", ("--attention", "lsh")),
+    "gla": Family("GLA", ("--attention", "gla")),
+    "delta_rule": Family("DeltaNet", ("--attention", "delta_rule")),
+    "gated_delta_rule": Family("Gated DeltaNet", ("--attention", "delta_rule", "--gated")),
+    # A hybrid stack: GLA and local attention layers alternate.
+    "gla+local": Family("hybrid GLA + local", ("--attention", "gla,local")),
 }
 DEFAULT_FAMILIES = ("softmax", "softmax-pallas", "favor", "linear", "local", "linformer")
 

@@ -14,7 +14,7 @@ loss and the accuracy count only the query positions: the input there is a
 re-appearing key and the target is its paired value; every other label is
 -100 (ignored).
 
-For every family with a causal form (LSH when named in `--families`) it trains the small LM of
+For every family with a causal form (LSH, GLA and the delta rule when named in `--families`) it trains the small LM of
 `efficient_attention.lm` with optax AdamW (warmup-cosine, clipping) on batches
 generated on the fly and measures accuracy at the query positions of held-out
 sequences (a separate data stream), for every (model width, number of pairs,
@@ -63,9 +63,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
 
 # Families with a causal form; block_sparse runs local | strided, so it differs from local. LSH (chunks of
-# `chunk_size`, 2 hash rounds) runs when asked for (`--families ... lsh`).
-CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh")
-DEFAULT_FAMILIES = CAUSAL_FAMILIES[:-1]
+# `chunk_size`, 2 hash rounds), GLA and the delta rule (the LM's defaults: per-feature gates, short
+# convolutions, output gates; delta rule ungated) run when asked for (`--families ... gla delta_rule`).
+CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh", "gla", "delta_rule")
+DEFAULT_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse")
 SKIPPED = {"linformer": "no causal form: a bidirectional model would see the value it must predict"}
 EVAL_SEED_OFFSET = MQAR_EVAL_SEED_OFFSET  # held-out sequences come from data seed `seed + EVAL_SEED_OFFSET`
 

@@ -3,6 +3,7 @@
     python experiments/train_lm.py --attention favor                      # stdlib corpus, CPU-sized
     python experiments/train_lm.py --preset gpu --attention softmax --data tiny-shakespeare
     python experiments/train_lm.py --task mqar --num-kv-pairs 16 --attention linear
+    python experiments/train_lm.py --attention gla,local --num-layers 4   # a hybrid: layers cycle over the pattern
     python experiments/train_lm.py --mesh data=2,fsdp=2 --out-dir results/train/sharded
     python experiments/train_lm.py --out-dir results/train/favor --resume  # continue from the last checkpoint
 
@@ -75,7 +76,7 @@ SAVE_PAUSE_ENV = "TRAIN_LM_TEST_PAUSE_IN_SAVE"
 @dataclasses.dataclass(frozen=True)
 class Config:
   # Model.
-  attention: str = "softmax"  # a family of efficient_attention.ATTENTION_FAMILIES
+  attention: str = "softmax"  # a family of efficient_attention.ATTENTION_FAMILIES, or a comma-separated pattern
   implementation: str = "auto"  # the attention functions' implementation ("auto" = best available)
   num_layers: int = 2
   width: int = 128
@@ -91,7 +92,13 @@ class Config:
   window: int = 64  # local / block_sparse: tokens of context either side of a query block
   block_size: int = 32  # local / block_sparse block size
   stride: int = 4  # block_sparse (local | strided): every stride-th key block
-  chunk_size: int = 64  # causal FAVOR+ / linear chunk
+  chunk_size: int = 64  # causal FAVOR+ / linear / delta rule chunk
+  gate: str = "feature"  # GLA forget gates: "feature" (low rank, per feature) or "step" (per head)
+  gate_rank: int = 16  # GLA "feature" gate rank
+  gated: bool = False  # delta rule: Gated DeltaNet's forget gate
+  short_conv: int = 4  # GLA / delta rule: short convolution width on q, k, v (0 = none)
+  output_norm: bool = True  # GLA / delta rule: per-head RMSNorm of the output
+  output_gate: bool = True  # GLA / delta rule: swish output gate
   # Data.
   task: str = "lm"  # "lm" (next byte) or "mqar" (associative recall)
   data: str = "stdlib"  # "stdlib", a corpus name, or a path to a UTF-8 text file
@@ -124,6 +131,16 @@ class Config:
   def tokens_per_step(self) -> int:
     return self.batch_size * self.seq_len
 
+  @property
+  def families(self) -> tuple[str, ...]:
+    """The families of `attention`, a name or a comma-separated pattern (cycled over the layers)."""
+    return tuple(self.attention.split(","))
+
+  @property
+  def causal(self) -> bool:
+    """Linformer has no causal form: a model with a Linformer layer runs bidirectional."""
+    return "linformer" not in self.families
+
 
 # Fields that may differ between a run and its resumption.
 RESUMABLE = ("resume", "stop_after", "progress", "out_dir", "distributed", "sample_tokens")
@@ -152,8 +169,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def check_config(cfg: Config) -> None:
   """Raises ValueError for options that cannot make a run (before any data or model is built)."""
-  if cfg.attention not in ea.ATTENTION_FAMILIES:
-    raise ValueError(f"--attention {cfg.attention!r}: valid families are {', '.join(ea.ATTENTION_FAMILIES)}")
+  if any(family not in ea.ATTENTION_FAMILIES for family in cfg.families):
+    raise ValueError(f"--attention {cfg.attention!r}: valid families are {', '.join(ea.ATTENTION_FAMILIES)} "
+                     f"(or a comma-separated pattern of them)")
   if cfg.implementation not in IMPLEMENTATIONS:
     raise ValueError(f"--implementation {cfg.implementation!r}: valid implementations are {', '.join(IMPLEMENTATIONS)}")
   if cfg.task not in TASKS:
@@ -214,14 +232,17 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh:
 def lm_config(cfg: Config) -> lm.LMConfig:
   """The model: Linformer, having no causal form, runs bidirectional (it sees its targets)."""
   return lm.LMConfig(
-      attention=cfg.attention, vocab_size=cfg.mqar_vocab_size if cfg.task == "mqar" else 256,
+      attention=cfg.families if len(cfg.families) > 1 else cfg.attention,
+      vocab_size=cfg.mqar_vocab_size if cfg.task == "mqar" else 256,
       num_layers=cfg.num_layers, width=cfg.width, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-      max_len=cfg.seq_len, dropout=cfg.dropout, is_causal=cfg.attention != "linformer",
+      max_len=cfg.seq_len, dropout=cfg.dropout, is_causal=cfg.causal,
       num_features=cfg.num_features, redraw_interval=cfg.redraw_interval, feature_map=cfg.feature_map,
       projected_len=cfg.projected_len, window=cfg.window, block_size=cfg.block_size,
       layout=(ea.layouts.local_strided(window=cfg.window, stride=cfg.stride, block_size=cfg.block_size)
-              if cfg.attention == "block_sparse" else None),
-      chunk_size=cfg.chunk_size, implementation=None if cfg.implementation == "auto" else cfg.implementation,
+              if "block_sparse" in cfg.families else None),
+      gate=cfg.gate, gate_rank=cfg.gate_rank, gated=cfg.gated, short_conv=cfg.short_conv,
+      output_norm=cfg.output_norm, output_gate=cfg.output_gate, chunk_size=cfg.chunk_size,
+      implementation=None if cfg.implementation == "auto" else cfg.implementation,
       dtype=None if cfg.dtype == "float32" else jnp.dtype(cfg.dtype))
 
 
@@ -639,7 +660,7 @@ class Run:
   def sample(self) -> str | None:
     """Text generated from the start of the held-out split, or None where the family cannot decode."""
     cfg = self.cfg
-    if cfg.task != "lm" or not cfg.sample_tokens or cfg.attention in ("linformer", "block_sparse", "lsh"):
+    if cfg.task != "lm" or not cfg.sample_tokens or not {"linformer", "block_sparse", "lsh"}.isdisjoint(cfg.families):
       return None
     prompt = self.batches.prompt()
     new = min(cfg.sample_tokens, cfg.seq_len - len(prompt))
@@ -715,7 +736,7 @@ def finish(run: Run, cfg: Config) -> dict:
   final = result["steps_done"] == cfg.steps
   tokens_per_s = float(np.median(run.tokens_per_s)) if run.tokens_per_s else None
   summary = dict(
-      attention=cfg.attention, implementation=cfg.implementation, causal=cfg.attention != "linformer",
+      attention=cfg.attention, implementation=cfg.implementation, causal=cfg.causal,
       task=cfg.task, data=run.batches.description, steps=result["steps_done"], finished=final,
       params=count_params(run.state), tokens=result["steps_done"] * cfg.tokens_per_step,
       final_train_loss=result["train"]["loss"] if result["train"] else None,

@@ -2,6 +2,9 @@
 
 import json
 
+import jax.numpy as jnp
+
+from tests import util
 from tests.util import load_experiment
 
 
@@ -118,3 +121,12 @@ def test_families_suite_times_only_the_families_asked_for(tmp_path):
   rows = json.loads((out / "families.json").read_text())["rows"]
   assert sorted(r["family"] for r in rows) == ["linear", "linear", "lsh", "lsh"]  # the smoke run's two lengths
   assert all(r["status"] == "ok" for r in rows), rows
+
+
+def test_families_suite_runs_gla_and_the_delta_rule_on_the_suite_inputs():
+  bench = load_experiment("bench_families")
+  q, k, v = util.qkv(b=1, t=9, n=2, kh=2, h=4)
+  for name in ("gla", "delta_rule"):
+    fn, is_causal = bench.family_fn(name, 9, 4, on_gpu=False, n=2)
+    out = fn(q, k, v)
+    assert is_causal and out.shape == q.shape and bool(jnp.isfinite(out).all()), name

@@ -19,7 +19,10 @@ from tests import util
 
 B, T, D, N, K, H, OUT = 2, 13, 11, 6, 3, 4, 7
 T_MAX, P, M = 17, 5, 7
-CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh")
+CAUSAL_FAMILIES = ("softmax", "favor", "linear", "local", "block_sparse", "lsh", "gla", "delta_rule")
+# Families whose layers read x beyond q, k, v (gates, convolutions): test_modern_modules.py compares them
+# with their functions.
+RECURRENT = ("gla", "delta_rule")
 
 
 def sparse_layout(seq_len):
@@ -35,6 +38,8 @@ FAMILY_OPTIONS = {
     "local": dict(window=3, block_size=2),
     "block_sparse": dict(layout=sparse_layout),
     "lsh": dict(num_buckets=4, num_hashes=2, chunk_size=3),
+    "gla": dict(gate_rank=5, chunk_size=4),
+    "delta_rule": dict(gated=True, chunk_size=4),
 }
 
 
@@ -84,7 +89,7 @@ def parallel_and_decoded(module, x, prefill):
   return parallel, jnp.concatenate(decoded, axis=1)
 
 
-@pytest.mark.parametrize("name", ea.ATTENTION_FAMILIES)
+@pytest.mark.parametrize("name", [name for name in ea.ATTENTION_FAMILIES if name not in RECURRENT])
 def test_module_equals_its_function_on_projected_qkv(name):
   module = make(name)
   x = util.normal((B, T, D))
@@ -193,6 +198,11 @@ def test_parameter_shapes_and_count(name, use_bias):
   if name == "linformer":
     chex.assert_shape((module.e_proj[...], module.f_proj[...]), (P, T_MAX))
     want += 2 * P * T_MAX
+  if name in RECURRENT:
+    # Short convolutions (width 4) on q, k, v, the output norm's scale, the output gate; then
+    # GLA's rank-5 forget gate (its second factor has a bias), or the delta rule's beta and forget gate.
+    want += 4 * (N + 2 * K) * H + H + D * N * H
+    want += D * 5 + 5 * K * H + K * H if name == "gla" else D * K + D * K + 2 * K
   assert sum(x.size for x in jax.tree.leaves(params)) == want
   if name == "favor":
     chex.assert_shape(module.features[...], (M, H))
@@ -245,7 +255,8 @@ def test_multi_head_attention_by_name_builds_the_family_module(name):
 
 
 def test_families_are_listed():
-  assert set(ea.ATTENTION_FAMILIES) == {"softmax", "favor", "linear", "linformer", "local", "block_sparse", "lsh"}
+  assert set(ea.ATTENTION_FAMILIES) == {"softmax", "favor", "linear", "linformer", "local", "block_sparse", "lsh",
+                                        "gla", "delta_rule"}
   assert {"window", "block_size", "rngs", "num_kv_heads"} <= set(ea.attention_options("local"))
 
 

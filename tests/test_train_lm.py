@@ -39,6 +39,25 @@ def test_every_family_trains_and_the_held_out_loss_falls(tmp_path, family):
   assert (summary["sample"] is None) == (family in ("linformer", "block_sparse", "lsh"))
 
 
+def test_attention_takes_a_comma_separated_hybrid_pattern():
+  cfg = train_lm.parse_args(["--attention", "gla,local", "--gate", "step", "--no-output-gate", "--short-conv", "2"])
+  model = train_lm.lm_config(cfg)
+  assert model.attention == ("gla", "local") and model.is_causal
+  assert (model.gate, model.output_gate, model.short_conv) == ("step", False, 2)
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(["--attention", "gla,lsm"])
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(["--attention", "gla,local", "--num-layers", "1"])
+
+
+@pytest.mark.slow  # about 25 s on 2 CPU cores
+def test_a_hybrid_of_the_recurrent_families_trains_and_samples(tmp_path):
+  summary = _smoke(tmp_path, "--attention", "gla,delta_rule", "--num-layers", "2", "--gated", "--steps", "4",
+                   "--warmup-steps", "1", "--eval-every", "4")
+  assert [r["step"] for r in _records(tmp_path, "eval")] == [0, 4]
+  assert summary["finished"] and summary["causal"] and summary["sample"] is not None
+
+
 def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
   # Dropout and FAVOR+ redraws make the trajectory depend on the restored RNG and feature state too.
   args = ("--attention", "favor", "--redraw-interval", "3", "--dropout", "0.1", "--steps", "8", "--log-every", "1",
