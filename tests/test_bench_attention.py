@@ -3,6 +3,7 @@
 import json
 
 import jax.numpy as jnp
+import pytest
 
 from tests import util
 from tests.util import load_experiment
@@ -23,6 +24,7 @@ def test_softmax_suite_writes_table_json_and_plot(tmp_path):
   assert (out / "softmax.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # every family compiled twice (30 s on 2 cores): the subset test below runs by default
 def test_families_suite_times_every_family(tmp_path):
   bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "families", "--out-dir", str(tmp_path), "--run", "fam"])
