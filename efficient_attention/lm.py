@@ -289,8 +289,9 @@ def training_flops_per_token(config: LMConfig, seq_len: int) -> float:
   - softmax: `4 H` per query head and attended key (QK^T and AV), over the
     T (T + 1) / 2 causal pairs (T^2 bidirectional), averaged per token;
   - local / block_sparse: the same over the pairs the layout (and causality) admits;
-  - linear / FAVOR+ (M features): per query head `4 M` to read the state and
-    its normaliser, per key/value head `2 M (H + 1)` to update them;
+  - linear / FAVOR+ (M features): per query head `2 M (H + 1)` to read the
+    state `[M, H]` and its normaliser `[M]` (phi(q) S and phi(q) . z), per
+    key/value head `2 M (H + 1)` to update them;
     FAVOR+ adds `2 M H` per head for each of the q and k projections;
   - Linformer (projected length P): `2 P H` per key/value head for each of
     K and V, and `4 P H` per query head;
@@ -348,7 +349,7 @@ def _attention_flops_per_token(config: LMConfig, family: str, seq_len: int) -> f
     per_layer += 4 * n * h * pairs / seq_len
   elif family in ("linear", "favor"):
     m = h if family == "linear" else (config.num_features or default_num_features(h))
-    per_layer += 4 * m * n + 2 * m * (h + 1) * kv
+    per_layer += 2 * m * (h + 1) * (n + kv)
     if family == "favor":
       per_layer += 2 * m * h * (n + kv)
   elif family == "linformer":

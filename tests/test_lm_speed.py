@@ -60,6 +60,22 @@ def test_flops_per_token_of_masked_families():
   assert lm.training_flops_per_token(linear, 4 * t) == lm.training_flops_per_token(linear, t)  # linear in T
 
 
+@pytest.mark.parametrize("num_kv_heads", [None, 2])
+def test_flops_per_token_of_linear_attention_match_its_decoding_step(num_kv_heads):
+  # A step reads phi(q) S and phi(q) . z per query head and adds phi(k)^T v per key/value head: matmuls of
+  # 2 M H, 2 M and 2 M H FLOPs; the count adds the normaliser's update phi(k) (2 M per key/value head).
+  n, h = 4, 8
+  kv = num_kv_heads or n
+  config = lm.LMConfig(attention="linear", num_layers=1, width=n * h, num_heads=n, num_kv_heads=num_kv_heads,
+                       max_len=16)
+  attention = lm._attention_flops_per_token(config, "linear", 16)
+  q, k, v = (util.normal((1, heads, h)) for heads in (n, kv, kv))
+  state = ea.init_state(1, kv, h, h)
+  step = util.matmul_flops(lambda s, q, k, v: ea.linear_attention_step(s, q, k, v, feature_map="identity"),
+                           state, q, k, v)
+  assert attention == pytest.approx(step + 2 * h * kv)
+
+
 def _scatter_dtypes(fn, *args):
   return [eqn.invars[0].aval.dtype for eqn in util._equations(jax.make_jaxpr(fn)(*args).jaxpr)
           if eqn.primitive.name.startswith("scatter")]
