@@ -17,7 +17,7 @@ chunk of C steps t = 1..C entered with state `S_0`, let `L[t, s] = sum_{s < i <=
 positive), `D[t, s] = exp(L[t, s])` and `gamma_t = exp(g_1 + ... + g_t)`. Unrolling the
 recurrence gives `(I + A) U = diag(beta) V - diag(beta gamma) K S_0` with A strictly
 lower, `A[t, s] = beta_t D[t, s] (k_t . k_s)`; so, with the UT transform
-`T = (I + A)^{-1} diag(beta)` (one triangular solve), `W = T (gamma K)` and
+`T = (I + A)^{-1} diag(beta)` (one unit-lower inverse, `unit_lower_inverse`), `W = T (gamma K)` and
 `U~ = T V` (the WY representation),
 
   U   = U~ - W S_0                                  pseudo-values   [C, Hv]
@@ -322,8 +322,7 @@ def chunked_delta_rule(
   a = jnp.where(strict, bc[..., None] * decay * kk, 0.0)
   # UT transform: (I + A) [U~ | W] = diag(beta) [V | gamma K]. [B, U, K, C, V + H]
   rhs = bc[..., None] * jnp.concatenate([vc, gamma[..., None] * kc], axis=-1)
-  eye = jnp.eye(c, dtype=a.dtype)[None, None, None]
-  x = jax.scipy.linalg.solve_triangular(a + eye, rhs, lower=True, unit_diagonal=True)
+  x = jnp.einsum("bukcd,bukdx->bukcx", unit_lower_inverse(a), rhs)
   u_tilde, w = x[..., :hv], x[..., hv:]
   # [B, U, K, G, C, D]: queries against the chunk's keys, decayed.
   qk = jnp.einsum("bukgch,bukdh->bukgcd", qc, kc) * decay[:, :, :, None]
@@ -410,3 +409,21 @@ def _live_kv_steps(mask: jax.Array | None, dims: _checks.Dims) -> jax.Array | No
   if live.shape[1] != 1:
     live = jnp.any(live.reshape(live.shape[0], dims.num_kv_heads, dims.group, live.shape[2]), axis=2)
   return jnp.broadcast_to(live, live.shape[:2] + (dims.kv_len,)).transpose(0, 2, 1)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """`(I + A)^{-1}` of strictly lower triangular `A [..., C, C]`, by matmuls only.
+
+  `A` is nilpotent (`A^C = 0`), so `(I + A)^{-1} = sum_j (-A)^j = prod_k (I + (-A)^(2^k))`
+  over `k < ceil(log2 C)`: 2 ceil(log2 C) matmuls of `[C, C]`. The powers keep their
+  structural zeros exactly (`A^j` vanishes below the j-th subdiagonal), so the product
+  is the inverse up to rounding. Matmuls rather than a triangular solve: on a CPU the
+  solve is a LAPACK call, and inside a training step JAX 0.10.2 stalled on it.
+  """
+  c = a.shape[-1]
+  eye = jnp.eye(c, dtype=a.dtype).reshape((1,) * (a.ndim - 2) + (c, c))
+  inverse, power = eye - a, a @ a
+  for _ in range(max(0, math.ceil(math.log2(c)) - 1)):
+    inverse = inverse + inverse @ power
+    power = power @ power
+  return inverse
