@@ -306,7 +306,7 @@ def test_training_flops_count_the_windows_and_the_hashing():
   linear = lm.LMConfig(attention="linear", num_layers=1, width=16, num_heads=2, max_len=64)
   h, n, buckets = 8, 2, 16  # 2 * 64 / 8 buckets
   attention = 3 * 3 * n * (buckets * h + 4 * h * 16)  # forward + backward, rounds, heads: hash and 2c = 16 keys
-  linear_attention = 3 * (4 * h * n + 2 * h * (h + 1) * n)
+  linear_attention = 3 * 2 * h * (h + 1) * (n + n)  # read and update, M = H features
   key_projection = 3 * 2 * 16 * n * h
   assert lm.training_flops_per_token(config, 64) == pytest.approx(
       lm.training_flops_per_token(linear, 64) - linear_attention - key_projection + attention)
