@@ -56,7 +56,7 @@ import numpy as np
 
 from efficient_attention import _checks
 from efficient_attention._masking import carry_ids_over_masked, drop_masked, split_heads
-from pallas import linear
+from pallas import gated, linear
 from pallas.common import dense_mask, run_labels, safe_divide, segment_starts
 
 
@@ -195,10 +195,12 @@ def linear_attention(
     if chunk_size is None and gates.ndim == 4:
       chunk_size = XLA_FEATURE_GATES_CHUNK_SIZE
   if pallas:
-    if gates is not None or normalize != "denominator":
-      given = "gates" if gates is not None else f"{normalize=}"
-      raise ValueError(f"{family}: gates and normalize='none' run on implementation='xla' for now; got {given} "
-                       f"with {implementation=}")
+    if gates is not None and gates.ndim == 4:
+      raise ValueError(f"{family}: implementation='pallas' takes gates [K] or [B, T, K] (one per head or per step "
+                       f"and head); per-feature gates {tuple(gates.shape)} run on implementation='xla'")
+    if gates is None and normalize != "denominator":
+      raise ValueError(f"{family}: implementation='pallas' without gates computes normalize='denominator'; "
+                       f"got {normalize=} (pass gates, even zeros, or use implementation='xla')")
     check_pallas_options(q.dtype, mask, is_causal, chunk_size, family=family)
   empty = _checks.empty_output(q, dims)
   if empty is not None:
@@ -222,10 +224,13 @@ def _linear_attention(q, k, v, mask, ids, gates, *, fmap, is_causal, chunk_size,
   if phi_q.shape[-1] == 0:
     raise ValueError(f"feature_map gave no features ({phi_q.shape=}); it must map [..., H] to [..., M], M >= 1")
   plan = plan_masks(mask, ids, is_causal, dims)
-  if pallas:
-    return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
   if gates is not None:
     gates = gates_per_step(gates, dims).astype(acc)
+  if pallas and gates is not None:
+    return attend_gated_pallas(phi_q, phi_k, v, gates[..., 0], plan, chunk_size=chunk_size, dims=dims,
+                               dtype=q.dtype, normalize=normalize)
+  if pallas:
+    return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
   out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size or XLA_CHUNK_SIZE, dims=dims,
                gates=gates, normalize=normalize)
   return out.astype(q.dtype)
@@ -575,6 +580,37 @@ def attend_pallas(
   return linear.causal_linear_attention(
       phi_q.astype(dtype), phi_k.astype(dtype), v.astype(dtype), segment_ids=plan.ids, block_sizes=blocks
   )
+
+
+def attend_gated_pallas(
+    phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, gates: jax.Array, plan: MaskPlan, *, chunk_size: int | None,
+    dims: _checks.Dims, dtype: Any, normalize: str
+) -> jax.Array:
+  """The gated causal core through the Pallas kernel (`pallas.gated`): `[B, T, N, Hv]` in `dtype`.
+
+  `gates`: per-step log gates `[B, T, K]`. Key-padding masks zero the masked keys'
+  features and gates (a masked step is the identity on the state). With
+  normalize="denominator" a column of ones rides along the values and carries
+  the denominator (the value width is padded to the next power of two).
+  """
+  if plan.keys is not None:
+    if plan.keys.shape[1] != 1 and dims.group > 1:
+      # Key sets differ within a GQA group: give each query head its own keys (and state).
+      phi_k, v, gates = (jnp.repeat(x, dims.group, axis=2) for x in (phi_k, v, gates))
+    # [B|1, S, K|1]
+    live = plan.keys.transpose(0, 2, 1)
+    phi_k = jnp.where(live[..., None], phi_k, 0.0)
+    gates = jnp.where(live, gates, 0.0)
+  if normalize == "denominator":
+    v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
+  blocks = gated.GatedBlockSizes() if chunk_size is None else gated.GatedBlockSizes(chunk=chunk_size)
+  compute = jnp.float32 if normalize == "denominator" else dtype
+  out = gated.gated_linear_attention(phi_q.astype(compute), phi_k.astype(compute), v.astype(compute), gates,
+                                     segment_ids=plan.ids, block_sizes=blocks)
+  if normalize == "denominator":
+    out = out.astype(jnp.float32)
+    out = safe_divide(out[..., :-1], out[..., -1:])
+  return out.astype(dtype)
 
 
 def recurrent_update(

@@ -1,0 +1,632 @@
+"""Chunked causal linear attention with scalar forget gates, and the delta rule, in Pallas.
+
+`gated_linear_attention(q, k, v, gates)` takes features `q [B, T, N, M]`,
+`k [B, T, K, M]` (N % K == 0, GQA), values `v [B, T, K, Hv]` and per-step log
+forget gates `gates [B, T, K]` (<= 0) and returns the numerator of gated linear
+attention (RetNet, Mamba-2, simple GLA):
+
+  S_t = exp(g_t) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
+      = sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s,   G = cumsum(g).
+
+`delta_rule_recurrence(q, k, w, u, gates)` runs the chunk recurrence of the delta
+rule's WY form (the per-chunk `W` and `U~` are made outside, see
+`efficient_attention._delta`): per chunk, with the state `S` entering it,
+
+  U = U~ - W S,   O = (gamma Q) S + (D * Q K^T) U,   S' = gamma_C S + (D[C, :] K)^T U.
+
+Both run as a few launches, in the layout of flash-linear-attention's chunked
+kernels (Yang et al. 2024, GLA sec. 3.3 and DeltaNet sec. 3.2):
+
+  states    one program per (batch, key/value head, block of state rows and
+            columns) walks the chunks in order and writes the state entering
+            each chunk `h [B, K, U, M, Hv]` (and, for the delta rule, the
+            pseudo-values U); float32 state, stored in the input dtype;
+  outputs   one program per (batch, query head, chunk, value block): the
+            chunk's masked quadratic form plus its queries against `h`;
+  dstates   the same walk backwards, per query head: the cotangent of the state
+            leaving each chunk (the delta rule also writes U's cotangent);
+  grads     one program per (batch, query head, chunk): dq, dk, dv (delta rule:
+            dq, dk, dW, and dU~ is U's cotangent).
+
+Inside a chunk the gates enter through their chunk-local cumulative sums, so
+every decay is the exponential of a non-positive number (stable for any gate).
+The gates' gradient is not accumulated in the kernels: for a function of
+`exp(G_t - G_s)` alone, dL/dG_t = q_t . dq_t - k_t . dk_t (summed over the query
+heads of the group), and dL/dg is its reverse cumulative sum, 0 at run starts.
+
+Segment ids restart the state: run labels `[B, T]` (non-decreasing), and
+`sees [B, T]`, whether a step's run is the run of the step before its chunk (so
+its query reads the state entering the chunk). A chunk hands its state on only
+when all of it is that run, and adds only the keys of its last run.
+
+Einsum alphabet: B batch, T time, N query heads, K key/value heads, G = N / K,
+M features (of q and k), V value width, U chunks, C steps in a chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas import common
+from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, idiv, matmul_precision, pad_to, pow2_at_least, triton_params
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedBlockSizes:
+  """Tiling and launch settings of the gated and delta-rule kernels.
+
+  `chunk`: steps per chunk (the quadratic form is chunk x chunk); shrunk to the
+  (power-of-two rounded) sequence length. `block_m` / `block_v`: rows / columns
+  of the state per program in the two walks over the chunks (the delta rule
+  keeps every row: its correction `W S` reads the whole state). `block_v_out`:
+  value columns per program of the output pass. `num_warps` / `num_stages`:
+  Triton launch settings. Defaults are a first guess, not yet tuned on a GPU.
+  """
+
+  chunk: int = 64
+  block_m: int = 64
+  block_v: int = 64
+  block_v_out: int = 128
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out"), positive=("num_warps", "num_stages"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Static settings of one call (hashable)."""
+
+  chunk: int
+  chunks: int  # chunks in the padded length
+  group: int  # query heads per key/value head
+  segments: bool
+  delta: bool
+  block_m: int
+  block_v: int
+  block_v_out: int
+  interpret: bool
+  num_warps: int
+  num_stages: int
+  precision: Any = None
+
+  @property
+  def params(self) -> dict:
+    return triton_params(interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# --------------------------------------------------------------------------- #
+# public entry points
+# --------------------------------------------------------------------------- #
+
+
+def gated_linear_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    block_sizes: GatedBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """Gated causal linear attention (numerator only) from features, chunk by chunk.
+
+  Args:
+    q: `[B, T, N, M]` query features.
+    k: `[B, T, K, M]` key features, `N % K == 0` (zero a key's features and its
+      gate to remove the step, e.g. for key padding).
+    v: `[B, T, K, Hv]` values.
+    gates: `[B, T, K]` log forget gates (float, <= 0; not checked here).
+    segment_ids: optional int `[B, T]`; the state restarts where a run of equal
+      ids begins.
+    block_sizes: tiling; default `GatedBlockSizes()`.
+    interpret: run in Pallas' interpreter; default True off GPU.
+
+  Returns:
+    `[B, T, N, Hv]` in q's dtype: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`.
+  """
+  family = "gated_linear_attention"
+  dims = common.check_qkv(q, k, v)
+  common.check_causal(True, dims, family=family, need_square=True)
+  if q.dtype == jnp.float64:
+    raise TypeError(f"{family} computes in float32 at most, got {q.dtype=}; use the xla implementation")
+  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
+  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
+  b, t, n, m = q.shape
+  if t == 0 or b == 0:
+    return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
+  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=False)
+  m_pad, hv_pad = pow2_at_least(m), pow2_at_least(dims.v_head_dim)
+  g = _pad_gates(gates, t_pad)
+  out = _gated_core(pad_to(q, t_pad, m_pad), pad_to(k, t_pad, m_pad), pad_to(v, t_pad, hv_pad), g, flags, st)
+  return out[:, :t, :, : dims.v_head_dim]
+
+
+def delta_rule_recurrence(
+    q: jax.Array,
+    k: jax.Array,
+    w: jax.Array,
+    u: jax.Array,
+    gates: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    block_sizes: GatedBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """The delta rule's chunk recurrence from its per-chunk WY factors.
+
+  Args:
+    q: `[B, T, N, H]` queries (normalised and scaled).
+    k: `[B, T, K, H]` keys (normalised; zero for masked steps).
+    w: `[B, T, K, H]` the rows of `W = T (gamma K)` of each chunk.
+    u: `[B, T, K, Hv]` the rows of `U~ = T V` of each chunk.
+    gates: `[B, T, K]` log forget gates (<= 0; 0 for masked steps).
+    segment_ids: optional int `[B, T]`; the state restarts where a run begins.
+      `w` and `u` must have been made with the same runs and chunk length.
+    block_sizes: tiling; `w` and `u` must be made with chunks of
+      `chunk_length(T, block_sizes)` steps.
+    interpret: run in Pallas' interpreter; default True off GPU.
+
+  Returns:
+    `[B, T, N, Hv]` in q's dtype.
+  """
+  family = "delta_rule_recurrence"
+  dims = common.check_qkv(q, k, u)
+  if w.shape != k.shape:
+    raise ValueError(f"{family}: w must have k's shape {k.shape}, got {w.shape}")
+  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
+  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
+  b, t, n, h = q.shape
+  if t == 0 or b == 0:
+    return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
+  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=True)
+  h_pad, hv_pad = pow2_at_least(h), pow2_at_least(dims.v_head_dim)
+  g = _pad_gates(gates, t_pad)
+  out = _delta_core(pad_to(q, t_pad, h_pad), pad_to(k, t_pad, h_pad), pad_to(w, t_pad, h_pad),
+                    pad_to(u, t_pad, hv_pad), g, flags, st)
+  return out[:, :t, :, : dims.v_head_dim]
+
+
+def chunk_length(t: int, block_sizes: GatedBlockSizes | None = None) -> int:
+  """The chunk length the kernels use for a sequence of T steps."""
+  return min((block_sizes or GatedBlockSizes()).chunk, pow2_at_least(t))
+
+
+def _check_gates(gates: Any, shape: tuple[int, ...], *, family: str) -> None:
+  if not hasattr(gates, "dtype") or not jnp.issubdtype(gates.dtype, jnp.floating):
+    raise TypeError(f"{family}: gates must be a floating-point array, got {getattr(gates, 'dtype', type(gates))}")
+  if tuple(gates.shape) != shape:
+    raise ValueError(f"{family}: gates must have shape [B, T, K]={shape}, got {tuple(gates.shape)}")
+
+
+def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bool):
+  """Static settings, the padded length and the segment flags (labels, sees) or None."""
+  if block_sizes is None:
+    block_sizes = GatedBlockSizes()
+  if not isinstance(block_sizes, GatedBlockSizes):
+    raise TypeError(f"block_sizes must be a GatedBlockSizes, got {type(block_sizes).__name__}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  chunk = chunk_length(dims.q_len, block_sizes)
+  chunks = -(-dims.q_len // chunk)
+  t_pad = chunks * chunk
+  st = _Static(chunk=chunk, chunks=chunks, group=dims.group, segments=ids is not None, delta=delta,
+               block_m=block_sizes.block_m, block_v=block_sizes.block_v, block_v_out=block_sizes.block_v_out,
+               interpret=bool(interpret), num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
+               precision=matmul_precision(dtype))
+  flags = None
+  if ids is not None:
+    # Run labels, padded steps continuing the last run.
+    labels = jnp.pad(common.run_labels(ids), ((0, 0), (0, t_pad - dims.q_len)), mode="edge")
+    # The run of the step before each chunk (-1 before the first): [B, U] -> [B, T'].
+    before = jnp.concatenate([jnp.full_like(labels[:, :1], -1), labels[:, chunk - 1:-1:chunk]], axis=1)
+    sees = (labels == jnp.repeat(before, chunk, axis=1)).astype(jnp.int32)
+    flags = (labels, sees)
+  return st, t_pad, flags
+
+
+def _pad_gates(gates: jax.Array, t_pad: int) -> jax.Array:
+  """`[B, T, K]` -> float32 `[B, K, T']` (padded steps: 0)."""
+  g = gates.astype(jnp.float32).transpose(0, 2, 1)
+  return jnp.pad(g, ((0, 0), (0, 0), (0, t_pad - g.shape[2])))
+
+
+def _local_cumsum(g: jax.Array, st: _Static) -> jax.Array:
+  """`[B, K, T']` per-step gates -> their cumulative sums within each chunk (inclusive)."""
+  b, kh, t_pad = g.shape
+  return jnp.cumsum(g.reshape(b, kh, st.chunks, st.chunk), axis=-1).reshape(b, kh, t_pad)
+
+
+def _gate_grad(dG: jax.Array, flags) -> jax.Array:
+  """dL/dg `[B, K, T']` from dL/dG (G the cumulative gates): reverse cumulative sums, 0 at run starts."""
+  dg = jnp.cumsum(dG[..., ::-1], axis=-1)[..., ::-1]
+  if flags is None:
+    starts = jnp.arange(dg.shape[-1]) == 0
+  else:
+    starts = common.segment_starts(flags[0])[:, None]
+  # The gate of a run's first step decays only the state of the run before: no effect.
+  return jnp.where(starts, 0.0, dg)
+
+
+# --------------------------------------------------------------------------- #
+# custom_vjp cores over padded inputs
+# --------------------------------------------------------------------------- #
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _gated_core(q, k, v, g, flags, st: _Static):
+  return _gated_fwd(q, k, v, g, flags, st)[0]
+
+
+def _gated_fwd(q, k, v, g, flags, st: _Static):
+  gc = _local_cumsum(g, st)
+  h = _states(k, v, gc, flags, st)
+  out = _outputs(q, k, v, gc, h, flags, st)
+  return out, (q, k, v, g, flags, h)
+
+
+def _gated_bwd(st: _Static, res, do):
+  q, k, v, g, flags, h = res
+  gc = _local_cumsum(g, st)
+  do = do.astype(q.dtype)
+  dh = _dstates(q, k, do, gc, flags, st)
+  dq, dk, dv = _grads(q, k, v, do, gc, h, dh, flags, st)
+  kh = k.shape[2]
+  dk, dv = _sum_group(dk, kh), _sum_group(dv, kh)
+  f32 = jnp.float32
+  # dL/dG_t = q_t . dq_t (over the group's query heads) - k_t . dk_t: [B, T', K] -> [B, K, T']
+  dG = _sum_group(q.astype(f32) * dq, kh).sum(-1) - (k.astype(f32) * dk).sum(-1)
+  dg = _gate_grad(dG.transpose(0, 2, 1), flags)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, None
+
+
+_gated_core.defvjp(_gated_fwd, _gated_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _delta_core(q, k, w, u, g, flags, st: _Static):
+  return _delta_fwd(q, k, w, u, g, flags, st)[0]
+
+
+def _delta_fwd(q, k, w, u, g, flags, st: _Static):
+  gc = _local_cumsum(g, st)
+  h, pseudo = _states(k, u, gc, flags, st, w=w)
+  out = _outputs(q, k, pseudo, gc, h, flags, st)
+  return out, (q, k, w, g, flags, h, pseudo)
+
+
+def _delta_bwd(st: _Static, res, do):
+  q, k, w, g, flags, h, pseudo = res
+  gc = _local_cumsum(g, st)
+  do = do.astype(q.dtype)
+  dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
+  dq, dk, dpv, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
+  kh = k.shape[2]
+  dk, dw, du = (_sum_group(x, kh) for x in (dk, dw, dpseudo))
+  f32 = jnp.float32
+  # With U held fixed, O and the states are gated linear attention over (k, U): its gate gradient;
+  # U = U~ - W S adds S's dependence on the gates, read at the chunk start through W (whose own
+  # gamma factor is differentiated outside): the term -dU . (W dS/dG), gathered as
+  # dL/dG_t for key steps t of earlier chunks via the same identity with W as queries of the
+  # step before their chunk.
+  dG = _sum_group(q.astype(f32) * dq, kh).sum(-1) - (k.astype(f32) * dk).sum(-1)
+  dG = dG.transpose(0, 2, 1) + _chunk_start_gate_grad(w, dw, st)
+  dg = _gate_grad(dG, flags)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dw.astype(w.dtype), du.astype(q.dtype), dg, None
+
+
+_delta_core.defvjp(_delta_fwd, _delta_bwd)
+
+
+def _chunk_start_gate_grad(w, dw, st: _Static) -> jax.Array:
+  """dL/dG `[B, K, T']` of the reads `W S_c` of the state entering each chunk.
+
+  `W_t S_c` reads keys s of earlier chunks with weight `exp(G_{c0 - 1} - G_s)`:
+  as a query at step c0 - 1 (the step before the chunk), it adds `W_t . dW_t`
+  (summed over the chunk's rows) to dL/dG there; the keys' side is inside dk.
+  """
+  b, t_pad, kh, _ = w.shape
+  f32 = jnp.float32
+  # [B, K, U]
+  per_chunk = (w.astype(f32) * dw).sum(-1).transpose(0, 2, 1).reshape(b, kh, st.chunks, st.chunk).sum(-1)
+  out = jnp.zeros((b, kh, st.chunks, st.chunk), f32)
+  # Chunk c's reads land on the last step of chunk c - 1 (chunk 0 reads the zero state).
+  out = out.at[:, :, :-1, -1].set(per_chunk[:, :, 1:])
+  return out.reshape(b, kh, t_pad)
+
+
+def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
+  """`[B, T, N, D]` per query head -> `[B, T, K, D]` summed over each GQA group (float32)."""
+  b, t, n, d = x.shape
+  if n == num_kv_heads:
+    return x
+  return x.reshape(b, t, num_kv_heads, n // num_kv_heads, d).sum(3)
+
+
+# --------------------------------------------------------------------------- #
+# launches
+# --------------------------------------------------------------------------- #
+
+
+def _flag_inputs(flags, spec_len: int, index) -> dict:
+  if flags is None:
+    return {}
+  labels, sees = flags
+  spec = pl.BlockSpec((None, spec_len), index)
+  return {"labels": (labels, spec), "sees": (sees, spec)}
+
+
+def _call(kernel, inputs: dict, outputs: dict, grid, st: _Static, name: str):
+  outs = pl.pallas_call(
+      functools.partial(_named_refs, kernel, tuple(inputs) + tuple(outputs), st=st),
+      grid=grid,
+      in_specs=[spec for _, spec in inputs.values()],
+      out_specs=[spec for _, spec in outputs.values()],
+      out_shape=[shape for shape, _ in outputs.values()],
+      interpret=st.interpret,
+      name=name,
+      **st.params,
+  )(*(x for x, _ in inputs.values()))
+  return outs
+
+
+def _named_refs(kernel, names: tuple[str, ...], *refs, st: _Static):
+  assert len(names) == len(refs), (names, len(refs))
+  return kernel(dict(zip(names, refs)), st=st)
+
+
+def _chunks_pad(st: _Static) -> int:
+  # The chunk axis of the stored states is padded to a power of two; the padding is never read.
+  return pow2_at_least(st.chunks, 1)
+
+
+def _states(k, v, gc, flags, st: _Static, w=None):
+  """The state entering each chunk `h [B, K, U', M, V]` in k's dtype (and, with w, the pseudo-values)."""
+  b, t_pad, kh, m = k.shape
+  hv = v.shape[3]
+  delta = w is not None
+  bm = m if delta else min(st.block_m, m)
+  bv = min(st.block_v, hv)
+  u_pad = _chunks_pad(st)
+  inputs = {
+      "k": (k, pl.BlockSpec((None, t_pad, None, bm), lambda i, h, r, j: (i, 0, h, r))),
+      "v": (v, pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j))),
+      "gc": (gc, pl.BlockSpec((None, None, t_pad), lambda i, h, r, j: (i, h, 0))),
+      **_flag_inputs(flags, t_pad, lambda i, h, r, j: (i, 0)),
+  }
+  if delta:
+    inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, h, r, j: (i, 0, h, 0)))
+  outputs = {"h": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), k.dtype),
+                   pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, h, r, j: (i, h, 0, r, j)))}
+  if delta:
+    outputs["pseudo"] = (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
+                         pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j)))
+  outs = _call(_states_kernel, inputs, outputs, (b, kh, m // bm, hv // bv), st,
+               "delta_rule_states" if delta else "gated_linear_states")
+  return (outs[0], outs[1]) if delta else outs[0]
+
+
+def _outputs(q, k, v, gc, h, flags, st: _Static):
+  """`[B, T', N, V]` in q's dtype: each chunk's quadratic form plus its queries against the entering state."""
+  b, t_pad, n, m = q.shape
+  hv = v.shape[3]
+  c = st.chunk
+  bv = min(st.block_v_out, hv)
+  kv = lambda n: idiv(n, st.group)
+  inputs = {
+      "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, n, 0))),
+      "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, kv(n), 0))),
+      "v": (v, pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, kv(n), j))),
+      "gc": (gc, pl.BlockSpec((None, None, c), lambda i, n, u, j: (i, kv(n), u))),
+      "h": (h, pl.BlockSpec((None, None, None, m, bv), lambda i, n, u, j: (i, kv(n), u, 0, j))),
+      **_flag_inputs(flags, c, lambda i, n, u, j: (i, u)),
+  }
+  outputs = {"o": (jax.ShapeDtypeStruct((b, t_pad, n, hv), q.dtype),
+                   pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, n, j)))}
+  name = "delta_rule_outputs" if st.delta else "gated_linear_outputs"
+  return _call(_outputs_kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st, name)[0]
+
+
+def _dstates(q, k, do, gc, flags, st: _Static, w=None):
+  """Per query head, the cotangent of the state leaving each chunk `dh [B, N, U', M, V]` in q's dtype
+  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32)."""
+  b, t_pad, n, m = q.shape
+  hv = do.shape[3]
+  delta = w is not None
+  bm = m if delta else min(st.block_m, m)
+  bv = min(st.block_v, hv)
+  u_pad = _chunks_pad(st)
+  kv = lambda n: idiv(n, st.group)
+  inputs = {
+      "q": (q, pl.BlockSpec((None, t_pad, None, bm), lambda i, n, r, j: (i, 0, n, r))),
+      "do": (do, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j))),
+      "gc": (gc, pl.BlockSpec((None, None, t_pad), lambda i, n, r, j: (i, kv(n), 0))),
+      **_flag_inputs(flags, t_pad, lambda i, n, r, j: (i, 0)),
+  }
+  if delta:
+    inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
+    inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
+  outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype),
+                    pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j: (i, n, 0, r, j)))}
+  if delta:
+    outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
+                          pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
+  outs = _call(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), st,
+               "delta_rule_dstates" if delta else "gated_linear_dstates")
+  return (outs[0], outs[1]) if delta else outs[0]
+
+
+def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
+  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dv `[B, T', N, V]`
+  (delta rule, with `dpseudo`: dq, dk, the pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
+  b, t_pad, n, m = q.shape
+  hv = v.shape[3]
+  c = st.chunk
+  kv = lambda n: idiv(n, st.group)
+  delta = dpseudo is not None
+  inputs = {
+      "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))),
+      "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, kv(n), 0))),
+      "v": (v, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, kv(n), 0))),
+      "do": (do, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0))),
+      "gc": (gc, pl.BlockSpec((None, None, c), lambda i, n, u: (i, kv(n), u))),
+      "h": (h, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, kv(n), u, 0, 0))),
+      "dh": (dh, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, n, u, 0, 0))),
+      **_flag_inputs(flags, c, lambda i, n, u: (i, u)),
+  }
+  if delta:
+    inputs["dpseudo"] = (dpseudo, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
+  f32 = jnp.float32
+  spec_m = pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))
+  outputs = {"dq": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m),
+             "dk": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)}
+  if delta:
+    outputs["dw"] = (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)
+  else:
+    outputs["dv"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), f32),
+                     pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
+  outs = _call(_grads_kernel, inputs, outputs, (b, n, st.chunks), st,
+               "delta_rule_grads" if delta else "gated_linear_grads")
+  if delta:
+    dq, dk, dw = outs
+    return dq, dk, dpseudo, dw
+  return tuple(outs)
+
+
+# --------------------------------------------------------------------------- #
+# kernels
+# --------------------------------------------------------------------------- #
+
+
+def _chunk_masks(c: int, gc, refs, at=None):
+  """Within one chunk: the decay `[C, C]` of key s seen from query t (0 unless s <= t in one run),
+  and per step `[C]`: exp(G_t) (0 unless the step reads the entering state) and exp(G_C - G_s)
+  (0 unless the step's key is handed on), and the factor `keep` of the entering state handed on."""
+  f32 = jnp.float32
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  live = cols <= rows
+  last = jnp.min(gc)  # the gates are <= 0: the cumulative sums fall, the last is the least
+  head = jnp.exp(gc)
+  tail = jnp.exp(last - gc)
+  keep = jnp.exp(last)
+  if "labels" in refs:
+    lab = refs["labels"][...] if at is None else refs["labels"][at]
+    sees = (refs["sees"][...] if at is None else refs["sees"][at]) == 1
+    live = live & (lab[:, None] == lab[None, :])
+    head = jnp.where(sees, head, 0.0)
+    tail = jnp.where(lab == jnp.max(lab), tail, 0.0)
+    keep = keep * jnp.min(sees.astype(f32))
+  diff = gc[:, None] - gc[None, :]
+  decay = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)
+  return decay, head, tail, keep
+
+
+def _states_kernel(refs: dict, st: _Static):
+  """Walks the chunks in order: writes the state entering each, then adds the chunk's keys.
+
+  Refs: k `[T', bm]`, v `[T', bv]` (the delta rule: U~), gc `[T']`, labels / sees `[T']`,
+  w `[T', M]` (delta rule); outputs h `[U', bm, bv]`, pseudo `[T', bv]` (delta rule).
+  """
+  k_ref, v_ref, g_ref, h_ref = refs["k"], refs["v"], refs["gc"], refs["h"]
+  c = st.chunk
+
+  def body(u, s):
+    at = pl.ds(pl.multiple_of(u * c, c), c)
+    h_ref[u] = s.astype(h_ref.dtype)
+    k, v, gc = k_ref[at, :], v_ref[at, :], g_ref[at]
+    _, _, tail, keep = _chunk_masks(c, gc, refs, at)
+    if st.delta:
+      # U = U~ - W S, from the state entering the chunk.
+      pseudo = v.astype(jnp.float32) - dot(refs["w"][at, :], s.astype(k.dtype), st.precision)
+      v = pseudo.astype(k.dtype)
+      refs["pseudo"][at, :] = v
+    kt = (k.astype(jnp.float32) * tail[:, None]).astype(k.dtype)
+    return keep * s + dot_tn(kt, v, st.precision)
+
+  bm, bv = h_ref.shape[1], h_ref.shape[2]
+  lax.fori_loop(0, st.chunks, body, jnp.zeros((bm, bv), jnp.float32))
+
+
+def _outputs_kernel(refs: dict, st: _Static):
+  """One chunk, one block of value columns: `(decay * q k^T) v + (exp(G) q) h`.
+
+  Refs: q `[C, M]`, k `[C, M]`, v `[C, bv]`, gc `[C]`, h `[M, bv]`, labels / sees `[C]`; output o `[C, bv]`.
+  """
+  q, k, v, gc = refs["q"][...], refs["k"][...], refs["v"][...], refs["gc"][...]
+  decay, head, _, _ = _chunk_masks(st.chunk, gc, refs)
+  scores = dot_nt(q, k, st.precision) * decay
+  q_head = (q.astype(jnp.float32) * head[:, None]).astype(q.dtype)
+  out = dot(scores.astype(v.dtype), v, st.precision) + dot(q_head, refs["h"][...], st.precision)
+  refs["o"][...] = out.astype(refs["o"].dtype)
+
+
+def _dstates_kernel(refs: dict, st: _Static):
+  """Walks the chunks backwards: writes the cotangent of the state leaving each chunk, then adds the
+  chunk's queries' share to the cotangent of the state entering it.
+
+  Refs: q `[T', bm]`, do `[T', bv]`, gc `[T']`, labels / sees `[T']`, k and w `[T', M]` (delta rule);
+  outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
+  """
+  q_ref, do_ref, g_ref, dh_ref = refs["q"], refs["do"], refs["gc"], refs["dh"]
+  c = st.chunk
+  f32 = jnp.float32
+
+  def body(i, ds):
+    u = st.chunks - 1 - i
+    at = pl.ds(pl.multiple_of(u * c, c), c)
+    dh_ref[u] = ds.astype(dh_ref.dtype)
+    q, do, gc = q_ref[at, :], do_ref[at, :], g_ref[at]
+    decay, head, tail, keep = _chunk_masks(c, gc, refs, at)
+    q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
+    new = keep * ds + dot_tn(q_head, do, st.precision)
+    if st.delta:
+      # U's cotangent: its reads by the chunk's queries, and by the state it hands on.
+      k = refs["k"][at, :]
+      scores = dot_nt(q, k, st.precision) * decay
+      kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+      dpseudo = dot_tn(scores.astype(do.dtype), do, st.precision) + dot(kt, ds.astype(k.dtype), st.precision)
+      refs["dpseudo"][at, :] = dpseudo
+      # U = U~ - W S: the state entering the chunk gets -W^T dU.
+      new = new - dot_tn(refs["w"][at, :], dpseudo.astype(k.dtype), st.precision)
+    return new
+
+  bm, bv = dh_ref.shape[1], dh_ref.shape[2]
+  lax.fori_loop(0, st.chunks, body, jnp.zeros((bm, bv), f32))
+
+
+def _grads_kernel(refs: dict, st: _Static):
+  """One chunk of one query head: dq, dk and dv (delta rule: dq, dk and dW).
+
+  Refs: q, k `[C, M]`, v, do `[C, V]` (delta rule: v holds U), gc `[C]`, h (entering state),
+  dh (cotangent of the leaving state) `[M, V]`, labels / sees `[C]`, dpseudo `[C, V]` (delta rule).
+  """
+  f32 = jnp.float32
+  q, k, v, do, gc = refs["q"][...], refs["k"][...], refs["v"][...], refs["do"][...], refs["gc"][...]
+  h, dh = refs["h"][...], refs["dh"][...]
+  decay, head, tail, _ = _chunk_masks(st.chunk, gc, refs)
+  p = st.precision
+  scores = dot_nt(q, k, p) * decay
+  d_scores = dot_nt(do, v, p) * decay
+  # dq: through the chunk's keys, and through the entering state.
+  dq = dot(d_scores.astype(k.dtype), k, p) + dot_nt(do, h.astype(do.dtype), p) * head[:, None]
+  # dk: through the chunk's queries, and through the state handed on.
+  dk = dot_tn(d_scores.astype(q.dtype), q, p) + dot_nt(v, dh.astype(v.dtype), p) * tail[:, None]
+  refs["dq"][...] = dq
+  refs["dk"][...] = dk
+  if st.delta:
+    # U = U~ - W S: dW = -dU S^T.
+    dpseudo = refs["dpseudo"][...]
+    refs["dw"][...] = -dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)
+  else:
+    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+    refs["dv"][...] = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
