@@ -52,6 +52,7 @@ import numpy as np
 
 from efficient_attention import _checks
 from efficient_attention._linear import check_chunk_size, check_step_inputs
+from pallas import gated
 from pallas.common import segment_starts
 
 # Steps per chunk when chunk_size is None.
@@ -117,8 +118,10 @@ def delta_rule_attention(
     segment_ids: optional int `[B, T]`; the state restarts from 0 at each new run
       of equal ids (an id recurring after another id starts a new segment).
     chunk_size: steps per chunk (static); None = 64. Any T works (padded with
-      identity steps).
-    implementation: None or "xla" (pure JAX; the only one so far).
+      identity steps). "pallas": a power of two >= 16.
+    implementation: None or "xla" (pure JAX), or "pallas": the chunk recurrence
+      in Pallas kernels (`pallas.gated.delta_rule_recurrence`; forward and
+      backward), the per-chunk WY factors in XLA; float32 at most.
 
   Returns:
     `[B, T, N, Hv]` in q's dtype. Arithmetic and the state are float32 (float64
@@ -127,7 +130,7 @@ def delta_rule_attention(
   """
   family = "delta_rule_attention"
   dims = _checks.check_qkv(q, k, v)
-  _checks.check_implementation(implementation, ("xla",), family=family)
+  _checks.check_implementation(implementation, ("xla", "pallas"), family=family)
   if dims.q_len != dims.kv_len:
     raise ValueError(f"{family}: q and k/v must share a length T (a recurrence), got {q.shape=} and {k.shape=}")
   if not _checks.check_causal(is_causal, dims, family=family):
@@ -135,6 +138,12 @@ def delta_rule_attention(
   scale = check_finite_scale(scale, dims, family=family)
   qk_norm = check_qk_norm(qk_norm, family=family)
   chunk_size = check_chunk_size(chunk_size)
+  pallas = implementation == "pallas"
+  if pallas:
+    if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+      raise ValueError(f"{family}: implementation='pallas' needs a power-of-two chunk_size >= 16, got {chunk_size=}")
+    if q.dtype == jnp.float64:
+      raise TypeError(f"{family}: implementation='pallas' computes in float32 at most, got {q.dtype=}")
   mask = _checks.check_mask(mask, dims)
   if mask is not None and mask.shape[2] != 1:
     raise ValueError(
@@ -146,12 +155,12 @@ def delta_rule_attention(
   check_beta_gates(beta, gates, steps, "[B, T, K]", live=_live_kv_steps(mask, dims), family=family)
   return _delta_rule_attention(
       q, k, v, beta, gates, mask, ids, scale=scale, qk_norm=qk_norm, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-      dims=dims,
+      dims=dims, pallas=pallas,
   )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "qk_norm", "chunk_size", "dims"))
-def _delta_rule_attention(q, k, v, beta, gates, mask, ids, *, scale, qk_norm, chunk_size, dims):
+@functools.partial(jax.jit, static_argnames=("scale", "qk_norm", "chunk_size", "dims", "pallas"))
+def _delta_rule_attention(q, k, v, beta, gates, mask, ids, *, scale, qk_norm, chunk_size, dims, pallas=False):
   out_dtype = q.dtype
   acc = jnp.promote_types(q.dtype, jnp.float32)
   q, k, v, beta = (x.astype(acc) for x in (q, k, v, beta))
@@ -170,10 +179,33 @@ def _delta_rule_attention(q, k, v, beta, gates, mask, ids, *, scale, qk_norm, ch
   if qk_norm:
     q, k = l2_normalize(q), l2_normalize(k)
   b, t = dims.batch, dims.q_len
-  q = (q * scale).reshape(b, t, kh, g, dims.head_dim)
   starts = None if ids is None else segment_starts(ids)
+  if pallas:
+    return _pallas(q * scale, k, v, beta, gates, ids, starts, chunk_size=chunk_size, dtype=out_dtype)
+  q = (q * scale).reshape(b, t, kh, g, dims.head_dim)
   out = chunked_delta_rule(q, k, v, beta, gates, starts, chunk_size=chunk_size)
   return out.reshape(b, t, dims.num_heads, dims.v_head_dim).astype(out_dtype)
+
+
+def _pallas(q, k, v, beta, gates, ids, starts, *, chunk_size, dtype):
+  """The chunk recurrence through the Pallas kernels (`pallas.gated.delta_rule_recurrence`).
+
+  The per-chunk WY factors `W`, `U~` are made here in float32 (all chunks at once, as on
+  the XLA path); the kernels take q, k, W, U~ in the input dtype and carry the state in
+  float32. `[B, T, N, V]` in `dtype`.
+  """
+  b, t, kh, h = k.shape
+  blocks = gated.GatedBlockSizes(chunk=chunk_size)
+  c = gated.chunk_length(t, blocks)
+  _, _, _, _, u_tilde, w = chunk_terms(k, v, beta, gates, starts, c=c)
+
+  def steps(x):
+    """Head-major chunks `[B, U, K, C, X]` -> `[B, T, K, X]`."""
+    return x.transpose(0, 1, 3, 2, 4).reshape(b, -1, kh, x.shape[-1])[:, :t]
+
+  w, u_tilde = steps(w), steps(u_tilde)
+  return gated.delta_rule_recurrence(q.astype(dtype), k.astype(dtype), w.astype(dtype), u_tilde.astype(dtype),
+                                     gates, segment_ids=ids, block_sizes=blocks)
 
 
 def delta_rule_step(
@@ -280,17 +312,52 @@ def chunked_delta_rule(
     return jnp.zeros((b, 0, kh, g, hv), q.dtype)
   c = min(chunk_size, t)
   u = -(-t // c)
+  chunks = functools.partial(_chunks, c=c)
+  qc = chunks(q).transpose(0, 1, 3, 4, 2, 5)  # [B, U, K, G, C, H]
+  kc, decay, gamma, tail, u_tilde, w = chunk_terms(k, v, beta, gates, starts, c=c)
+  # [B, U, K, G, C, D]: queries against the chunk's keys, decayed.
+  qk = jnp.einsum("bukgch,bukdh->bukgcd", qc, kc) * decay[:, :, :, None]
+  q_gamma = qc * gamma[:, :, :, None, :, None]
+  k_tail = kc * tail[..., None]
+  gamma_end = gamma[..., -1]  # [B, U, K]
 
-  def chunks(x):
-    """`[B, T, ...]` -> `[B, U, C, ...]`, zero-padded at the end."""
-    x = jnp.pad(x, [(0, 0), (0, u * c - t)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(x.shape[0], u, c, *x.shape[2:])
+  def chunk_step(s, xs):
+    """Carries the state `s [B, K, H, V]` through one chunk."""
+    u_tilde, w, q_gamma, qk, k_tail, gamma_end = xs
+    # [B, K, C, V]
+    pseudo = u_tilde - jnp.einsum("bkch,bkhv->bkcv", w, s)
+    # [B, K, G, C, V]
+    out = jnp.einsum("bkgch,bkhv->bkgcv", q_gamma, s) + jnp.einsum("bkgcd,bkdv->bkgcv", qk, pseudo)
+    s = gamma_end[..., None, None] * s + jnp.einsum("bkch,bkcv->bkhv", k_tail, pseudo)
+    return s, out
 
-  # Head-major chunks: [B, U, K, G, C, H], [B, U, K, C, H], [B, U, K, C, V], [B, U, K, C].
-  qc = chunks(q).transpose(0, 1, 3, 4, 2, 5)
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u_tilde, w, q_gamma, qk, k_tail, gamma_end))
+  s0 = jnp.zeros((b, kh, h, hv), q.dtype)
+  _, out = jax.lax.scan(chunk_step, s0, xs)
+  # [U, B, K, G, C, V] -> [B, U, C, K, G, V]
+  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, u * c, kh, g, hv)
+  return out[:, :t]
+
+
+def _chunks(x: jax.Array, *, c: int) -> jax.Array:
+  """`[B, T, ...]` -> `[B, U, C, ...]`, zero-padded at the end."""
+  u = -(-x.shape[1] // c)
+  x = jnp.pad(x, [(0, 0), (0, u * c - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  return x.reshape(x.shape[0], u, c, *x.shape[2:])
+
+
+def chunk_terms(k, v, beta, gates, starts, *, c: int):
+  """Per-chunk pieces of the WY form (module docstring), all chunks at once.
+
+  Returns head-major chunks: keys `[B, U, K, C, H]`, the decays `D [B|1, U|1, K|1, C, D]`,
+  `gamma` and `tail` `[B, U, K, C]` (from the chunk's entry state to step t, and from step
+  s to the chunk's end, 0 across a segment start), `U~ [B, U, K, C, V]` and `W [B, U, K, C, H]`.
+  """
+  hv = v.shape[-1]
+  chunks = functools.partial(_chunks, c=c)
+  # Head-major chunks: [B, U, K, C, H], [B, U, K, C, V], [B, U, K, C].
   kc, vc = (chunks(x).transpose(0, 1, 3, 2, 4) for x in (k, v))
   bc, gc = (chunks(x).transpose(0, 1, 3, 2) for x in (beta, gates))
-
   pos = np.arange(c)
   # [1, 1, 1, C, D]: s <= t and s < t.
   incl = (pos[:, None] >= pos[None, :])[None, None, None]
@@ -324,28 +391,7 @@ def chunked_delta_rule(
   rhs = bc[..., None] * jnp.concatenate([vc, gamma[..., None] * kc], axis=-1)
   x = jnp.einsum("bukcd,bukdx->bukcx", unit_lower_inverse(a), rhs)
   u_tilde, w = x[..., :hv], x[..., hv:]
-  # [B, U, K, G, C, D]: queries against the chunk's keys, decayed.
-  qk = jnp.einsum("bukgch,bukdh->bukgcd", qc, kc) * decay[:, :, :, None]
-  q_gamma = qc * gamma[:, :, :, None, :, None]
-  k_tail = kc * tail[..., None]
-  gamma_end = gamma[..., -1]  # [B, U, K]
-
-  def chunk_step(s, xs):
-    """Carries the state `s [B, K, H, V]` through one chunk."""
-    u_tilde, w, q_gamma, qk, k_tail, gamma_end = xs
-    # [B, K, C, V]
-    pseudo = u_tilde - jnp.einsum("bkch,bkhv->bkcv", w, s)
-    # [B, K, G, C, V]
-    out = jnp.einsum("bkgch,bkhv->bkgcv", q_gamma, s) + jnp.einsum("bkgcd,bkdv->bkgcv", qk, pseudo)
-    s = gamma_end[..., None, None] * s + jnp.einsum("bkch,bkcv->bkhv", k_tail, pseudo)
-    return s, out
-
-  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (u_tilde, w, q_gamma, qk, k_tail, gamma_end))
-  s0 = jnp.zeros((b, kh, h, hv), q.dtype)
-  _, out = jax.lax.scan(chunk_step, s0, xs)
-  # [U, B, K, G, C, V] -> [B, U, C, K, G, V]
-  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, u * c, kh, g, hv)
-  return out[:, :t]
+  return kc, decay, gamma, tail, u_tilde, w
 
 
 # Checks shared by the sequence function and the step.
