@@ -155,7 +155,7 @@ class GatedRecurrentModule(AttentionModule):
     **kwargs: the shared arguments of `AttentionModule`.
   """
 
-  implementations = ("xla",)
+  implementations = ("xla", "pallas")
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None, *, short_conv: int = 4,
                output_norm: bool = True, output_gate: bool = True, is_causal: bool = True, rngs: nnx.Rngs,
@@ -273,6 +273,9 @@ class GatedLinearAttention(GatedRecurrentModule):
       raise ValueError(f"unknown {gate=!r}; valid: {', '.join(map(repr, GLA_GATES))}")
     if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank <= 0:
       raise ValueError(f"gate_rank must be a positive int, got {gate_rank=!r}")
+    if self.implementation == "pallas" and gate == "feature":
+      raise ValueError("implementation='pallas' runs gated linear attention with one gate per step and head: "
+                       "use gate='step' (per-feature gates, gate='feature', run on implementation='xla')")
     fmap = _linear.feature_map_fn(feature_map)
     self.num_features = jax.eval_shape(fmap, jax.ShapeDtypeStruct((1, self.head_dim), jnp.float32)).shape[-1]
     self.gate, self.gate_rank, self.feature_map = gate, gate_rank, feature_map

@@ -30,9 +30,11 @@ kernels (Yang et al. 2024, GLA sec. 3.3 and DeltaNet sec. 3.2):
 
 Inside a chunk the gates enter through their chunk-local cumulative sums, so
 every decay is the exponential of a non-positive number (stable for any gate).
-The gates' gradient is not accumulated in the kernels: for a function of
-`exp(G_t - G_s)` alone, dL/dG_t = q_t . dq_t - k_t . dk_t (summed over the query
-heads of the group), and dL/dg is its reverse cumulative sum, 0 at run starts.
+The gates' gradient: each pair (t, s) of the output weighs `exp(G_t - G_s)`, so
+dL/dG_t = sum_s (dA * A)_ts - sum_s' (dA * A)_s't, made per chunk by the gradient
+kernel from its pair matrix and the state's reads and writes (equal to
+q_t . dq_t - k_t . dk_t, but with the diagonal cancelled exactly rather than left as
+rounding); dL/dg is its reverse cumulative sum, 0 at run starts.
 
 Segment ids restart the state: run labels `[B, T]` (non-decreasing), and
 `sees [B, T]`, whether a step's run is the run of the step before its chunk (so
@@ -279,13 +281,10 @@ def _gated_bwd(st: _Static, res, do):
   gc = _local_cumsum(g, st)
   do = do.astype(q.dtype)
   dh = _dstates(q, k, do, gc, flags, st)
-  dq, dk, dv = _grads(q, k, v, do, gc, h, dh, flags, st)
+  dq, dk, dG, dv = _grads(q, k, v, do, gc, h, dh, flags, st)
   kh = k.shape[2]
   dk, dv = _sum_group(dk, kh), _sum_group(dv, kh)
-  f32 = jnp.float32
-  # dL/dG_t = q_t . dq_t (over the group's query heads) - k_t . dk_t: [B, T', K] -> [B, K, T']
-  dG = _sum_group(q.astype(f32) * dq, kh).sum(-1) - (k.astype(f32) * dk).sum(-1)
-  dg = _gate_grad(dG.transpose(0, 2, 1), flags)
+  dg = _gate_grad(_sum_heads(dG, kh), flags)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, None
 
 
@@ -309,17 +308,13 @@ def _delta_bwd(st: _Static, res, do):
   gc = _local_cumsum(g, st)
   do = do.astype(q.dtype)
   dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
-  dq, dk, dpv, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
+  dq, dk, dG, _, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
   kh = k.shape[2]
   dk, dw, du = (_sum_group(x, kh) for x in (dk, dw, dpseudo))
-  f32 = jnp.float32
-  # With U held fixed, O and the states are gated linear attention over (k, U): its gate gradient;
-  # U = U~ - W S adds S's dependence on the gates, read at the chunk start through W (whose own
-  # gamma factor is differentiated outside): the term -dU . (W dS/dG), gathered as
-  # dL/dG_t for key steps t of earlier chunks via the same identity with W as queries of the
-  # step before their chunk.
-  dG = _sum_group(q.astype(f32) * dq, kh).sum(-1) - (k.astype(f32) * dk).sum(-1)
-  dG = dG.transpose(0, 2, 1) + _chunk_start_gate_grad(w, dw, st)
+  # With U held fixed, O and the states are gated linear attention over (k, U): the kernel's dL/dG.
+  # U = U~ - W S adds the reads of the entering state by W (whose own gamma factor is
+  # differentiated outside, with the rest of the WY factors), as queries of the step before the chunk.
+  dG = _sum_heads(dG, kh) + _chunk_start_gate_grad(w, dw, st)
   dg = _gate_grad(dG, flags)
   return dq.astype(q.dtype), dk.astype(k.dtype), dw.astype(w.dtype), du.astype(q.dtype), dg, None
 
@@ -342,6 +337,12 @@ def _chunk_start_gate_grad(w, dw, st: _Static) -> jax.Array:
   # Chunk c's reads land on the last step of chunk c - 1 (chunk 0 reads the zero state).
   out = out.at[:, :, :-1, -1].set(per_chunk[:, :, 1:])
   return out.reshape(b, kh, t_pad)
+
+
+def _sum_heads(x: jax.Array, num_kv_heads: int) -> jax.Array:
+  """`[B, N, T]` per query head -> `[B, K, T]` summed over each GQA group."""
+  b, n, t = x.shape
+  return x.reshape(b, num_kv_heads, n // num_kv_heads, t).sum(2)
 
 
 def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -466,8 +467,8 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
 
 
 def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
-  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dv `[B, T', N, V]`
-  (delta rule, with `dpseudo`: dq, dk, the pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
+  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dL/dG `[B, N, T']`, dv `[B, T', N, V]`
+  (delta rule, with `dpseudo`: dq, dk, dL/dG, the pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
   b, t_pad, n, m = q.shape
   hv = v.shape[3]
   c = st.chunk
@@ -489,6 +490,7 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   spec_m = pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))
   outputs = {"dq": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m),
              "dk": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)}
+  outputs["dG"] = (jax.ShapeDtypeStruct((b, n, t_pad), f32), pl.BlockSpec((None, None, c), lambda i, n, u: (i, n, u)))
   if delta:
     outputs["dw"] = (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)
   else:
@@ -497,8 +499,8 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   outs = _call(_grads_kernel, inputs, outputs, (b, n, st.chunks), st,
                "delta_rule_grads" if delta else "gated_linear_grads")
   if delta:
-    dq, dk, dw = outs
-    return dq, dk, dpseudo, dw
+    dq, dk, dG, dw = outs
+    return dq, dk, dG, dpseudo, dw
   return tuple(outs)
 
 
@@ -615,14 +617,23 @@ def _grads_kernel(refs: dict, st: _Static):
   h, dh = refs["h"][...], refs["dh"][...]
   decay, head, tail, _ = _chunk_masks(st.chunk, gc, refs)
   p = st.precision
-  scores = dot_nt(q, k, p) * decay
+  qk = dot_nt(q, k, p)
+  scores = qk * decay
   d_scores = dot_nt(do, v, p) * decay
   # dq: through the chunk's keys, and through the entering state.
-  dq = dot(d_scores.astype(k.dtype), k, p) + dot_nt(do, h.astype(do.dtype), p) * head[:, None]
+  dq_state = dot_nt(do, h.astype(do.dtype), p) * head[:, None]
+  dq = dot(d_scores.astype(k.dtype), k, p) + dq_state
   # dk: through the chunk's queries, and through the state handed on.
-  dk = dot_tn(d_scores.astype(q.dtype), q, p) + dot_nt(v, dh.astype(v.dtype), p) * tail[:, None]
+  dk_state = dot_nt(v, dh.astype(v.dtype), p) * tail[:, None]
+  dk = dot_tn(d_scores.astype(q.dtype), q, p) + dk_state
   refs["dq"][...] = dq
   refs["dk"][...] = dk
+  # dL/dG_t: each pair (t, s) weighs exp(G_t - G_s), so it adds its share (dA * A)_ts to row t and
+  # takes it from column s; the state's reads and writes likewise. The diagonal cancels exactly here,
+  # where q . dq - k . dk would leave its rounding (large beside the off-diagonal terms under strong decay).
+  pairs = d_scores * qk
+  refs["dG"][...] = (jnp.sum(pairs, axis=1) - jnp.sum(pairs, axis=0)
+                     + jnp.sum(q.astype(f32) * dq_state, axis=1) - jnp.sum(k.astype(f32) * dk_state, axis=1))
   if st.delta:
     # U = U~ - W S: dW = -dU S^T.
     dpseudo = refs["dpseudo"][...]

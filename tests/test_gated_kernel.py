@@ -1,0 +1,138 @@
+"""The Pallas kernels of gated linear attention and the delta rule (`pallas.gated`), in interpret mode,
+against the float64 recurrences of their equations: values and gradients (gates and beta included)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import efficient_attention as ea
+import pallas
+from tests import util
+from tests.test_delta_rule import delta_rule_f64, draw_gates
+from tests.test_delta_rule import inputs as delta_inputs
+from tests.test_linear_gates import log_gates, long_padding, recurrence, strong_gates
+
+B, N, KH, H, HV = 2, 6, 2, 5, 3
+CHUNK = 16  # the smallest chunk the kernels take: T = 37 spans three chunks, T = 13 fewer than one
+
+
+def masking(case, t):
+  return {
+      "plain": {},
+      "segments_padded": dict(segment_ids=util.packed_segment_ids(B, t, 3), mask=long_padding(B, t)),
+      # Key sets differ between the query heads of a GQA group: one state per query head.
+      "per_head_padding": dict(mask=util.bernoulli(0.7, (B, N, 1, t))),
+  }[case]
+
+
+slow = pytest.mark.slow  # each case compiles its kernels' forward and backward (5-15 s on 2 cores)
+
+# (gate kind, normalize, feature map, masking, T, strong decay, dtype)
+GATED_CASES = [
+    pytest.param("step", "none", "identity", "segments_padded", 37, True, jnp.float32, id="step_none_segments_strong"),
+    pytest.param("head", "denominator", "elu+1", "per_head_padding", 13, False, jnp.float32,
+                 id="head_denominator_per_head_short"),
+    pytest.param("step", "denominator", "relu", "plain", 37, False, jnp.float32, id="step_denominator_relu",
+                 marks=slow),
+    pytest.param("step", "none", "elu+1", "segments_padded", 37, False, jnp.bfloat16, id="step_none_bf16", marks=slow),
+]
+
+
+@pytest.mark.parametrize("kind,normalize,feature_map,case,t,strong,dtype", GATED_CASES)
+def test_gated_value_and_grad_vs_recurrence(kind, normalize, feature_map, case, t, strong, dtype):
+  q, k, v = util.qkv(B, t, t, N, KH, H, hv=HV, dtype=dtype)
+  shape = (KH,) if kind == "head" else (B, t, KH)
+  gates = (strong_gates(kind, t) if strong else log_gates(shape)).astype(dtype)
+  opts = dict(feature_map=feature_map, normalize=normalize, **masking(case, t))
+
+  def fn(q, k, v, g):
+    return ea.linear_attention(q, k, v, is_causal=True, gates=g, implementation="pallas", chunk_size=CHUNK, **opts)
+
+  out, grads = util.check_against_f64(fn, lambda q, k, v, g: recurrence(q, k, v, g, **opts), (q, k, v, gates),
+                                      argnums=(0, 1, 2, 3), **util.TOL[dtype])
+  chex.assert_shape(out, (B, t, N, HV))
+  assert out.dtype == dtype
+  # The gates' gradient is not trivially 0 (it comes from the q . dq - k . dk identity).
+  assert float(jnp.abs(grads[3]).sum()) > 0
+
+
+class GatedLinearKernelTest(chex.TestCase):
+
+  def test_equals_xla_path_over_many_chunks(self):
+    # T = 150 over 16-step chunks (ten chunks, the last partial), GQA, per-step gates, default feature map.
+    q, k, v = util.qkv(B, 150, 150, 4, 2, 16, hv=16)
+    gates = log_gates((B, 150, 2))
+    ids = util.packed_segment_ids(B, 150, 4)
+    run = lambda impl: ea.linear_attention(q, k, v, is_causal=True, gates=gates, normalize="none", segment_ids=ids,
+                                           implementation=impl, chunk_size=CHUNK)
+    chex.assert_trees_all_close(run("pallas"), run("xla"), rtol=1e-4, atol=1e-4)
+
+  def test_errors(self):
+    q, k, v = util.qkv(B, 13, 13, N, KH, H, hv=HV)
+    with pytest.raises(ValueError, match=r"gates must have shape \[B, T, K\]=\(2, 13, 2\), got \(2, 13, 6\)"):
+      pallas.gated_linear_attention(q, k, v, log_gates((B, 13, N)))
+    with pytest.raises(TypeError, match="gates must be a floating-point array"):
+      pallas.gated_linear_attention(q, k, v, jnp.zeros((B, 13, KH), jnp.int32))
+    with pytest.raises(ValueError, match="chunk=8 must be a power of two >= 16"):
+      pallas.GatedBlockSizes(chunk=8)
+    with pytest.raises(ValueError, match="power-of-two chunk_size >= 16, got chunk_size=8"):
+      ea.linear_attention(q, k, v, is_causal=True, gates=log_gates((KH,)), implementation="pallas", chunk_size=8)
+
+
+# (gates: None / "mild" / "strong", qk_norm, masking, T, dtype)
+DELTA_CASES = [
+    pytest.param("mild", True, "segments_padded", 13, jnp.float32, id="gated_segments_padded_short"),
+    # Log gates down to -20 per step: decays over a chunk fall far below float32's range.
+    pytest.param("strong", False, "plain", 37, jnp.float32, id="strong_decay_no_qk_norm"),
+    pytest.param(None, True, "plain", 37, jnp.float32, id="plain_gqa", marks=slow),
+    pytest.param("mild", True, "per_head_padding", 37, jnp.float32, id="gated_per_head_mask", marks=slow),
+    pytest.param("mild", True, "segments_padded", 37, jnp.bfloat16, id="gated_segments_bf16", marks=slow),
+]
+
+
+@pytest.mark.parametrize("gates,qk_norm,case,t,dtype", DELTA_CASES)
+def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
+  q, k, v, beta, log_g = delta_inputs(t=t, dtype=dtype, k_scale=1.0 if qk_norm else 0.4)
+  if gates == "strong":
+    log_g = draw_gates((B, t, KH), low=-20.0).at[:, ::2].set(-20.0)
+  opts = dict(qk_norm=qk_norm, **masking(case, t))
+  args = (q, k, v, beta) + ((log_g,) if gates else ())
+
+  def fn(q, k, v, beta, gates=None):
+    return ea.delta_rule_attention(q, k, v, beta, gates=gates, chunk_size=CHUNK, implementation="pallas", **opts)
+
+  out, grads = util.check_against_f64(fn, lambda *a: delta_rule_f64(*a, **opts)[0], args,
+                                      argnums=tuple(range(len(args))), **util.TOL[dtype])
+  chex.assert_shape(out, (B, t, N, HV))
+  assert out.dtype == dtype
+  assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+
+
+class DeltaRuleKernelTest(chex.TestCase):
+
+  def test_errors(self):
+    q, k, v, beta, gates = delta_inputs()
+    with pytest.raises(ValueError, match="power-of-two chunk_size >= 16, got chunk_size=4"):
+      ea.delta_rule_attention(q, k, v, beta, chunk_size=4, implementation="pallas")
+    with pytest.raises(ValueError, match=r"w must have k's shape"):
+      pallas.delta_rule_recurrence(q, k, k[..., :2], v, gates)
+    with jax.enable_x64(True):
+      q64, k64, v64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v))
+      with pytest.raises(TypeError, match="computes in float32 at most"):
+        ea.delta_rule_attention(q64, k64, v64, beta, implementation="pallas")
+
+
+@pytest.mark.parametrize("family,options", [("gla", dict(gate="step")),
+                                            pytest.param("delta_rule", dict(gated=True), marks=slow)])
+def test_modules_match_the_xla_path(family, options):
+  # The same parameters, called through the Pallas kernels and through XLA.
+  d = 12
+  module = ea.ATTENTION_FAMILIES[family](4, d, 16, num_kv_heads=2, chunk_size=CHUNK, rngs=nnx.Rngs(0), **options)
+  x = util.normal((2, 29, d))
+  ids = util.packed_segment_ids(2, 29, 2)
+  want = module(x, segment_ids=ids)
+  module.implementation = "pallas"
+  chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
