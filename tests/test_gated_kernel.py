@@ -104,8 +104,13 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
   def fn(q, k, v, beta, gates=None):
     return ea.delta_rule_attention(q, k, v, beta, gates=gates, chunk_size=CHUNK, implementation="pallas", **opts)
 
+  # The kernels take a pair's decay as a difference of chunk-local cumulative gates (the XLA path
+  # uses exact segment sums): with sums near -320 the exponent carries an absolute rounding of
+  # ~2e-5, so under strong decay the gates' gradient agrees to ~1e-5 relative (2e-6 to 2.4e-5
+  # over draws, against ~1e-7 on the XLA path); every other gradient stays within 1e-6.
+  norm_tol = 5e-5 if gates == "strong" else None
   out, grads = util.check_against_f64(fn, lambda *a: delta_rule_f64(*a, **opts)[0], args,
-                                      argnums=tuple(range(len(args))), **util.TOL[dtype])
+                                      argnums=tuple(range(len(args))), norm_tol=norm_tol, **util.TOL[dtype])
   chex.assert_shape(out, (B, t, N, HV))
   assert out.dtype == dtype
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
