@@ -6,6 +6,7 @@
     python experiments/bench_attention.py --suite families       # every family, T up to 128k (bench_families.py)
     python experiments/bench_attention.py --suite block_sparse   # block-sparse kernel vs density
     python experiments/bench_attention.py --suite favor          # causal FAVOR+ kernels (bench_favor.py)
+    python experiments/bench_attention.py --suite gated          # gated linear / delta-rule kernels (bench_gated.py)
 
 Each suite writes `results/<run>/<suite>.{json,md,png}`; the suite's module says what it times.
 """
@@ -16,12 +17,12 @@ import argparse
 import dataclasses
 import pathlib
 
-from experiments import bench_block_sparse, bench_families, bench_favor, bench_softmax
+from experiments import bench_block_sparse, bench_families, bench_favor, bench_gated, bench_softmax
 from experiments.bench_softmax import IMPLS
 from experiments.bench_timing import environment
 
 SUITES = {"softmax": bench_softmax, "families": bench_families, "block_sparse": bench_block_sparse,
-          "favor": bench_favor}
+          "favor": bench_favor, "gated": bench_gated}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Config:
   suite: str = "softmax"  # one of SUITES
   family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
   families: tuple[str, ...] = ()  # --suite families: the families to time (empty: all of bench_families.FAMILIES)
+  # --suite gated: T, and the rows to time (empty: all of bench_gated.ROWS)
+  gated_seq_lens: tuple[int, ...] = tuple(1024 * 2**i for i in range(7))  # 1k .. 64k
+  gated_rows: tuple[str, ...] = ()
   # --suite block_sparse: B1, N, H, layout blocks, live fractions, Longformer window / global tokens
   sparse_seq_len: int = 16384
   sparse_heads: int = 16
@@ -74,6 +78,9 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)
   parser.add_argument("--families", nargs="+", default=Config.families, choices=bench_families.FAMILIES,
                       help="--suite families: time these only (default: all)")
+  parser.add_argument("--gated-seq-lens", type=int, nargs="+", default=Config.gated_seq_lens)
+  parser.add_argument("--gated-rows", nargs="+", default=Config.gated_rows, choices=bench_gated.ROWS,
+                      help="--suite gated: time these only (default: all)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds on a CPU")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--run", default=Config.run)
@@ -86,6 +93,8 @@ def parse_args(argv=None) -> Config:
     if cfg.suite == "block_sparse":
       cfg = dataclasses.replace(cfg, sparse_seq_len=256, sparse_heads=2, sparse_head_dim=16, sparse_block=16,
                                 longformer_window=32, longformer_global=16, repeats=1)
+    if cfg.suite == "gated":
+      cfg = dataclasses.replace(cfg, gated_seq_lens=(32,), repeats=1)
     if cfg.suite == "favor":
       cfg = dataclasses.replace(cfg, favor_seq_lens=(32, 64), favor_shapes=((16, 16),), favor_heads=2,
                                 favor_base_len=32, favor_xla_len=64, repeats=1)

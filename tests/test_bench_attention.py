@@ -132,3 +132,34 @@ def test_families_suite_runs_gla_and_the_delta_rule_on_the_suite_inputs():
     fn, is_causal = bench.family_fn(name, 9, 4, on_gpu=False, n=2)
     out = fn(q, k, v)
     assert is_causal and out.shape == q.shape and bool(jnp.isfinite(out).all()), name
+
+
+def test_gated_suite_times_the_kernels_and_states_the_targets(tmp_path):
+  bench = load_experiment("bench_attention")
+  out = bench.main(["--smoke", "--suite", "gated", "--out-dir", str(tmp_path), "--run", "gated",
+                    "--gated-rows", "gla-pallas", "delta-pallas", "gla-xla"])
+  data = json.loads((out / "gated.json").read_text())
+  assert {r["row"] for r in data["rows"]} == {"gla-pallas", "delta-pallas", "gla-xla"}
+  for row in data["rows"]:
+    assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+  # One length and no cuDNN here: every target is stated, none measured.
+  assert len(data["targets"]) == 5 and all(t["met"] is None for t in data["targets"])
+  table = (out / "gated.md").read_text()
+  assert "forward+backward (ms)" in table and table.count("not measured") == 5
+  assert (out / "gated.png").stat().st_size > 10_000
+
+
+def test_gated_targets_read_the_ratios():
+  bench = load_experiment("bench_gated")
+
+  def row(name, t, ms):
+    return dict(row=name, seq_len=t, fwd_bwd_ms=ms, status="ok")
+
+  rows = [row("linear-pallas", 16384, 2.0), row("gla-pallas", 16384, 2.5), row("softmax-cudnn", 4096, 1.0),
+          row("gla-pallas", 4096, 0.5), row("softmax-cudnn", 16384, 9.0), row("gla-pallas", 8192, 1.0),
+          row("gla-pallas", 65536, 9.0)]
+  got = {t["target"]: (t["value"], t["met"]) for t in bench.targets(rows)}
+  assert got["gla-pallas / linear-pallas, fwd+bwd, T=16384"] == (1.25, True)
+  assert got["gla-pallas / softmax-cudnn, fwd+bwd, every T >= 4096"] == (0.5, True)
+  assert got["gla-pallas, fwd+bwd time T=65536 / T=8192"] == (9.0, False)
+  assert got["delta-pallas / softmax-cudnn, fwd+bwd, every T >= 4096"] == (None, None)

@@ -1,0 +1,195 @@
+"""`--suite gated`: the gated linear-attention and delta-rule kernels (`pallas.gated`) against the
+ungated linear kernel, their XLA paths and cuDNN causal attention, B1 N8 H128 (bf16 on a GPU), T from
+1k to 64k, forward and forward+backward, median of `repeats` calls of each.
+
+Rows: `softmax-cudnn` (causal flash attention, GPU only), `linear-pallas` (the ungated chunked kernel,
+elu+1 features), `gla-pallas` / `gla-xla` (identity features, no denominator, one log forget gate
+per step and head, `log_sigmoid(x + 2)`), `delta-pallas` / `delta-xla` (Gated DeltaNet: beta =
+`sigmoid(x)`, gates `-softplus(x)`). The markdown states the targets of the gated kernels: gated
+within 1.3x the ungated kernel at T=16k, faster than cuDNN from T=4k, and T=64k / T=8k <= 8.5
+(linear time). On a CPU (`--smoke`) the Pallas rows run in Pallas' interpreter: a check that the
+suite runs, not a timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import TYPE_CHECKING, Callable
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+import efficient_attention as ea
+from experiments.bench_timing import inputs, is_oom, median_time
+
+if TYPE_CHECKING:
+  from experiments.bench_attention import Config
+
+ROWS = ("softmax-cudnn", "linear-pallas", "gla-pallas", "gla-xla", "delta-pallas", "delta-xla")
+# The targets (issue text): ratios of forward+backward times.
+GATED_VS_UNGATED_LEN, GATED_VS_UNGATED_MAX = 16384, 1.3
+CUDNN_FROM_LEN = 4096
+SCALING_LENS, SCALING_MAX = (8192, 65536), 8.5
+
+
+def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> Callable | None:
+  """fn(q, k, v) -> out for a row at length t (n heads), or None where it does not run."""
+  if name == "softmax-cudnn":
+    if not on_gpu:
+      return None
+    return lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")
+  base, _, impl = name.partition("-")
+  logits = jax.random.normal(jax.random.key(4), (1, t, n, 2), jnp.float32)
+  if base == "linear":
+    return lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)
+  if base == "gla":
+    gates = jax.nn.log_sigmoid(logits[..., 0] + 2.0)
+    return lambda q, k, v: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=gates,
+                                               is_causal=True, implementation=impl)
+  if base == "delta":
+    beta, gates = jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1])
+    return lambda q, k, v: ea.delta_rule_attention(q, k, v, beta, gates=gates, implementation=impl)
+  raise ValueError(f"unknown row {name!r}; valid: {ROWS}")
+
+
+def measure(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
+  """Every row at every T; a row that runs out of memory is not run at longer T."""
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  rows, stopped = [], {}
+  key = jax.random.key(cfg.seed + 5)
+  for t in tqdm(cfg.gated_seq_lens, desc="gated"):
+    q, k, v, do = inputs(key, 1, t, n, h, dtype)
+    for name in cfg.gated_rows or ROWS:
+      row = dict(row=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name)
+      if name in stopped:
+        rows.append(dict(row, status=stopped[name]))
+        continue
+      fn = row_fn(name, t, n, on_gpu=on_gpu)
+      if fn is None:
+        continue
+      try:
+        fwd = jax.jit(fn)
+        fwd_bwd = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
+        row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup)
+        row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup)
+        row["status"] = "ok"
+      except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result here
+        row["status"] = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
+      rows.append(row)
+      tqdm.write(json.dumps(row))
+    if on_length_done is not None:
+      on_length_done(rows)
+  return rows
+
+
+def _time(rows: list[dict], name: str, t: int, key: str = "fwd_bwd_ms") -> float | None:
+  r = next((r for r in rows if r["row"] == name and r["seq_len"] == t and r.get("status") == "ok"), None)
+  return None if r is None else r[key]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+  """Each target with its measured value (None where a time is missing) and whether it is met."""
+  out = []
+  for gated in ("gla-pallas",):
+    a, b = _time(rows, gated, GATED_VS_UNGATED_LEN), _time(rows, "linear-pallas", GATED_VS_UNGATED_LEN)
+    value = None if a is None or b is None else a / b
+    out.append(dict(target=f"{gated} / linear-pallas, fwd+bwd, T={GATED_VS_UNGATED_LEN}", limit=GATED_VS_UNGATED_MAX,
+                    value=value, met=None if value is None else value <= GATED_VS_UNGATED_MAX))
+  lens = sorted({r["seq_len"] for r in rows if r["seq_len"] >= CUDNN_FROM_LEN})
+  for name in ("gla-pallas", "delta-pallas"):
+    ratios = {t: (_time(rows, name, t), _time(rows, "softmax-cudnn", t)) for t in lens}
+    ratios = {t: a / b for t, (a, b) in ratios.items() if a is not None and b is not None}
+    worst = max(ratios.values()) if ratios else None
+    out.append(dict(target=f"{name} / softmax-cudnn, fwd+bwd, every T >= {CUDNN_FROM_LEN}", limit=1.0, value=worst,
+                    met=None if worst is None else worst < 1.0))
+    lo, hi = (_time(rows, name, t) for t in SCALING_LENS)
+    value = None if lo is None or hi is None else hi / lo
+    out.append(dict(target=f"{name}, fwd+bwd time T={SCALING_LENS[1]} / T={SCALING_LENS[0]}", limit=SCALING_MAX,
+                    value=value, met=None if value is None else value <= SCALING_MAX))
+  return out
+
+
+def markdown(rows: list[dict], header: str) -> str:
+  names = [f for f in ROWS if any(r["row"] == f for r in rows)]
+  lens = sorted({r["seq_len"] for r in rows})
+  lines = [header, ""]
+  for key, title in (("fwd_bwd_ms", "forward+backward (ms)"), ("fwd_ms", "forward (ms)")):
+    lines += [title, "", "| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in lens:
+      cells = []
+      for name in names:
+        r = next((r for r in rows if r["row"] == name and r["seq_len"] == t), None)
+        cells.append("–" if r is None else (f"{r[key]:.3g}" if r["status"] == "ok" else
+                                           ("OOM" if r["status"] == "OOM" else "error")))
+      lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+  if "softmax-cudnn" in names:
+    lines += ["Ratio of forward+backward times to cuDNN causal attention (< 1: faster)", "",
+              "| T | " + " | ".join(n for n in names if n != "softmax-cudnn") + " |",
+              "|---|" + "---|" * (len(names) - 1)]
+    for t in lens:
+      base = _time(rows, "softmax-cudnn", t)
+      cells = []
+      for name in names:
+        if name == "softmax-cudnn":
+          continue
+        mine = _time(rows, name, t)
+        cells.append("–" if mine is None or base is None else f"{mine / base:.2f}")
+      lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("")
+  lines += ["Targets", "", "| target | limit | measured | met |", "|---|---:|---:|---|"]
+  for tg in targets(rows):
+    value = "–" if tg["value"] is None else f"{tg['value']:.2f}"
+    met = "not measured" if tg["met"] is None else ("yes" if tg["met"] else "**no**")
+    lines.append(f"| {tg['target']} | {tg['limit']} | {value} | {met} |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+  for ax, (key, title) in zip(axes, (("fwd_bwd_ms", "forward+backward"), ("fwd_ms", "forward"))):
+    for name in ROWS:
+      pts = [(r["seq_len"], r[key]) for r in rows if r["row"] == name and r["status"] == "ok"]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name.endswith("xla") or
+                name.startswith("softmax") else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel("ms")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
+  """Writes `gated.{json,md,png}` under `out`, again after every sequence length."""
+
+  def write(rows: list[dict]) -> str:
+    if not rows:
+      return ""
+    r0 = rows[0]
+    header = (f"# Gated linear attention and the delta rule — {env['device']}, JAX {env['jax']}, {r0['dtype']}, "
+              f"B1 N{r0['num_heads']} H{r0['head_dim']}, causal, median of {cfg.repeats}")
+    table = markdown(rows, header)
+    (out / "gated.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows,
+                                                    targets=targets(rows)), indent=1))
+    (out / "gated.md").write_text(table)
+    plot(rows, out / "gated.png")
+    return table
+
+  print(write(measure(cfg, on_length_done=write)))
