@@ -15,7 +15,12 @@ from pallas.favor import (
     positive_features,
     positive_features_reference,
 )
-from pallas.gated import GatedBlockSizes, delta_rule_recurrence, gated_linear_attention
+from pallas.gated import (
+    GatedBlockSizes,
+    delta_rule_recurrence,
+    gated_linear_attention,
+    gated_linear_attention_reference,
+)
 from pallas.linear import (
     LinearBlockSizes,
     causal_linear_attention,
@@ -40,6 +45,7 @@ __all__ = [
     "delta_rule_recurrence",
     "flash_attention",
     "gated_linear_attention",
+    "gated_linear_attention_reference",
     "kernel_attention_reference",
     "layout_mask",
     "positive_features",

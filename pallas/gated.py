@@ -641,3 +641,28 @@ def _grads_kernel(refs: dict, st: _Static):
   else:
     kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
     refs["dv"][...] = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
+
+
+# --------------------------------------------------------------------------- #
+# reference
+# --------------------------------------------------------------------------- #
+
+
+def gated_linear_attention_reference(q, k, v, gates, *, segment_ids=None) -> jax.Array:
+  """Dense `[B, T, N, Hv]`: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`, G = cumsum(gates).
+
+  The reference of `gated_linear_attention`, building `[B, N, T, T]`; computes in the
+  inputs' precision (float64 under `jax.enable_x64` for tests). The delta rule's
+  recurrence has no dense form here: its reference is `efficient_attention`'s XLA
+  path and the tests' float64 recurrence.
+  """
+  t, n, kh = q.shape[1], q.shape[2], k.shape[2]
+  k, v = (jnp.repeat(x, n // kh, axis=2) for x in (k, v))
+  # [B, N, T]
+  cum = jnp.cumsum(jnp.repeat(gates, n // kh, axis=2).astype(q.dtype), axis=1).transpose(0, 2, 1)
+  runs = None if segment_ids is None else common.run_labels(segment_ids)
+  live = common.dense_mask(t, t, is_causal=True, segment_ids=None if runs is None else (runs, runs))
+  diff = cum[..., :, None] - cum[..., None, :]
+  weights = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)
+  scores = jnp.einsum("btnm,bsnm->bnts", q, k) * weights
+  return jnp.einsum("bnts,bsnh->btnh", scores, v)

@@ -70,6 +70,14 @@ class GatedLinearKernelTest(chex.TestCase):
                                            implementation=impl, chunk_size=CHUNK)
     chex.assert_trees_all_close(run("pallas"), run("xla"), rtol=1e-4, atol=1e-4)
 
+  def test_kernel_matches_its_dense_reference(self):
+    # The kernel alone (no feature map, no masking wrapper), GQA, segments, T = 37 over 16-step chunks.
+    q, k, v = util.qkv(B, 37, 37, N, KH, H, hv=HV)
+    gates, ids = log_gates((B, 37, KH)), util.packed_segment_ids(B, 37, 3)
+    out = pallas.gated_linear_attention(q, k, v, gates, segment_ids=ids, block_sizes=pallas.GatedBlockSizes(chunk=16))
+    want = util.in_f64(lambda *a: pallas.gated_linear_attention_reference(*a, segment_ids=ids), q, k, v, gates)
+    chex.assert_trees_all_close(np.asarray(out, np.float64), want, **util.TOL[jnp.float32])
+
   def test_errors(self):
     q, k, v = util.qkv(B, 13, 13, N, KH, H, hv=HV)
     with pytest.raises(ValueError, match=r"gates must have shape \[B, T, K\]=\(2, 13, 2\), got \(2, 13, 6\)"):
