@@ -189,8 +189,8 @@ class DeltaRuleErrorsTest(chex.TestCase):
   def test_errors_name_the_values(self):
     q, k, v, beta, gates = inputs()
     f = ea.delta_rule_attention
-    with pytest.raises(ValueError, match="no implementation='pallas'; it supports: None, 'xla'"):
-      f(q, k, v, beta, implementation="pallas")
+    with pytest.raises(ValueError, match="no implementation='cudnn'; it supports: None, 'xla', 'pallas'"):
+      f(q, k, v, beta, implementation="cudnn")
     with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\].*1 values outside \(e.g. 1.5"):
       f(q, k, v, beta.at[0, 3, 1].set(1.5))
     with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\].*e.g. nan"):
