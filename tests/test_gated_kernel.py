@@ -149,3 +149,25 @@ def test_modules_match_the_xla_path(family, options):
   want = module(x, segment_ids=ids)
   module.implementation = "pallas"
   chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["gated_linear", "delta_rule"])
+def test_kernels_lower_to_triton_for_a_gpu(kernel):
+  # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
+  # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
+  # What the Triton compiler does with the IR (shared memory, registers) is checked on a GPU only.
+  t = 300
+  q, k = jnp.ones((1, t, 4, 128), jnp.bfloat16), jnp.ones((1, t, 2, 128), jnp.bfloat16)
+  gates, ids = jnp.full((1, t, 2), -0.1, jnp.float32), jnp.zeros((1, t), jnp.int32)
+  if kernel == "gated_linear":
+    f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False)
+  else:
+    f = lambda q, k, v, g: pallas.delta_rule_recurrence(q, k, k, v, g, segment_ids=ids, interpret=False)
+  grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
+  triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  calls = []
+  for fn in (f, grad):
+    module = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=triton)(q, k, k, gates).mlir_module()
+    calls.append(module.count("xla.gpu.triton"))
+  # Forward: states and outputs; gradient: states, the backward walk and the gradient pass.
+  assert calls == [2, 3], calls
