@@ -13,7 +13,8 @@ transposed layout):
   row[0]        the tile this program owns,
   row[1]        U: how many of its live partner tiles need no mask,
   row[2]        L: how many partner tiles are live,
-  row[3:3 + L]  the live partner tiles, the U unmasked ones first.
+  row[3]        p: which piece of the tile's partners this is (below),
+  row[4:4 + L]  the live partner tiles, the U unmasked ones first.
 
 The kernels load the table row, walk `[0, U)` without masks and `[U, L)` with
 them (causal diagonal, padded tail, segment ids), dynamic-slicing K/V (or
@@ -22,6 +23,14 @@ rows, causal tails), and the grid runs (heads, batch, rows) so that the long
 rows of every head start first. Tiles of the kernels may be finer than the
 layout's blocks (the layout is refined by repetition): by default the Triton
 flash tiles, clipped to the layout's block sizes.
+
+Long rows are split: a tile whose partners outnumber `max_tiles_per_program`
+(by default twice the mean row length, at least 8: a global row among local
+ones) gets several programs, each walking one piece of its partners and writing
+its partial result (forward: output and lse; backward: dQ or dK/dV) into slot p
+of a float32 buffer with one slot per piece; XLA then combines the slots
+(softmax states by their lse, gradients by a sum). Time then follows the live
+blocks even when one row holds most of them.
 
 Einsum alphabet as in `pallas.softmax`.
 """
@@ -56,7 +65,9 @@ from pallas.softmax import BlockSizes, softmax_attention_reference
 from pallas.tiling import matmul_precision, pow2_at_least
 
 # Table columns before the partner tiles: owned tile, unmasked count, live count.
-_HEAD = 3
+_HEAD = 4
+# Rows split when longer than this many times the mean row length (and than _MIN_PIECE tiles).
+_SPLIT_OVER_MEAN, _MIN_PIECE = 2, 8
 
 
 def block_sparse_attention(
@@ -70,6 +81,7 @@ def block_sparse_attention(
     scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    max_tiles_per_program: int | None = None,
 ) -> jax.Array:
   """Exact attention over the live blocks of `layout`, tile by tile.
 
@@ -84,6 +96,9 @@ def block_sparse_attention(
       the layout's block size on its axis; default the Triton flash tiles
       clipped to the layout's blocks.
     interpret: run the kernels in Pallas' interpreter; default True off GPU.
+    max_tiles_per_program: the most partner tiles one program walks; longer rows
+      are split over several programs and their partial results combined. None:
+      twice the mean row length of each kernel's table, at least 8.
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows with no live key are 0 with 0 gradient.
@@ -100,6 +115,9 @@ def block_sparse_attention(
   ids = common.check_segment_ids(segment_ids, dims)
   scale = common.check_scale(scale, dims)
   common.check_causal(is_causal, dims, family="block_sparse_attention")
+  if max_tiles_per_program is not None and (isinstance(max_tiles_per_program, bool)
+                                            or not isinstance(max_tiles_per_program, int) or max_tiles_per_program < 1):
+    raise ValueError(f"max_tiles_per_program must be None or a positive int, got {max_tiles_per_program=!r}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   tiles = _tiles(block_sizes, layout, dims.head_dim)
@@ -107,9 +125,11 @@ def block_sparse_attention(
                        q_len=dims.q_len, kv_len=dims.kv_len, group=dims.group, blocks=tiles,
                        backend="triton", interpret=bool(interpret), precision=matmul_precision(q.dtype))
   qp, kp, vp, q_ids, kv_ids = pad_inputs(q, k, v, ids, dims, tiles)
-  tables = tuple(jnp.asarray(t) for t in walk_tables(layout, tiles, dims.q_len, dims.kv_len, qp.shape[1],
-                                                      kp.shape[1], is_causal=is_causal, has_segments=ids is not None))
-  out = _attention(qp, kp, vp, q_ids, kv_ids, tables, static)
+  walks = walk_tables(layout, tiles, dims.q_len, dims.kv_len, qp.shape[1], kp.shape[1], is_causal=is_causal,
+                      has_segments=ids is not None, cap=max_tiles_per_program)
+  tables = tuple(jnp.asarray(table) for table, _ in walks)
+  pieces = tuple(_Pieces.of(p) for _, p in walks)
+  out = _attention(qp, kp, vp, q_ids, kv_ids, tables, static, pieces)
   return out[:, : dims.q_len, :, : dims.v_head_dim]
 
 
@@ -139,8 +159,8 @@ def _tiles(block_sizes: BlockSizes | None, layout: BlockLayout, head_dim: int) -
 
 @functools.lru_cache(maxsize=64)
 def walk_tables(layout: BlockLayout, tiles: BlockSizes, q_len: int, kv_len: int, t_pad: int, s_pad: int, *,
-                is_causal: bool, has_segments: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The int32 walk tables `[N|1, R, W]` of the forward, dQ and dK/dV kernels (see the module doc)."""
+                is_causal: bool, has_segments: bool, cap: int | None = None) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+  """(walk table `[N|1, R', W]`, pieces per tile `[N|1, R]`) of the forward, dQ and dK/dV kernels (module doc)."""
 
   def live_and_masked(tq: int, tk: int) -> tuple[np.ndarray, np.ndarray]:
     """bool `[N|1, t_pad / tq, s_pad / tk]` live tiles and `[t_pad / tq, s_pad / tk]` tiles needing a mask."""
@@ -158,29 +178,71 @@ def walk_tables(layout: BlockLayout, tiles: BlockSizes, q_len: int, kv_len: int,
       masked = masked | (last_k > first_q)
     return live, masked
 
-  fwd = _walk(*live_and_masked(tiles.block_q, tiles.block_k))
-  dq = _walk(*live_and_masked(tiles.block_q_dq, tiles.block_k_dq))
+  fwd = _walk(*live_and_masked(tiles.block_q, tiles.block_k), cap=cap)
+  dq = _walk(*live_and_masked(tiles.block_q_dq, tiles.block_k_dq), cap=cap)
   live, masked = live_and_masked(tiles.block_q_dkv, tiles.block_k_dkv)
-  return fwd, dq, _walk(live.transpose(0, 2, 1), masked.T)
+  return fwd, dq, _walk(live.transpose(0, 2, 1), masked.T, cap=cap)
 
 
-def _walk(live: np.ndarray, masked: np.ndarray) -> np.ndarray:
-  """Walk table `[N|1, R, W]` from live tiles `[N|1, R, C]` and tiles needing a mask `[R, C]`."""
+def _walk(live: np.ndarray, masked: np.ndarray, *, cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Walk table `[N|1, R', W]` from live tiles `[N|1, R, C]` and tiles needing a mask `[R, C]`, and the
+  number of pieces (programs) of each tile `[N|1, R]` (module doc); R' >= R rows, one per piece."""
   heads, num_rows, _ = live.shape
   unmasked = live & ~masked
   # Unmasked live tiles first, then masked live ones, each in increasing order.
   order = np.argsort(np.where(unmasked, 0, np.where(live, 1, 2)), axis=-1, kind="stable")
   counts, free = live.sum(-1), unmasked.sum(-1)
-  width = int(counts.max(initial=0))
-  partners = np.where(np.arange(width) < counts[..., None], order[..., :width], 0)
-  # Longest rows first: their programs start first and the short ones fill in behind.
-  rows = np.argsort(-counts, axis=-1, kind="stable")
-  table = np.zeros((heads, num_rows, pow2_at_least(_HEAD + width, floor=4)), np.int32)
-  table[..., 0] = rows
-  table[..., 1] = np.take_along_axis(free, rows, axis=-1)
-  table[..., 2] = np.take_along_axis(counts, rows, axis=-1)
-  table[..., _HEAD:_HEAD + width] = np.take_along_axis(partners, rows[..., None], axis=1)
-  return table
+  if cap is None:
+    cap = max(_MIN_PIECE, int(np.ceil(_SPLIT_OVER_MEAN * counts.mean()))) if counts.size else 1
+  # Pieces of (nearly) equal length: ceil(L / pieces) partners each, the last one shorter.
+  pieces = np.maximum(1, -(-counts // cap))
+  length = -(-counts // pieces)
+  # One entry per (head, tile, piece): (tile, piece, first partner slot, partners).
+  entries = []
+  for h in range(heads):
+    mine = []
+    for r in range(num_rows):
+      for p in range(pieces[h, r]):
+        lo, hi = p * length[h, r], min(counts[h, r], (p + 1) * length[h, r])
+        mine.append((r, p, lo, hi))
+    entries.append(mine)
+  # Every head gets as many rows: a head with fewer pieces repeats its first (longest) entries, whose
+  # programs then write the same values to the same place twice.
+  num_entries = max(len(e) for e in entries)
+  width = int(max((hi - lo for e in entries for _, _, lo, hi in e), default=0))
+  table = np.zeros((heads, num_entries, pow2_at_least(_HEAD + width, floor=4)), np.int32)
+  for h, mine in enumerate(entries):
+    # Longest pieces first: their programs start first and the short ones fill in behind.
+    mine = sorted(mine, key=lambda e: -(e[3] - e[2]))
+    mine = (mine * -(-num_entries // len(mine)))[:num_entries]
+    for i, (r, p, lo, hi) in enumerate(mine):
+      table[h, i, 0] = r
+      table[h, i, 1] = max(0, min(free[h, r], hi) - lo)
+      table[h, i, 2] = hi - lo
+      table[h, i, 3] = p
+      table[h, i, _HEAD:_HEAD + hi - lo] = order[h, r, lo:hi]
+  return table, pieces.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pieces:
+  """The pieces per tile of one kernel's table, hashable (a static argument): `[N|1, R]` as tuples."""
+
+  counts: tuple[tuple[int, ...], ...]
+
+  @classmethod
+  def of(cls, pieces: np.ndarray) -> _Pieces:
+    return cls(tuple(tuple(int(x) for x in row) for row in pieces))
+
+  @property
+  def most(self) -> int:
+    return max((max(row, default=1) for row in self.counts), default=1)
+
+  def valid(self, tile: int, length: int) -> np.ndarray:
+    """bool `[N|1, P, length]`: slot p of position t holds a piece of t's tile (tiles of `tile` steps)."""
+    counts = np.asarray(self.counts, np.int32)
+    per_step = np.repeat(counts, tile, axis=1)[:, :length]
+    return np.arange(self.most)[None, :, None] < per_step[:, None, :]
 
 
 # --------------------------------------------------------------------------- #
@@ -188,21 +250,21 @@ def _walk(live: np.ndarray, masked: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_ids, kv_ids, tables, static: FlashStatic):
-  return _forward(q, k, v, q_ids, kv_ids, tables[0], static)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, pieces):
+  return _forward(q, k, v, q_ids, kv_ids, tables[0], static, pieces[0])[0]
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: FlashStatic):
-  out, lse = _forward(q, k, v, q_ids, kv_ids, tables[0], static)
+def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, pieces):
+  out, lse = _forward(q, k, v, q_ids, kv_ids, tables[0], static, pieces[0])
   return out, (q, k, v, q_ids, kv_ids, tables, out, lse)
 
 
-def _attention_bwd(static: FlashStatic, residuals, d_out):
+def _attention_bwd(static: FlashStatic, pieces, residuals, d_out):
   q, k, v, q_ids, kv_ids, tables, out, lse = residuals
   delta = output_delta(out, d_out)
-  dq = _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[1], static)
-  dk, dv = _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[2], static)
+  dq = _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[1], static, pieces[1])
+  dk, dv = _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[2], static, pieces[2])
   return dq, dk, dv, None, None, None
 
 
@@ -268,19 +330,54 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref
   carry = lax.fori_loop(0, free, functools.partial(body, masked=False), forward_init(bq, v_ref.shape[-1]))
   carry = lax.fori_loop(free, count, functools.partial(body, masked=True), carry)
   out, lse = forward_result(*carry)
-  o_ref[rows, :] = out.astype(o_ref.dtype)
-  lse_ref[rows] = lse
+  # This piece's slot (slot 0 when rows are not split).
+  at = pl.ds(table_ref[3] * q_ref.shape[0] + q_start, bq)
+  o_ref[at, :] = out.astype(o_ref.dtype)
+  lse_ref[at] = lse
 
 
-def _forward(q, k, v, q_ids, kv_ids, table, static: FlashStatic):
+def _forward(q, k, v, q_ids, kv_ids, table, static: FlashStatic, pieces: _Pieces):
   """Output `[B, T, N, Hv]` and lse `[B, N, T]` (base 2, +inf on dead rows) of padded inputs."""
   batch, t_pad, num_heads, _ = q.shape
   v_dim = v.shape[3]
-  out_shape = [jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_dim), q.dtype),
-               jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)]
+  slots = pieces.most
+  # Pieces write float32 partial outputs, one slot (of T' steps) each.
+  out_shape = [jax.ShapeDtypeStruct((batch, slots * t_pad, num_heads, v_dim), q.dtype if slots == 1 else jnp.float32),
+               jax.ShapeDtypeStruct((batch, num_heads, slots * t_pad), jnp.float32)]
   args = [q, k, v] + ([q_ids, kv_ids] if static.has_segments else [])
-  return _call(_forward_kernel, table, args, out_shape, out_shape, static, num_inputs=4,
-               name="block_sparse_forward", backward=False)
+  out, lse = _call(_forward_kernel, table, args, out_shape, out_shape, static, num_inputs=4,
+                   name="block_sparse_forward", backward=False)
+  if slots == 1:
+    return out, lse
+  # [N|1, P, T'] -> [1, N|1, P, T']
+  valid = jnp.asarray(pieces.valid(static.blocks.block_q, t_pad))[None]
+  lse = jnp.where(valid, lse.reshape(batch, num_heads, slots, t_pad), -jnp.inf)
+  lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # a piece with no live key weighs nothing
+  top = jnp.max(lse, axis=2, keepdims=True)
+  dead = top == -jnp.inf
+  # [B, N, P, T']
+  weight = jnp.where(dead, 0.0, jnp.exp2(lse - jnp.where(dead, 0.0, top)))
+  total = jnp.sum(weight, axis=2, keepdims=True)
+  weight = weight / jnp.where(dead, 1.0, total)
+  # [B, P, T', N, Hv]: the slots, unwritten ones read as 0.
+  out = out.reshape(batch, slots, t_pad, num_heads, v_dim)
+  out = jnp.where(valid.transpose(0, 2, 3, 1)[..., None], out, 0.0)
+  out = jnp.einsum("bptnh,bnpt->btnh", out, weight).astype(q.dtype)
+  lse = jnp.where(dead, jnp.inf, top + jnp.log2(jnp.where(dead, 1.0, total)))[:, :, 0]
+  return out, lse
+
+
+def _sum_slots(x: jax.Array, pieces: _Pieces, tile: int, dtype) -> jax.Array:
+  """Partial results `[B, P * L, N, D]` (P slots) summed over their valid slots: `[B, L, N, D]` in dtype."""
+  slots = pieces.most
+  if slots == 1:
+    return x.astype(dtype)
+  batch, total, heads, width = x.shape
+  length = total // slots
+  # [N|1, P, L] -> [1, P, L, N|1, 1]
+  valid = jnp.asarray(pieces.valid(tile, length)).transpose(1, 2, 0)[None, ..., None]
+  x = jnp.where(valid, x.reshape(batch, slots, length, heads, width), 0.0)
+  return jnp.sum(x, axis=1).astype(dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -303,14 +400,18 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids
   free, count = table_ref[1], table_ref[2]
   dq = lax.fori_loop(0, free, functools.partial(body, masked=False), jnp.zeros((bq, q_ref.shape[1]), jnp.float32))
   dq = lax.fori_loop(free, count, functools.partial(body, masked=True), dq)
-  dq_ref[rows, :] = (dq * static.scale).astype(dq_ref.dtype)
+  at = pl.ds(table_ref[3] * q_ref.shape[0] + q_start, bq)
+  dq_ref[at, :] = (dq * static.scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic):
+def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, pieces: _Pieces):
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
-  out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  return _call(_dq_kernel, table, args, [out_shape], [out_shape], static, num_inputs=7,
-               name="block_sparse_backward_dq", backward=True)[0]
+  slots = pieces.most
+  batch, t_pad, heads, width = q.shape
+  out_shape = jax.ShapeDtypeStruct((batch, slots * t_pad, heads, width), q.dtype if slots == 1 else jnp.float32)
+  dq = _call(_dq_kernel, table, args, [out_shape], [out_shape], static, num_inputs=7,
+             name="block_sparse_backward_dq", backward=True)[0]
+  return _sum_slots(dq, pieces, static.blocks.block_q_dq, q.dtype)
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
@@ -329,21 +430,25 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_i
   carry = (jnp.zeros((bk, k_ref.shape[1]), jnp.float32), jnp.zeros((bk, v_ref.shape[1]), jnp.float32))
   carry = lax.fori_loop(0, free, functools.partial(body, masked=False), carry)
   dk, dv = lax.fori_loop(free, count, functools.partial(body, masked=True), carry)
-  dk_ref[cols, :] = (dk * static.scale).astype(dk_ref.dtype)
-  dv_ref[cols, :] = dv.astype(dv_ref.dtype)
+  at = pl.ds(table_ref[3] * k_ref.shape[0] + k_start, bk)
+  dk_ref[at, :] = (dk * static.scale).astype(dk_ref.dtype)
+  dv_ref[at, :] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic):
+def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, pieces: _Pieces):
   """dK, dV per query head (summed over each GQA group afterwards)."""
   batch, _, num_heads, head_dim = q.shape
   s_pad, v_dim = k.shape[1], v.shape[3]
-  group = static.group
-  out_dtype = k.dtype if group == 1 else jnp.float32
-  out_shape = [jax.ShapeDtypeStruct((batch, s_pad, num_heads, head_dim), out_dtype),
-               jax.ShapeDtypeStruct((batch, s_pad, num_heads, v_dim), out_dtype)]
+  group, slots = static.group, pieces.most
+  out_dtype = k.dtype if group == 1 and slots == 1 else jnp.float32
+  out_shape = [jax.ShapeDtypeStruct((batch, slots * s_pad, num_heads, head_dim), out_dtype),
+               jax.ShapeDtypeStruct((batch, slots * s_pad, num_heads, v_dim), out_dtype)]
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
   dk, dv = _call(_dkdv_kernel, table, args, out_shape, out_shape, static, num_inputs=7,
                  name="block_sparse_backward_dkdv", backward=True)
+  tile = static.blocks.block_k_dkv
+  dk = _sum_slots(dk, pieces, tile, k.dtype if group == 1 else jnp.float32)
+  dv = _sum_slots(dv, pieces, tile, v.dtype if group == 1 else jnp.float32)
   return sum_groups(dk, dv, k, v, group)
 
 

@@ -24,11 +24,12 @@ B, T, N, K, H, HV = 2, 67, 4, 2, 8, 5
 FINE = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16, block_k_dkv=16)
 
 
-def check(layout, args, *, dtype=jnp.float32, block_sizes=None, **options):
+def check(layout, args, *, dtype=jnp.float32, block_sizes=None, max_tiles_per_program=None, **options):
   """Value and gradient of the jitted kernel against the float64 reference under `layout_mask`."""
 
   def fn(q, k, v):
-    return block_sparse_attention(q, k, v, layout, block_sizes=block_sizes, **options)
+    return block_sparse_attention(q, k, v, layout, block_sizes=block_sizes,
+                                  max_tiles_per_program=max_tiles_per_program, **options)
 
   def ref(q, k, v):
     return ea.block_sparse_attention_reference(q, k, v, layout, **options)
@@ -110,41 +111,65 @@ def test_dispatch_with_key_padding_segments_and_causal():
   util.check_against_f64(fn, ref, util.qkv(B, T, T, N, K, H), **util.TOL[jnp.float32])
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_walk_tables_hold_exactly_the_live_tiles(is_causal):
+@pytest.mark.parametrize("is_causal,cap", [(False, None), (True, None), (True, 2)])
+def test_walk_tables_hold_exactly_the_live_tiles(is_causal, cap):
   layout = layouts.bigbird(jax.random.key(0), 300, block_size=64, num_heads=3) | layouts.global_tokens(
       300, num_global=64, block_size=64)
   tiles = BlockSizes(block_q=64, block_k=32, block_q_dq=32, block_k_dq=32, block_q_dkv=32, block_k_dkv=64)
   t_pad = s_pad = 320
-  fwd, dq, dkdv = block_sparse.walk_tables(layout, tiles, 300, 300, t_pad, s_pad, is_causal=is_causal,
-                                           has_segments=False)
+  walks = block_sparse.walk_tables(layout, tiles, 300, 300, t_pad, s_pad, is_causal=is_causal,
+                                   has_segments=False, cap=cap)
   dense = np.asarray(ea.layout_mask(layout, 300))[0]  # [N, T, S]
   if is_causal:
     dense = dense & np.tri(300, dtype=bool)
-  for table, tq, tk, transposed in ((fwd, 64, 32, False), (dq, 32, 32, False), (dkdv, 32, 64, True)):
-    rows = table.shape[1]
+  head = block_sparse._HEAD
+  for (table, pieces), tq, tk, transposed in zip(walks, (64, 32, 32), (32, 32, 64), (False, False, True)):
+    tiles_owned = pieces.shape[1]
     counts = table[..., 2]
-    assert np.all(np.diff(counts, axis=-1) <= 0), "rows run longest first"
+    assert np.all(np.diff(counts, axis=-1) <= 0), "pieces run longest first"
+    if cap is not None:
+      assert counts.max() <= cap and pieces.max() > 1
+    else:
+      assert pieces.max() == 1, "no row of this layout is long enough to split"
     for n in range(3):
-      np.testing.assert_array_equal(np.sort(table[n, :, 0]), np.arange(rows))
-      walked = np.zeros((rows, (s_pad if not transposed else t_pad) // (tk if not transposed else tq)), bool)
-      for row in table[n]:
+      # Every (tile, piece) has a row; a head with fewer pieces repeats rows (identical writes).
+      owned = {(int(r[0]), int(r[3])) for r in table[n]}
+      assert owned == {(r, p) for r in range(tiles_owned) for p in range(pieces[n, r])}
+      walked = np.zeros((tiles_owned, (s_pad if not transposed else t_pad) // (tk if not transposed else tq)), int)
+      for row in {tuple(r) for r in table[n]}:
         free, count = row[1], row[2]
         assert 0 <= free <= count
-        partners = row[3:3 + count]
-        assert len(set(partners)) == count
-        walked[row[0], partners] = True
-      # A tile is live when any of its tokens is live in the dense mask.
-      padded = np.pad(dense[n], ((0, t_pad - 300), (0, s_pad - 300)))
-      live = padded.reshape(t_pad // tq, tq, s_pad // tk, tk).any(axis=(1, 3))
-      np.testing.assert_array_equal(walked, live.T if transposed else live)
-      # Unmasked partners first: the last key tile (tail) and causal diagonal tiles are masked.
-      for row in table[n]:
-        free, count = row[1], row[2]
-        own, partners = row[0], row[3:3 + count]
+        partners = np.asarray(row[head:head + count])
+        walked[row[0], partners] += 1
+        # Unmasked partners first: the last key tile (tail) and causal diagonal tiles are masked.
+        own = row[0]
         q_tile, k_tile = (partners, own) if transposed else (own, partners)
         needs_mask = ((k_tile + 1) * tk > 300) | (is_causal & ((k_tile + 1) * tk - 1 > q_tile * tq))
         np.testing.assert_array_equal(needs_mask, np.arange(count) >= free)
+      # A tile is live when any of its tokens is live in the dense mask; the pieces walk each once.
+      padded = np.pad(dense[n], ((0, t_pad - 300), (0, s_pad - 300)))
+      live = padded.reshape(t_pad // tq, tq, s_pad // tk, tk).any(axis=(1, 3))
+      np.testing.assert_array_equal(walked, (live.T if transposed else live).astype(int))
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_split_rows_value_and_grad(cap):
+  # Rows split over programs (max_tiles_per_program): pieces combined by their lse (forward) and summed
+  # (dQ, dK/dV). A causal Longformer layout with global tokens (long rows and columns), GQA, segments.
+  layout = layouts.longformer(T, window=16, num_global=9, block_size=16)
+  check(layout, util.qkv(B, T, T, N, K, H, hv=HV), is_causal=True, segment_ids=util.packed_segment_ids(B, T, 2),
+        max_tiles_per_program=cap)
+
+
+def test_split_rows_per_head_layout_dead_rows_and_bf16():
+  blocks = np.ones((4, 5, 5), bool)
+  blocks[1, 2] = False  # head 1: query tokens 32..47 see no key block
+  blocks[2, :, 1:] = False  # head 2: one key block, so one piece per row while other heads have several
+  layout = ea.BlockLayout(blocks, 16, 16)
+  check(layout, util.qkv(B, T, T, N, K, H, hv=HV), max_tiles_per_program=2)
+  q, k, v = util.qkv(B, T, T, N, K, 16, dtype=jnp.bfloat16)
+  out, _ = check(layout, (q, k, v), dtype=jnp.bfloat16, is_causal=True, max_tiles_per_program=2)
+  assert out.dtype == jnp.bfloat16
 
 
 def test_reference_matches_float64_reference():
