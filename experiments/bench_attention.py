@@ -47,7 +47,7 @@ class Config:
   sparse_heads: int = 16
   sparse_head_dim: int = 128
   sparse_block: int = 128
-  densities: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+  densities: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)
   longformer_window: int = 512
   longformer_global: int = 64
   # --suite favor: B1, N heads, (H, M) pairs, T; targets relative to T=favor_base_len and T=favor_xla_len

@@ -196,3 +196,19 @@ def test_errors_name_the_values():
     ea.block_sparse_attention(q, k, v, layout, bias=util.normal((1, 2, 24, 24)), implementation="pallas")
   with pytest.raises(ValueError, match=r"key-padding masks .* mask.shape=\(1, 1, 24, 24\)"):
     ea.block_sparse_attention(q, k, v, layout, mask=jnp.ones((1, 1, 24, 24), bool), implementation="pallas")
+
+
+def test_split_rows_lower_to_triton_for_a_gpu():
+  # Cross-lowering on this CPU (Pallas' Triton lowering for a CUDA target) of the three kernels with a
+  # layout whose global row and column are split by the default rule (16 tiles against a mean near 5).
+  t = 2048
+  layout = layouts.longformer(t, window=256, num_global=128, block_size=128)
+  tiles = BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=128, block_k_dkv=128)
+  walks = block_sparse.walk_tables(layout, tiles, t, t, t, t, is_causal=False, has_segments=False)
+  assert all(pieces.max() > 1 for _, pieces in walks)
+  q = jnp.ones((1, t, 2, 64), jnp.bfloat16)
+  f = lambda q, k, v: block_sparse_attention(q, k, v, layout, block_sizes=tiles, interpret=False)
+  grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  module = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=triton)(q, q, q).mlir_module()
+  assert module.count("xla.gpu.triton") == 3  # forward (for lse), dQ, dK/dV
