@@ -60,13 +60,14 @@ def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
   out = bench.main(["--smoke", "--suite", "block_sparse", "--out-dir", str(tmp_path), "--run", "bs"])
   data = json.loads((out / "block_sparse.json").read_text())
   densities = [r for r in data["density"] if "fwd_ratio" in r]
-  assert len(densities) == 5 and densities[0]["density"] == 1.0 and densities[0]["fwd_bwd_ratio"] == 1.0
+  assert len(densities) == 6 and densities[0]["density"] == 1.0 and densities[0]["fwd_bwd_ratio"] == 1.0
   assert [r["live_blocks"] for r in densities] == sorted(r["live_blocks"] for r in densities)[::-1]
   for row in data["density"] + data["longformer"]:
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
   assert data["agreement"]["rows"] > 0 and data["agreement"]["max_abs_diff"] < 1e-4, data["agreement"]
   table = (out / "block_sparse.md").read_text()
   assert table.count("\n| ") == len(data["density"]) + 1 + len(data["longformer"]) + 1
+  assert table.count("the density (target <= 1.3×") == 2
   assert (out / "block_sparse.png").stat().st_size > 10_000
 
 
