@@ -9,8 +9,9 @@ tokens per step and number of steps. The parent process
 never touches the accelerator. Families: exact softmax attention (and its
 Pallas flash kernel where a GPU or TPU runs it), FAVOR+, linear attention,
 Linformer and block-sparse local attention by default; `--families` adds the
-other kernels, LSH (Reformer) attention, GLA, DeltaNet, Gated DeltaNet and a
-hybrid of GLA and local layers (`gla+local`). Linformer has no causal form: its
+other kernels, LSH (Reformer) attention, GLA, DeltaNet, Gated DeltaNet, a
+hybrid of GLA and local layers (`gla+local`), and GLA with per-step gates and
+Gated DeltaNet on the Pallas kernels (`gla-step-pallas`, `gated_delta_rule-pallas`). Linformer has no causal form: its
 model sees the byte it predicts, so its loss is no language-model loss; it is
 trained and tabled for speed and memory, marked, and left out of the curves.
 
@@ -72,6 +73,14 @@ FAMILIES = {
     "gated_delta_rule": Family("Gated DeltaNet", ("--attention", "delta_rule", "--gated")),
     # A hybrid stack: GLA and local attention layers alternate.
     "gla+local": Family("hybrid GLA + local", ("--attention", "gla,local")),
+    # One forget gate per step and head (Mamba-2's form), through XLA or the Pallas kernels of pallas/gated.py.
+    "gla-step": Family("GLA (per-step gates)", ("--attention", "gla", "--gate", "step")),
+    "gla-step-pallas": Family("GLA (per-step gates, Pallas)", ("--attention", "gla", "--gate", "step",
+                                                               "--implementation", "pallas", "--chunk-size", "64"),
+                              accelerator_only=True),
+    "gated_delta_rule-pallas": Family("Gated DeltaNet (Pallas)", ("--attention", "delta_rule", "--gated",
+                                                                  "--implementation", "pallas", "--chunk-size", "64"),
+                                      accelerator_only=True),
 }
 DEFAULT_FAMILIES = ("softmax", "softmax-pallas", "favor", "linear", "local", "linformer")
 
