@@ -83,6 +83,7 @@ def test_mixed_batches_must_split_evenly():
     mqar.parse_args(["--smoke", "--batch", "9"])  # two pair counts
 
 
+@pytest.mark.slow  # 11 s on 2 cores
 def test_training_steps_per_call_do_not_change_the_result():
   cfg = mqar.parse_args(["--smoke", "--steps", "6", "--steps-per-call", "1"])
   one = mqar.train_one(cfg, "softmax", 16, (2, 4), 0)
@@ -94,6 +95,7 @@ def test_training_steps_per_call_do_not_change_the_result():
     np.testing.assert_allclose(a["eval_loss"], b["eval_loss"], rtol=1e-5)
 
 
+@pytest.mark.slow  # 20 s on 2 cores
 def test_merge_joins_sweeps_of_other_seeds_and_refuses_other_settings(tmp_path):
   common = ["--smoke", "--families", "softmax", "--steps", "3", "--out-dir", str(tmp_path)]
   a = mqar.main([*common, "--seed", "0", "--run", "a"])

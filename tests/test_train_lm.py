@@ -26,7 +26,9 @@ def _smoke(out, *args) -> dict:
   return train_lm.main(["--preset", "smoke", "--no-progress", "--out-dir", str(out), *args])
 
 
-@pytest.mark.parametrize("family", ["softmax", "favor", "linear", "linformer", "local", "block_sparse", "lsh"])
+# FAVOR+ and Linformer also train in test_compare_trains_each_family_and_writes_table_csv_and_plot.
+@pytest.mark.parametrize("family", ["softmax", pytest.param("favor", marks=pytest.mark.slow), "linear",
+                                    pytest.param("linformer", marks=pytest.mark.slow), "local", "block_sparse", "lsh"])
 def test_every_family_trains_and_the_held_out_loss_falls(tmp_path, family):
   summary = _smoke(tmp_path, "--attention", family)
   evals = _records(tmp_path, "eval")
@@ -58,6 +60,7 @@ def test_a_hybrid_of_the_recurrent_families_trains_and_samples(tmp_path):
   assert summary["finished"] and summary["causal"] and summary["sample"] is not None
 
 
+@pytest.mark.slow  # 36 s; resumes matching an uninterrupted run are also checked by test_run_dir's kill tests
 def test_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
   # Dropout and FAVOR+ redraws make the trajectory depend on the restored RNG and feature state too.
   args = ("--attention", "favor", "--redraw-interval", "3", "--dropout", "0.1", "--steps", "8", "--log-every", "1",
