@@ -28,8 +28,10 @@ kernels (Yang et al. 2024, GLA sec. 3.3 and DeltaNet sec. 3.2):
   grads     one program per (batch, query head, chunk): dq, dk, dv (delta rule:
             dq, dk, dW, and dU~ is U's cotangent).
 
-Inside a chunk the gates enter through their chunk-local cumulative sums, so
-every decay is the exponential of a non-positive number (stable for any gate).
+Inside a chunk the gates enter through their chunk-local cumulative sums, kept as
+a float32 (hi, lo) pair, so every decay is the exponential of a non-positive
+number (stable for any gate) and exact to about float32's precision even where
+the sums reach hundreds.
 The gates' gradient: each pair (t, s) of the output weighs `exp(G_t - G_s)`, so
 dL/dG_t = sum_s (dA * A)_ts - sum_s' (dA * A)_s't, made per chunk by the gradient
 kernel from its pair matrix and the state's reads and writes (equal to
@@ -243,9 +245,25 @@ def _pad_gates(gates: jax.Array, t_pad: int) -> jax.Array:
 
 
 def _local_cumsum(g: jax.Array, st: _Static) -> jax.Array:
-  """`[B, K, T']` per-step gates -> their cumulative sums within each chunk (inclusive)."""
+  """`[B, K, T']` per-step gates -> their cumulative sums within each chunk (inclusive), `[B, K, 2, T']`:
+  a float32 pair (hi, lo) whose sum holds each cumulative sum to about twice float32's precision.
+
+  The kernels take a decay as `exp((hi_t - hi_s) + (lo_t - lo_s))`; with the rounded sums alone, sums
+  near -320 (gates of -20 per step) would carry an absolute error of ~2e-5 into every exponent.
+  """
   b, kh, t_pad = g.shape
-  return jnp.cumsum(g.reshape(b, kh, st.chunks, st.chunk), axis=-1).reshape(b, kh, t_pad)
+  x = g.reshape(b, kh, st.chunks, st.chunk)
+  hi, lo = lax.associative_scan(_add_pairs, (x, jnp.zeros_like(x)), axis=-1)
+  return jnp.stack([hi, lo], axis=2).reshape(b, kh, 2, t_pad)
+
+
+def _add_pairs(x, y):
+  """(hi, lo) + (hi, lo), with the rounding error of the his kept in lo (Knuth's TwoSum)."""
+  (a, la), (b, lb) = x, y
+  total = a + b
+  b_part = total - a
+  error = (a - (total - b_part)) + (b - b_part)
+  return total, la + lb + error
 
 
 def _gate_grad(dG: jax.Array, flags) -> jax.Array:
@@ -401,7 +419,7 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   inputs = {
       "k": (k, pl.BlockSpec((None, t_pad, None, bm), lambda i, h, r, j: (i, 0, h, r))),
       "v": (v, pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j))),
-      "gc": (gc, pl.BlockSpec((None, None, t_pad), lambda i, h, r, j: (i, h, 0))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, h, r, j: (i, h, 0, 0))),
       **_flag_inputs(flags, t_pad, lambda i, h, r, j: (i, 0)),
   }
   if delta:
@@ -427,7 +445,7 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
       "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, n, 0))),
       "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, kv(n), 0))),
       "v": (v, pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, kv(n), j))),
-      "gc": (gc, pl.BlockSpec((None, None, c), lambda i, n, u, j: (i, kv(n), u))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u, j: (i, kv(n), 0, u))),
       "h": (h, pl.BlockSpec((None, None, None, m, bv), lambda i, n, u, j: (i, kv(n), u, 0, j))),
       **_flag_inputs(flags, c, lambda i, n, u, j: (i, u)),
   }
@@ -450,7 +468,7 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   inputs = {
       "q": (q, pl.BlockSpec((None, t_pad, None, bm), lambda i, n, r, j: (i, 0, n, r))),
       "do": (do, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j))),
-      "gc": (gc, pl.BlockSpec((None, None, t_pad), lambda i, n, r, j: (i, kv(n), 0))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, n, r, j: (i, kv(n), 0, 0))),
       **_flag_inputs(flags, t_pad, lambda i, n, r, j: (i, 0)),
   }
   if delta:
@@ -479,7 +497,7 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
       "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, kv(n), 0))),
       "v": (v, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, kv(n), 0))),
       "do": (do, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0))),
-      "gc": (gc, pl.BlockSpec((None, None, c), lambda i, n, u: (i, kv(n), u))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u: (i, kv(n), 0, u))),
       "h": (h, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, kv(n), u, 0, 0))),
       "dh": (dh, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, n, u, 0, 0))),
       **_flag_inputs(flags, c, lambda i, n, u: (i, u)),
@@ -509,18 +527,24 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
 # --------------------------------------------------------------------------- #
 
 
-def _chunk_masks(c: int, gc, refs, at=None):
+def _chunk_masks(c: int, refs, at=None):
   """Within one chunk: the decay `[C, C]` of key s seen from query t (0 unless s <= t in one run),
   and per step `[C]`: exp(G_t) (0 unless the step reads the entering state) and exp(G_C - G_s)
-  (0 unless the step's key is handed on), and the factor `keep` of the entering state handed on."""
+  (0 unless the step's key is handed on), and the factor `keep` of the entering state handed on.
+
+  G is read from the (hi, lo) pair `refs["gc"]` (`_local_cumsum`), differences taken part by part."""
   f32 = jnp.float32
+  steps = slice(None) if at is None else at
+  hi, lo = refs["gc"][0, steps], refs["gc"][1, steps]
   rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
   cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
   live = cols <= rows
-  last = jnp.min(gc)  # the gates are <= 0: the cumulative sums fall, the last is the least
-  head = jnp.exp(gc)
-  tail = jnp.exp(last - gc)
-  keep = jnp.exp(last)
+  # The chunk's last step: its hi is the least (the gates are <= 0, rounding keeps the order).
+  hi_last = jnp.min(hi)
+  lo_last = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1, lo, 0.0))
+  head = jnp.exp(hi + lo)
+  tail = jnp.exp((hi_last - hi) + (lo_last - lo))
+  keep = jnp.exp(hi_last + lo_last)
   if "labels" in refs:
     lab = refs["labels"][...] if at is None else refs["labels"][at]
     sees = (refs["sees"][...] if at is None else refs["sees"][at]) == 1
@@ -528,7 +552,7 @@ def _chunk_masks(c: int, gc, refs, at=None):
     head = jnp.where(sees, head, 0.0)
     tail = jnp.where(lab == jnp.max(lab), tail, 0.0)
     keep = keep * jnp.min(sees.astype(f32))
-  diff = gc[:, None] - gc[None, :]
+  diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
   decay = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)
   return decay, head, tail, keep
 
@@ -536,17 +560,17 @@ def _chunk_masks(c: int, gc, refs, at=None):
 def _states_kernel(refs: dict, st: _Static):
   """Walks the chunks in order: writes the state entering each, then adds the chunk's keys.
 
-  Refs: k `[T', bm]`, v `[T', bv]` (the delta rule: U~), gc `[T']`, labels / sees `[T']`,
+  Refs: k `[T', bm]`, v `[T', bv]` (the delta rule: U~), gc `[2, T']`, labels / sees `[T']`,
   w `[T', M]` (delta rule); outputs h `[U', bm, bv]`, pseudo `[T', bv]` (delta rule).
   """
-  k_ref, v_ref, g_ref, h_ref = refs["k"], refs["v"], refs["gc"], refs["h"]
+  k_ref, v_ref, h_ref = refs["k"], refs["v"], refs["h"]
   c = st.chunk
 
   def body(u, s):
     at = pl.ds(pl.multiple_of(u * c, c), c)
     h_ref[u] = s.astype(h_ref.dtype)
-    k, v, gc = k_ref[at, :], v_ref[at, :], g_ref[at]
-    _, _, tail, keep = _chunk_masks(c, gc, refs, at)
+    k, v = k_ref[at, :], v_ref[at, :]
+    _, _, tail, keep = _chunk_masks(c, refs, at)
     if st.delta:
       # U = U~ - W S, from the state entering the chunk.
       pseudo = v.astype(jnp.float32) - dot(refs["w"][at, :], s.astype(k.dtype), st.precision)
@@ -562,10 +586,10 @@ def _states_kernel(refs: dict, st: _Static):
 def _outputs_kernel(refs: dict, st: _Static):
   """One chunk, one block of value columns: `(decay * q k^T) v + (exp(G) q) h`.
 
-  Refs: q `[C, M]`, k `[C, M]`, v `[C, bv]`, gc `[C]`, h `[M, bv]`, labels / sees `[C]`; output o `[C, bv]`.
+  Refs: q `[C, M]`, k `[C, M]`, v `[C, bv]`, gc `[2, C]`, h `[M, bv]`, labels / sees `[C]`; output o `[C, bv]`.
   """
-  q, k, v, gc = refs["q"][...], refs["k"][...], refs["v"][...], refs["gc"][...]
-  decay, head, _, _ = _chunk_masks(st.chunk, gc, refs)
+  q, k, v = refs["q"][...], refs["k"][...], refs["v"][...]
+  decay, head, _, _ = _chunk_masks(st.chunk, refs)
   scores = dot_nt(q, k, st.precision) * decay
   q_head = (q.astype(jnp.float32) * head[:, None]).astype(q.dtype)
   out = dot(scores.astype(v.dtype), v, st.precision) + dot(q_head, refs["h"][...], st.precision)
@@ -576,10 +600,10 @@ def _dstates_kernel(refs: dict, st: _Static):
   """Walks the chunks backwards: writes the cotangent of the state leaving each chunk, then adds the
   chunk's queries' share to the cotangent of the state entering it.
 
-  Refs: q `[T', bm]`, do `[T', bv]`, gc `[T']`, labels / sees `[T']`, k and w `[T', M]` (delta rule);
+  Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']`, labels / sees `[T']`, k and w `[T', M]` (delta rule);
   outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
   """
-  q_ref, do_ref, g_ref, dh_ref = refs["q"], refs["do"], refs["gc"], refs["dh"]
+  q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
   c = st.chunk
   f32 = jnp.float32
 
@@ -587,8 +611,8 @@ def _dstates_kernel(refs: dict, st: _Static):
     u = st.chunks - 1 - i
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
-    q, do, gc = q_ref[at, :], do_ref[at, :], g_ref[at]
-    decay, head, tail, keep = _chunk_masks(c, gc, refs, at)
+    q, do = q_ref[at, :], do_ref[at, :]
+    decay, head, tail, keep = _chunk_masks(c, refs, at)
     q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
     new = keep * ds + dot_tn(q_head, do, st.precision)
     if st.delta:
@@ -609,13 +633,13 @@ def _dstates_kernel(refs: dict, st: _Static):
 def _grads_kernel(refs: dict, st: _Static):
   """One chunk of one query head: dq, dk and dv (delta rule: dq, dk and dW).
 
-  Refs: q, k `[C, M]`, v, do `[C, V]` (delta rule: v holds U), gc `[C]`, h (entering state),
+  Refs: q, k `[C, M]`, v, do `[C, V]` (delta rule: v holds U), gc `[2, C]`, h (entering state),
   dh (cotangent of the leaving state) `[M, V]`, labels / sees `[C]`, dpseudo `[C, V]` (delta rule).
   """
   f32 = jnp.float32
-  q, k, v, do, gc = refs["q"][...], refs["k"][...], refs["v"][...], refs["do"][...], refs["gc"][...]
+  q, k, v, do = refs["q"][...], refs["k"][...], refs["v"][...], refs["do"][...]
   h, dh = refs["h"][...], refs["dh"][...]
-  decay, head, tail, _ = _chunk_masks(st.chunk, gc, refs)
+  decay, head, tail, _ = _chunk_masks(st.chunk, refs)
   p = st.precision
   qk = dot_nt(q, k, p)
   scores = qk * decay

@@ -112,11 +112,17 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
   def fn(q, k, v, beta, gates=None):
     return ea.delta_rule_attention(q, k, v, beta, gates=gates, chunk_size=CHUNK, implementation="pallas", **opts)
 
-  # The kernels take a pair's decay as a difference of chunk-local cumulative gates (the XLA path
-  # uses exact segment sums): with sums near -320 the exponent carries an absolute rounding of
-  # ~2e-5, so under strong decay the gates' gradient agrees to ~1e-5 relative (2e-6 to 2.4e-5
-  # over draws, against ~1e-7 on the XLA path); every other gradient stays within 1e-6.
-  norm_tol = 5e-5 if gates == "strong" else None
+  # Under strong decay (log gates of -20) the gates' gradient on this path agrees to 5e-7..4e-6
+  # relative over draws (the XLA path: ~1e-7; the kernels' decays read cumulative gates kept as
+  # hi + lo pairs, but the gradient still sums pair terms of very different sizes); every other
+  # gradient to ~1e-7. The bound leaves room above the worst draw seen.
+  norm_tol = 2e-5 if gates == "strong" else None
+  if dtype == jnp.bfloat16:
+    # In bf16 (pseudo-values and states stored in bf16, as the kernels run on a GPU) the gates'
+    # gradient, a sum of pair terms that largely cancel, was within 2.1e-2 relative over 8 draws
+    # (4 of them above 1e-2, on this path before and after the hi / lo gate sums);
+    # values and the other gradients stay within bf16's 1e-2.
+    norm_tol = 3e-2
   out, grads = util.check_against_f64(fn, lambda *a: delta_rule_f64(*a, **opts)[0], args,
                                       argnums=tuple(range(len(args))), norm_tol=norm_tol, **util.TOL[dtype])
   chex.assert_shape(out, (B, t, N, HV))
