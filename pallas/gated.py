@@ -138,13 +138,7 @@ def gated_linear_attention(
   Returns:
     `[B, T, N, Hv]` in q's dtype: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`.
   """
-  family = "gated_linear_attention"
-  dims = common.check_qkv(q, k, v)
-  common.check_causal(True, dims, family=family, need_square=True)
-  if q.dtype == jnp.float64:
-    raise TypeError(f"{family} computes in float32 at most, got {q.dtype=}; use the xla implementation")
-  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
-  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
+  dims, ids = _check_inputs(q, k, v, gates, segment_ids, family="gated_linear_attention")
   b, t, n, m = q.shape
   if t == 0 or b == 0:
     return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
@@ -184,11 +178,9 @@ def delta_rule_recurrence(
     `[B, T, N, Hv]` in q's dtype.
   """
   family = "delta_rule_recurrence"
-  dims = common.check_qkv(q, k, u)
+  dims, ids = _check_inputs(q, k, u, gates, segment_ids, family=family)
   if w.shape != k.shape:
     raise ValueError(f"{family}: w must have k's shape {k.shape}, got {w.shape}")
-  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
-  ids = common.check_shared_segment_ids(segment_ids, dims, family=family)
   b, t, n, h = q.shape
   if t == 0 or b == 0:
     return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
@@ -203,6 +195,16 @@ def delta_rule_recurrence(
 def chunk_length(t: int, block_sizes: GatedBlockSizes | None = None) -> int:
   """The chunk length the kernels use for a sequence of T steps."""
   return min((block_sizes or GatedBlockSizes()).chunk, pow2_at_least(t))
+
+
+def _check_inputs(q, k, v, gates, segment_ids, *, family: str):
+  """The contract's checks of both entry points: (dims, segment ids or None)."""
+  dims = common.check_qkv(q, k, v)
+  common.check_causal(True, dims, family=family, need_square=True)
+  if q.dtype == jnp.float64:
+    raise TypeError(f"{family} computes in float32 at most, got {q.dtype=}; use the xla implementation")
+  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
+  return dims, common.check_shared_segment_ids(segment_ids, dims, family=family)
 
 
 def _check_gates(gates: Any, shape: tuple[int, ...], *, family: str) -> None:
@@ -291,12 +293,11 @@ def _gated_fwd(q, k, v, g, flags, st: _Static):
   gc = _local_cumsum(g, st)
   h = _states(k, v, gc, flags, st)
   out = _outputs(q, k, v, gc, h, flags, st)
-  return out, (q, k, v, g, flags, h)
+  return out, (q, k, v, gc, flags, h)
 
 
 def _gated_bwd(st: _Static, res, do):
-  q, k, v, g, flags, h = res
-  gc = _local_cumsum(g, st)
+  q, k, v, gc, flags, h = res
   do = do.astype(q.dtype)
   dh = _dstates(q, k, do, gc, flags, st)
   dq, dk, dG, dv = _grads(q, k, v, do, gc, h, dh, flags, st)
@@ -318,12 +319,11 @@ def _delta_fwd(q, k, w, u, g, flags, st: _Static):
   gc = _local_cumsum(g, st)
   h, pseudo = _states(k, u, gc, flags, st, w=w)
   out = _outputs(q, k, pseudo, gc, h, flags, st)
-  return out, (q, k, w, g, flags, h, pseudo)
+  return out, (q, k, w, gc, flags, h, pseudo)
 
 
 def _delta_bwd(st: _Static, res, do):
-  q, k, w, g, flags, h, pseudo = res
-  gc = _local_cumsum(g, st)
+  q, k, w, gc, flags, h, pseudo = res
   do = do.astype(q.dtype)
   dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
   dq, dk, dG, _, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
