@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import efficient_attention as ea
-from experiments.bench_timing import inputs, is_oom, median_time
+from experiments.bench_timing import inputs, timed_passes
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -72,14 +72,8 @@ def measure(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = N
       fn = row_fn(name, t, n, on_gpu=on_gpu)
       if fn is None:
         continue
-      try:
-        fwd = jax.jit(fn)
-        fwd_bwd = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
-        row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup)
-        row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup)
-        row["status"] = "ok"
-      except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result here
-        row["status"] = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+      row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup))
+      if row["status"] != "ok":
         stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
       rows.append(row)
       tqdm.write(json.dumps(row))
