@@ -195,7 +195,7 @@ def _pallas(q, k, v, beta, gates, ids, starts, *, chunk_size, dtype):
   float32. `[B, T, N, V]` in `dtype`.
   """
   b, t, kh, h = k.shape
-  blocks = gated.GatedBlockSizes(chunk=chunk_size)
+  blocks = gated.GatedBlockSizes.get_default(dtype, chunk_size)
   c = gated.chunk_length(t, blocks)
   _, _, _, _, u_tilde, w = chunk_terms(k, v, beta, gates, starts, c=c)
 

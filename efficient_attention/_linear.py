@@ -603,8 +603,8 @@ def attend_gated_pallas(
     gates = jnp.where(live, gates, 0.0)
   if normalize == "denominator":
     v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
-  blocks = gated.GatedBlockSizes() if chunk_size is None else gated.GatedBlockSizes(chunk=chunk_size)
   compute = jnp.float32 if normalize == "denominator" else dtype
+  blocks = gated.GatedBlockSizes.get_default(compute, chunk_size)
   out = gated.gated_linear_attention(phi_q.astype(compute), phi_k.astype(compute), v.astype(compute), gates,
                                      segment_ids=plan.ids, block_sizes=blocks)
   if normalize == "denominator":

@@ -7,6 +7,7 @@
     python experiments/bench_attention.py --suite block_sparse   # block-sparse kernel vs density
     python experiments/bench_attention.py --suite favor          # causal FAVOR+ kernels (bench_favor.py)
     python experiments/bench_attention.py --suite gated          # gated linear / delta-rule kernels (bench_gated.py)
+    python experiments/bench_attention.py --suite gated --tune --gated-seq-lens 16384  # their tilings
 
 Each suite writes `results/<run>/<suite>.{json,md,png}`; the suite's module says what it times.
 """
@@ -72,7 +73,7 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--memory-seq-lens", type=int, nargs="*", default=Config.memory_seq_lens)
   parser.add_argument("--repeats", type=int, default=Config.repeats)
   parser.add_argument("--warmup", type=int, default=Config.warmup)
-  parser.add_argument("--tune", action="store_true", help="--suite softmax: sweep Triton block sizes instead")
+  parser.add_argument("--tune", action="store_true", help="--suite softmax / gated: sweep the kernels' tilings instead")
   parser.add_argument("--suite", choices=tuple(SUITES), default=Config.suite)
   parser.add_argument("--favor-seq-lens", type=int, nargs="+", default=Config.favor_seq_lens)
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)

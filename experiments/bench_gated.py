@@ -170,8 +170,77 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+# The tiling sweep of `--tune`: (chunk, block_m, block_v, block_v_out, num_warps, num_stages).
+TUNE_GRID = ((64, 64, 64, 128, 4, 2), (64, 64, 64, 64, 4, 2), (64, 64, 64, 128, 8, 2), (64, 64, 64, 128, 4, 3),
+             (64, 32, 64, 128, 4, 2), (64, 64, 32, 128, 4, 2), (64, 64, 128, 128, 8, 2), (128, 64, 64, 128, 8, 2),
+             (64, 128, 64, 128, 8, 2), (32, 64, 64, 64, 4, 2), (128, 64, 64, 64, 8, 2), (64, 64, 64, 128, 4, 1),
+             (64, 64, 32, 128, 4, 3), (64, 32, 64, 128, 4, 3))
+
+
+def tune(cfg: Config) -> list[dict]:
+  """Forward and forward+backward time of the two kernels themselves (`pallas.gated`, no feature
+  map or WY factors around them) for every tiling in `TUNE_GRID` at each `gated_seq_lens`."""
+  import pallas
+  from pallas.gated import GatedBlockSizes
+
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  grid = TUNE_GRID if not cfg.smoke else TUNE_GRID[:2]
+  rows = []
+  for t in cfg.gated_seq_lens:
+    q, k, v, do = inputs(jax.random.key(cfg.seed + 6), 1, t, n, h, dtype)
+    q, k = q * h**-0.5, k * h**-0.5
+    w = (0.1 * v).astype(dtype)
+    gates = jax.nn.log_sigmoid(jax.random.normal(jax.random.key(cfg.seed + 7), (1, t, n), jnp.float32) + 2.0)
+    for kind in ("gla", "delta"):
+      for chunk, bm, bv, bvo, warps, stages in tqdm(grid, desc=f"tune {kind} T={t}"):
+        blocks = GatedBlockSizes(chunk=chunk, block_m=bm, block_v=bv, block_v_out=bvo, num_warps=warps,
+                                 num_stages=stages)
+        if kind == "gla":
+          fn = lambda q, k, v, b=blocks: pallas.gated_linear_attention(q, k, v, gates, block_sizes=b)
+        else:
+          fn = lambda q, k, v, b=blocks: pallas.delta_rule_recurrence(q, k, w, v, gates, block_sizes=b)
+        row = dict(kind=kind, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name,
+                   **dataclasses.asdict(blocks))
+        row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup))
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+  return rows
+
+
+def tune_markdown(rows: list[dict], header: str) -> str:
+  lines = [header, "", "Forward+backward / forward (ms) of the kernels alone; the fastest forward+backward per "
+           "kernel and length in bold.", "",
+           "| kernel | T | chunk | block_m | block_v | block_v_out | warps | stages | fwd+bwd | fwd |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    ok = [x["fwd_bwd_ms"] for x in rows if x["kind"] == r["kind"] and x["seq_len"] == r["seq_len"]
+          and x["status"] == "ok"]
+    if r["status"] == "ok":
+      best = r["fwd_bwd_ms"] == min(ok)
+      fb = f"**{r['fwd_bwd_ms']:.3g}**" if best else f"{r['fwd_bwd_ms']:.3g}"
+      f = f"{r['fwd_ms']:.3g}"
+    else:
+      fb, f = r["status"][:40], "–"
+    lines.append(f"| {r['kind']} | {r['seq_len']} | {r['chunk']} | {r['block_m']} | {r['block_v']} | "
+                 f"{r['block_v_out']} | {r['num_warps']} | {r['num_stages']} | {fb} | {f} |")
+  return "\n".join(lines + [""])
+
+
 def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
-  """Writes `gated.{json,md,png}` under `out`, again after every sequence length."""
+  """Writes `gated.{json,md,png}` under `out`, again after every sequence length (`--tune`:
+  `tune.{json,md}`, the tiling sweep)."""
+  if cfg.tune:
+    rows = tune(cfg)
+    r0 = rows[0]
+    header = (f"# Tiling of the gated kernels — {env['device']}, JAX {env['jax']}, {r0['dtype']}, "
+              f"B1 N{r0['num_heads']} H{r0['head_dim']}, median of {cfg.repeats}")
+    (out / "tune.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    table = tune_markdown(rows, header)
+    (out / "tune.md").write_text(table)
+    print(table)
+    return
 
   def write(rows: list[dict]) -> str:
     if not rows:

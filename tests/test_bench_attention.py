@@ -150,6 +150,16 @@ def test_gated_suite_times_the_kernels_and_states_the_targets(tmp_path):
   assert (out / "gated.png").stat().st_size > 10_000
 
 
+def test_gated_tune_sweeps_tilings_and_marks_the_fastest(tmp_path):
+  bench = load_experiment("bench_attention")
+  out = bench.main(["--smoke", "--suite", "gated", "--tune", "--out-dir", str(tmp_path), "--run", "tune"])
+  rows = json.loads((out / "tune.json").read_text())["rows"]
+  assert [(r["kind"], r["num_stages"]) for r in rows] == [("gla", 2), ("gla", 2), ("delta", 2), ("delta", 2)]
+  assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in rows), rows
+  table = (out / "tune.md").read_text()
+  assert table.count("**") == 4  # one fastest tiling per kernel and length
+
+
 def test_gated_targets_read_the_ratios():
   bench = load_experiment("bench_gated")
 

@@ -249,7 +249,8 @@ def test_int64_ids_with_a_key_padding_mask_on_the_flash_kernel():
 def test_flash_kernel_tpu_backend_under_x64():
   with jax.enable_x64(True):
     q, k, v = util.qkv(B1, T, T, N1, K1, H)
-    fn = lambda q, k, v: pallas.flash_attention(q, k, v, is_causal=True, backend="mosaic_tpu")  # noqa: E731
+    fn = lambda q, k, v: pallas.flash_attention(q, k, v, is_causal=True, backend="mosaic_tpu",  # noqa: E731
+                                              interpret=True)
     ref = lambda q, k, v: ea.softmax_attention_reference(q, k, v, is_causal=True)  # noqa: E731
     util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.float32])
 
