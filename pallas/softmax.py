@@ -10,6 +10,8 @@ Backends:
   "triton"     Pallas' Triton lowering (GPU; also the CPU interpret path).
   "mosaic_gpu" Hopper warp-specialised kernel, see `softmax_mosaic_gpu.py`.
   "mosaic_tpu" TPU kernel, see `softmax_tpu.py`.
+  "jax_triton" Triton-language kernels launched through jax_triton (CUDA GPU,
+               named only), see `softmax_jax_triton.py`.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K, H head dim (Hv for values).
@@ -44,7 +46,7 @@ from pallas.flash_tiles import (
 )
 from pallas.tiling import idiv, matmul_precision, pow2_at_least
 
-BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu")
+BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu", "jax_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,9 @@ class BlockSizes:
       # settings (`softmax_mosaic_gpu.default_backward_config`).
       triton = cls.get_default("triton", head_dim)
       return dataclasses.replace(triton, block_q=128, block_k=128, num_stages=2)
+    if backend == "jax_triton":
+      # The same kernels as "triton", written in the Triton language: the same tiles.
+      return cls.get_default("triton", head_dim)
     return cls()
 
   def clamp(self, q_len: int, kv_len: int) -> BlockSizes:
@@ -129,8 +134,9 @@ def flash_attention(
     segment_ids: int `[B, T]` (T == S) or a (`[B, T]`, `[B, S]`) pair.
     scale: logit scale, default `H**-0.5`.
     block_sizes: tile sizes; default `BlockSizes.get_default(backend, H)`.
-    backend: "triton", "mosaic_gpu" or "mosaic_tpu"; default by platform
-      ("mosaic_tpu" on TPU, "mosaic_gpu" on Hopper when it applies, else "triton").
+    backend: "triton", "mosaic_gpu", "mosaic_tpu" or "jax_triton"; default by
+      platform ("mosaic_tpu" on TPU, "mosaic_gpu" on Hopper when it applies,
+      else "triton"; "jax_triton" only when named).
     interpret: run the kernels in Pallas' interpreter; default True off GPU/TPU.
 
   Returns:
@@ -211,6 +217,8 @@ def _backend_module(static: FlashStatic):
   (+inf on rows with nothing to attend to)."""
   if static.backend == "mosaic_gpu":
     from pallas import softmax_mosaic_gpu as module
+  elif static.backend == "jax_triton":
+    from pallas import softmax_jax_triton as module
   else:
     from pallas import softmax_tpu as module
   return module
