@@ -245,3 +245,39 @@ class DeltaRuleErrorsTest(chex.TestCase):
       ea.delta_rule_step(state, q[:, None], k, v, beta)
     with pytest.raises(ValueError, match="head_dim must be a positive int, got head_dim=0"):
       ea.init_delta_rule_state(B, KH, 0, HV)
+
+
+@pytest.mark.parametrize("c", [64, 37, 16, 5, 1])
+@pytest.mark.parametrize("spread", [1.0, 0.03])
+def test_unit_lower_inverse_on_nearly_parallel_keys(c, spread):
+  # The chunk's A = beta_t (k_t . k_s) below the diagonal with unit keys that point almost the same
+  # way (spread 0.03): a power series in A cancels terms of ~1e17 there (it returned errors of 1e10);
+  # the inverse itself stays within [-1, 1]. Value and gradient against float64.
+  from efficient_attention._delta import unit_lower_inverse
+  rng = np.random.default_rng(int(jax.random.randint(util.fresh_key(), (), 0, 2**30)))
+  k = rng.standard_normal(64) + spread * rng.standard_normal((3, c, 64))
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  a = np.tril(rng.uniform(0.5, 1.0, (3, c, 1)) * (k @ k.transpose(0, 2, 1)), -1)
+  want = np.linalg.inv(np.eye(c) + a)
+  got = np.asarray(unit_lower_inverse(jnp.asarray(a, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  dt = rng.standard_normal((3, c, c))
+  grad = jax.grad(lambda a: jnp.sum(unit_lower_inverse(a) * dt))(jnp.asarray(a, jnp.float32))
+  # d/dA of <(I + A)^-1, dT> = -T^T dT T^T, on the strictly lower part A is read from.
+  want_grad = np.tril(-np.einsum("...ji,...jk,...lk->...il", want, dt, want), -1)
+  np.testing.assert_allclose(np.asarray(grad, np.float64), want_grad, atol=2e-5 * max(1.0, np.abs(want_grad).max()))
+
+
+@pytest.mark.parametrize("implementation", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_nearly_parallel_keys_over_a_long_chunk(implementation):
+  # Trained keys line up; with beta near 1 and 64-step chunks the WY factors must stay exact.
+  b, t, n, h, hv = 1, 70, 2, 16, 8
+  q, _, v = util.qkv(b, t, t, n, n, h, hv=hv)
+  base = util.normal((1, 1, 1, h))
+  k = base + 0.03 * util.normal((b, t, n, h))
+  beta = 0.9 + 0.1 * draw_beta((b, t, n))
+  gates = draw_gates((b, t, n), low=-0.05)
+  fn = lambda q, k, v, beta, g: ea.delta_rule_attention(q, k, v, beta, gates=g, chunk_size=64,  # noqa: E731
+                                                        implementation=implementation)
+  ref = lambda *a: delta_rule_f64(*a)[0]  # noqa: E731
+  util.check_against_f64(fn, ref, (q, k, v, beta, gates), argnums=(0, 1, 2, 3, 4), **util.TOL[jnp.float32])
