@@ -159,54 +159,51 @@ def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
   return grid
 
 
+def _launch(kernel, name, grid, outputs, shapes, q_dtype, static, *, block_q: int, block_k: int,
+            backward: bool) -> Launch:
+  blocks = static.blocks
+  return Launch(
+      kernel=kernel, name=name, grid=_check_grid(grid), outputs=outputs,
+      num_warps=blocks.num_warps_bwd if backward else blocks.num_warps,
+      num_stages=blocks.num_stages_bwd if backward else blocks.num_stages,
+      constants=dict(_constants(*shapes, q_dtype, static), BLOCK_Q=block_q, BLOCK_K=block_k))
+
+
 def forward_launch(q_shape, k_shape, v_shape, q_dtype, static) -> Launch:
   """Forward of padded q `[B, T, N, H]`, k `[B, S, K, H]`, v `[B, S, K, Hv]`:
   inputs (q, k, v, q_ids, kv_ids), outputs (out `[B, T, N, Hv]`, lse `[B, N, T]` float32)."""
   batch, t_pad, num_heads, _ = q_shape
-  blocks = static.blocks
-  nq = _check_tiles(t_pad, blocks.block_q, "T")
-  _check_tiles(k_shape[1], blocks.block_k, "S")
-  return Launch(
-      kernel=_forward_kernel, name="flash_forward_jax_triton",
-      grid=_check_grid((nq, batch * num_heads)),
-      outputs=(jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_shape[3]), q_dtype),
-               jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)),
-      num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-      constants=dict(_constants(q_shape, k_shape, v_shape, q_dtype, static),
-                     BLOCK_Q=blocks.block_q, BLOCK_K=blocks.block_k))
+  bq, bk = static.blocks.block_q, static.blocks.block_k
+  nq = _check_tiles(t_pad, bq, "T")
+  _check_tiles(k_shape[1], bk, "S")
+  outputs = (jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_shape[3]), q_dtype),
+             jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32))
+  return _launch(_forward_kernel, "flash_forward_jax_triton", (nq, batch * num_heads), outputs,
+                 (q_shape, k_shape, v_shape), q_dtype, static, block_q=bq, block_k=bk, backward=False)
 
 
 def dq_launch(q_shape, k_shape, v_shape, q_dtype, static) -> Launch:
   """dQ: inputs (q, k, v, d_out, lse, delta, q_ids, kv_ids), output dq `[B, T, N, H]` in q's dtype."""
   batch, t_pad, num_heads, _ = q_shape
-  blocks = static.blocks
-  nq = _check_tiles(t_pad, blocks.block_q_dq, "T")
-  _check_tiles(k_shape[1], blocks.block_k_dq, "S")
-  return Launch(
-      kernel=_dq_kernel, name="flash_backward_dq_jax_triton",
-      grid=_check_grid((nq, batch * num_heads)),
-      outputs=(jax.ShapeDtypeStruct(tuple(q_shape), q_dtype),),
-      num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd,
-      constants=dict(_constants(q_shape, k_shape, v_shape, q_dtype, static),
-                     BLOCK_Q=blocks.block_q_dq, BLOCK_K=blocks.block_k_dq))
+  bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
+  nq = _check_tiles(t_pad, bq, "T")
+  _check_tiles(k_shape[1], bk, "S")
+  return _launch(_dq_kernel, "flash_backward_dq_jax_triton", (nq, batch * num_heads),
+                 (jax.ShapeDtypeStruct(tuple(q_shape), q_dtype),), (q_shape, k_shape, v_shape), q_dtype, static,
+                 block_q=bq, block_k=bk, backward=True)
 
 
 def dkdv_launch(q_shape, k_shape, v_shape, q_dtype, static, kv_dtype=None) -> Launch:
   """dK/dV: inputs (q, k, v, d_out, lse, delta, q_ids, kv_ids), outputs dk `[B, S, K, H]`,
   dv `[B, S, K, Hv]` (summed over each group) in k's dtype (`kv_dtype`, default q's)."""
   batch, s_pad, num_kv_heads, _ = k_shape
-  blocks = static.blocks
-  _check_tiles(q_shape[1], blocks.block_q_dkv, "T")
-  nk = _check_tiles(s_pad, blocks.block_k_dkv, "S")
+  bq, bk = static.blocks.block_q_dkv, static.blocks.block_k_dkv
+  _check_tiles(q_shape[1], bq, "T")
+  nk = _check_tiles(s_pad, bk, "S")
   kv_dtype = q_dtype if kv_dtype is None else kv_dtype
-  return Launch(
-      kernel=_dkdv_kernel, name="flash_backward_dkdv_jax_triton",
-      grid=_check_grid((nk, batch * num_kv_heads)),
-      outputs=(jax.ShapeDtypeStruct(tuple(k_shape), kv_dtype),
-               jax.ShapeDtypeStruct(tuple(v_shape), kv_dtype)),
-      num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd,
-      constants=dict(_constants(q_shape, k_shape, v_shape, q_dtype, static),
-                     BLOCK_Q=blocks.block_q_dkv, BLOCK_K=blocks.block_k_dkv))
+  outputs = (jax.ShapeDtypeStruct(tuple(k_shape), kv_dtype), jax.ShapeDtypeStruct(tuple(v_shape), kv_dtype))
+  return _launch(_dkdv_kernel, "flash_backward_dkdv_jax_triton", (nk, batch * num_kv_heads), outputs,
+                 (q_shape, k_shape, v_shape), q_dtype, static, block_q=bq, block_k=bk, backward=True)
 
 
 def _call(launch: Launch, *inputs):

@@ -19,6 +19,7 @@ import efficient_attention as ea
 from pallas import BlockSizes, flash_attention, softmax_jax_triton
 from pallas.flash_tiles import FlashStatic
 from tests import util
+from tests.test_softmax_kernel import F32_CASES, case_inputs
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
 # Unequal tiles: the forward and the two backward kernels walk different grids.
@@ -124,24 +125,10 @@ def test_vmappable_folds_the_vmapped_axis_into_the_batch():
 
 
 @needs_gpu
-@pytest.mark.parametrize(
-    "b, t, s, n, kh, h, hv, is_causal, segments, blocks",
-    [
-        (2, 37, 37, 4, 2, 8, 8, True, False, SMALL),  # odd T, GQA, causal
-        (2, 29, 45, 3, 3, 5, 7, False, False, SMALL),  # T != S, odd head dims
-        (1, 40, 40, 6, 2, 16, 16, True, True, MIXED),  # packed segments + causal, G=3
-        (2, 33, 33, 2, 1, 32, 16, False, True, SMALL),  # segments, MQA
-        (1, 48, 21, 2, 2, 8, 8, True, False, MIXED),  # causal with T > S
-        (2, 5, 5, 4, 2, 64, 64, True, False, None),  # T=5, default blocks
-    ],
-)
+@pytest.mark.parametrize("b, t, s, n, kh, h, hv, is_causal, segments, blocks",
+                         [*F32_CASES, (2, 5, 5, 4, 2, 64, 64, True, False, None)])  # + T=5, default blocks
 def test_value_and_grad_f32(b, t, s, n, kh, h, hv, is_causal, segments, blocks):
-  q, k, v = util.qkv(b, t, s, n, kh, h, hv=hv)
-  ids = None
-  if segments:
-    ids = util.packed_segment_ids(b, t, 3)
-    if t != s:
-      ids = (ids, util.packed_segment_ids(b, s, 3))
+  q, k, v, ids = case_inputs(b, t, s, n, kh, h, hv, segments)
   util.check_against_f64(_fn(is_causal, ids, blocks), _ref(is_causal, ids), (q, k, v), **util.TOL[jnp.float32])
 
 

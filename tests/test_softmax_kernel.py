@@ -24,21 +24,28 @@ def _ref(is_causal, ids):
   return lambda q, k, v: ea.softmax_attention_reference(q, k, v, is_causal=is_causal, segment_ids=ids)
 
 
-@pytest.mark.parametrize(
-    "b, t, s, n, kh, h, hv, is_causal, segments, blocks",
-    [
-        (2, 37, 37, 4, 2, 8, 8, True, False, SMALL),  # odd T, GQA, causal
-        (2, 29, 45, 3, 3, 5, 7, False, False, SMALL),  # T != S, odd head dims
-        (1, 40, 40, 6, 2, 16, 16, True, True, MIXED),  # packed segments + causal, G=3
-        (2, 33, 33, 2, 1, 32, 16, False, True, SMALL),  # segments, MQA
-        (1, 48, 21, 2, 2, 8, 8, True, False, MIXED),  # causal with T > S
-    ],
-)
-def test_value_and_grad_f32(b, t, s, n, kh, h, hv, is_causal, segments, blocks):
+# (b, t, s, n, kh, h, hv, is_causal, segments, blocks): the float32 cases every flash backend is checked on.
+F32_CASES = [
+    (2, 37, 37, 4, 2, 8, 8, True, False, SMALL),  # odd T, GQA, causal
+    (2, 29, 45, 3, 3, 5, 7, False, False, SMALL),  # T != S, odd head dims
+    (1, 40, 40, 6, 2, 16, 16, True, True, MIXED),  # packed segments + causal, G=3
+    (2, 33, 33, 2, 1, 32, 16, False, True, SMALL),  # segments, MQA
+    (1, 48, 21, 2, 2, 8, 8, True, False, MIXED),  # causal with T > S
+]
+
+
+def case_inputs(b, t, s, n, kh, h, hv, segments):
+  """q, k, v and the segment ids (None, `[B, T]`, or a pair when T != S) of one case."""
   q, k, v = util.qkv(b, t, s, n, kh, h, hv=hv)
   ids = None
   if segments:
     ids = (util.packed_segment_ids(b, t, 3), util.packed_segment_ids(b, s, 3)) if t != s else util.packed_segment_ids(b, t, 3)
+  return q, k, v, ids
+
+
+@pytest.mark.parametrize("b, t, s, n, kh, h, hv, is_causal, segments, blocks", F32_CASES)
+def test_value_and_grad_f32(b, t, s, n, kh, h, hv, is_causal, segments, blocks):
+  q, k, v, ids = case_inputs(b, t, s, n, kh, h, hv, segments)
 
   def fn(q, k, v):
     return flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, block_sizes=blocks)
