@@ -5,6 +5,7 @@ N·H = 2048), forward and forward+backward:
 
   pallas-triton    pallas.flash_attention(backend="triton")
   pallas-mgpu      pallas.flash_attention(backend="mosaic_gpu")  (Hopper, when it applies)
+  jax-triton       pallas.flash_attention(backend="jax_triton")  (where jax_triton runs)
   cudnn            jax.nn.dot_product_attention(implementation="cudnn")
   xla              jax.nn.dot_product_attention(implementation="xla")
   jax-pallas-mha   jax.experimental.pallas.ops.gpu.attention.mha (JAX's bundled Pallas kernel)
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import pallas
-from pallas import softmax_mosaic_gpu
+from pallas import softmax_jax_triton, softmax_mosaic_gpu
 from pallas.common import Dims
 from pallas.softmax import BlockSizes
 from experiments.bench_timing import compile_pass, inputs, median_time, peak_bytes
@@ -35,7 +36,7 @@ from experiments.bench_timing import compile_pass, inputs, median_time, peak_byt
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
 
-IMPLS = ("pallas-triton", "pallas-mgpu", "cudnn", "xla", "jax-pallas-mha")
+IMPLS = ("pallas-triton", "pallas-mgpu", "jax-triton", "cudnn", "xla", "jax-pallas-mha")
 
 
 def contender(name: str, dtype, head_dim: int, *, blocks: BlockSizes | None = None) -> Callable | None:
@@ -46,6 +47,10 @@ def contender(name: str, dtype, head_dim: int, *, blocks: BlockSizes | None = No
     if not (on_gpu and softmax_mosaic_gpu.applies(dtype, _dims(head_dim), is_causal=False, has_segments=False)):
       return None
     return lambda q, k, v, c: pallas.flash_attention(q, k, v, is_causal=c, backend="mosaic_gpu")
+  if name == "jax-triton":
+    if not softmax_jax_triton.available():
+      return None
+    return lambda q, k, v, c: pallas.flash_attention(q, k, v, is_causal=c, backend="jax_triton", block_sizes=blocks)
   if name == "cudnn":
     if not on_gpu:
       return None
