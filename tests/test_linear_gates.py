@@ -121,6 +121,26 @@ def strong_gates(kind, t):
   return log_gates(gate_shape(kind, t=t), low=-20.0).at[..., 0].set(-20.0)
 
 
+def check_per_head_gate_grad(fn, ref, q, k, v, gates):
+  """The gradient of a per-head gate `[K]` against float64, bounded by the terms it sums.
+
+  It is the sum over B x T steps of each step's gate gradient, and those terms can cancel to a
+  small fraction of their size (a random cotangent makes that common), so a bound relative to
+  the result alone measures the cancellation, not the path: float32 is held to 3e-5 of the sum
+  of the terms' magnitudes (60 draws measured up to 7.5e-6, where the error relative to the
+  result reached 3.7e-4 on one draw of the suite), each step's term taken from the reference with per-step gates.
+  """
+  b, t = q.shape[:2]
+  w = util.normal(jax.eval_shape(fn, q, k, v, gates).shape)
+  got = np.asarray(jax.grad(lambda g: jnp.sum(fn(q, k, v, g) * w))(gates), np.float64)
+  with jax.enable_x64(True):
+    q64, k64, v64, w64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, w))
+    steps = jnp.broadcast_to(jnp.asarray(np.asarray(gates), jnp.float64), (b, t, gates.shape[0]))
+    terms = np.asarray(jax.grad(lambda g: jnp.sum(ref(q64, k64, v64, g) * w64))(steps))  # [B, T, K]
+  want, size = terms.sum(axis=(0, 1)), np.abs(terms).sum(axis=(0, 1))
+  assert np.all(np.abs(got - want) <= 3e-5 * size + 1e-12), (got, want, size)
+
+
 class GatedLinearTest(chex.TestCase):
 
   @parameterized.parameters(*CASES)
@@ -132,7 +152,11 @@ class GatedLinearTest(chex.TestCase):
     fn = jax.jit(lambda q, k, v, g: ea.linear_attention(q, k, v, is_causal=True, gates=g, chunk_size=chunk_size,
                                                         **opts))
     ref = lambda q, k, v, g: recurrence(q, k, v, g, **opts)
-    out, _ = util.check_against_f64(fn, ref, (q, k, v, gates), argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
+    if kind != "head":
+      out, _ = util.check_against_f64(fn, ref, (q, k, v, gates), argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
+    else:
+      out, _ = util.check_against_f64(fn, ref, (q, k, v, gates), argnums=(0, 1, 2), **util.TOL[jnp.float32])
+      check_per_head_gate_grad(fn, ref, q, k, v, gates)
     chex.assert_shape(out, (B, t, N, HV))
 
   def test_dense_reference_equals_recurrence(self):
