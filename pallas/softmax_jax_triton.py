@@ -358,13 +358,9 @@ def _forward_step(acc, m, l, q, rows, q_ids, k_ptr, v_ptr, kv_ids_ptr, b, kh, st
 
 
 @_jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, q_ids_ptr, kv_ids_ptr, out_ptr, lse_ptr,
-                    SCALE: tl.constexpr, LOGIT_SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    HAS_SEGMENTS: tl.constexpr, KV_LEN: tl.constexpr,
-                    T_PAD: tl.constexpr, S_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
-                    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
-  """Program (query block, b * N + n): out `[bq, Hv]` and lse `[bq]` of one head."""
+def _query_program(q_ptr, IS_CAUSAL: tl.constexpr, T_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
+                   NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr):
+  """A (query block, b * N + n) program's block i, b * N + n, b, n, kv head, rows and q `[bq, H]`."""
   i = tl.program_id(0)
   if IS_CAUSAL:  # the last query blocks see the most keys: run them first
     i = tl.num_programs(0) - 1 - i
@@ -374,6 +370,18 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, q_ids_ptr, kv_ids_ptr, out_ptr, lse_ptr
   kh = n // (NUM_HEADS // NUM_KV_HEADS)
   rows = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
   q = tl.load(_tile(q_ptr, b, n, i * BLOCK_Q, BLOCK_Q, T_PAD, NUM_HEADS, HEAD_DIM))  # [bq, H]
+  return i, bn, b, n, kh, rows, q
+
+
+@_jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, q_ids_ptr, kv_ids_ptr, out_ptr, lse_ptr,
+                    SCALE: tl.constexpr, LOGIT_SCALE: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_SEGMENTS: tl.constexpr, KV_LEN: tl.constexpr,
+                    T_PAD: tl.constexpr, S_PAD: tl.constexpr, NUM_HEADS: tl.constexpr,
+                    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+  """Program (query block, b * N + n): out `[bq, Hv]` and lse `[bq]` of one head."""
+  i, bn, b, n, kh, rows, q = _query_program(q_ptr, IS_CAUSAL, T_PAD, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q)
   kv_ids_ptr += b.to(tl.int64) * S_PAD
   if HAS_SEGMENTS:
     q_ids = tl.load(q_ids_ptr + b.to(tl.int64) * T_PAD + rows)
@@ -429,15 +437,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_ids_ptr, kv_id
                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
   """Program (query block, b * N + n): dq `[bq, H]` of one head."""
-  i = tl.program_id(0)
-  if IS_CAUSAL:
-    i = tl.num_programs(0) - 1 - i
-  bn = tl.program_id(1)
-  b = bn // NUM_HEADS
-  n = bn % NUM_HEADS
-  kh = n // (NUM_HEADS // NUM_KV_HEADS)
-  rows = i * BLOCK_Q + tl.arange(0, BLOCK_Q)
-  q = tl.load(_tile(q_ptr, b, n, i * BLOCK_Q, BLOCK_Q, T_PAD, NUM_HEADS, HEAD_DIM))  # [bq, H]
+  i, bn, b, n, kh, rows, q = _query_program(q_ptr, IS_CAUSAL, T_PAD, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_Q)
   do = tl.load(_tile(do_ptr, b, n, i * BLOCK_Q, BLOCK_Q, T_PAD, NUM_HEADS, V_DIM))  # [bq, Hv]
   lse = tl.load(lse_ptr + bn.to(tl.int64) * T_PAD + rows)
   delta = tl.load(delta_ptr + bn.to(tl.int64) * T_PAD + rows)

@@ -19,7 +19,7 @@ import efficient_attention as ea
 from pallas import BlockSizes, flash_attention, softmax_jax_triton
 from pallas.flash_tiles import FlashStatic
 from tests import util
-from tests.test_softmax_kernel import F32_CASES, case_inputs
+from tests.test_softmax_kernel import F32_CASES, case_inputs, dead_row_case
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
 # Unequal tiles: the forward and the two backward kernels walk different grids.
@@ -154,12 +154,7 @@ def test_default_blocks_bf16(h, is_causal, segments):
 
 @needs_gpu
 def test_rows_with_nothing_to_attend_are_zero_with_zero_grad():
-  b, t = 2, 21
-  q, k, v = util.qkv(b, t, t, 2, 1, 8)
-  q_ids = util.packed_segment_ids(b, t, 2)
-  kv_ids = q_ids.at[0, :5].set(7)  # batch 0, rows 0..4 (id 0 or 1) lose some keys
-  q_ids = q_ids.at[1, 3].set(99)  # batch 1, row 3 has no key with its id
-  ids = (q_ids, kv_ids)
+  q, k, v, ids = dead_row_case()
   out, _ = util.check_dead_rows(_fn(ids=ids, blocks=SMALL), q, k, v, dead=(1, 3))
   np.testing.assert_allclose(out, ea.softmax_attention_reference(q, k, v, segment_ids=ids), atol=1e-5, rtol=1e-5)
 

@@ -69,13 +69,18 @@ def test_scale_and_default_blocks():
   util.check_against_f64(fn, ref, (q, k, v), **util.TOL[jnp.float32])
 
 
-def test_rows_with_nothing_to_attend_are_zero_with_zero_grad():
+def dead_row_case():
+  """q, k, v `[2, 21, 2|1, 8]` and (query, key) segment ids where batch 1's row 3 sees no key."""
   b, t = 2, 21
   q, k, v = util.qkv(b, t, t, 2, 1, 8)
   q_ids = util.packed_segment_ids(b, t, 2)
   kv_ids = q_ids.at[0, :5].set(7)  # batch 0, rows 0..4 (id 0 or 1) lose some keys
   q_ids = q_ids.at[1, 3].set(99)  # batch 1, row 3 has no key with its id
-  ids = (q_ids, kv_ids)
+  return q, k, v, (q_ids, kv_ids)
+
+
+def test_rows_with_nothing_to_attend_are_zero_with_zero_grad():
+  q, k, v, ids = dead_row_case()
   fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=ids, block_sizes=SMALL)  # noqa: E731
   out, _ = util.check_dead_rows(fn, q, k, v, dead=(1, 3))
   want = ea.softmax_attention_reference(q, k, v, segment_ids=ids)
