@@ -19,7 +19,8 @@ import efficient_attention as ea
 from pallas import BlockSizes, flash_attention, softmax_jax_triton
 from pallas.flash_tiles import FlashStatic
 from tests import util
-from tests.test_softmax_kernel import F32_CASES, case_inputs, dead_row_case
+from tests.test_softmax_kernel import (BF16_DEFAULT_TILE_CASES, F32_CASES, case_inputs, check_bf16_default_tiles,
+                                       dead_row_case)
 
 SMALL = BlockSizes(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=16, block_k_dkv=16)
 # Unequal tiles: the forward and the two backward kernels walk different grids.
@@ -142,14 +143,9 @@ def test_half_precision(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("h, is_causal, segments", [(64, True, True), (128, False, False), (128, True, False),
-                                                    (64, False, True)])
+@pytest.mark.parametrize("h, is_causal, segments", BF16_DEFAULT_TILE_CASES)
 def test_default_blocks_bf16(h, is_causal, segments):
-  b, t = 2, 333  # odd: padded to whole tiles, tail masked
-  q, k, v = util.qkv(b, t, t, 4, 2, h, dtype=jnp.bfloat16)
-  ids = util.packed_segment_ids(b, t, 3) if segments else None
-  out, _ = util.check_against_f64(_fn(is_causal, ids), _ref(is_causal, ids), (q, k, v), **util.TOL[jnp.bfloat16])
-  assert out.dtype == jnp.bfloat16
+  check_bf16_default_tiles("jax_triton", h, is_causal, segments)
 
 
 @needs_gpu

@@ -137,13 +137,21 @@ def _hopper() -> bool:
   return jax.default_backend() == "gpu" and softmax_mosaic_gpu._on_hopper()
 
 
-@pytest.mark.skipif(not _hopper(), reason="the Mosaic GPU forward needs a Hopper GPU")
-@pytest.mark.parametrize("h, is_causal, segments", [(64, True, True), (128, False, False), (128, True, False),
-                                                    (64, False, True)])
-def test_mosaic_gpu_value_and_grad(h, is_causal, segments):
-  b, t = 2, 333  # odd: padded to whole tiles, tail masked
+# (h, is_causal, segments): bf16 at T=333 with a backend's default tiles.
+BF16_DEFAULT_TILE_CASES = [(64, True, True), (128, False, False), (128, True, False), (64, False, True)]
+
+
+def check_bf16_default_tiles(backend, h, is_causal, segments):
+  """A backend with its default tiles on bf16, B2 T=333 (odd: padded to whole tiles, tail masked), GQA."""
+  b, t = 2, 333
   q, k, v = util.qkv(b, t, t, 4, 2, h, dtype=jnp.bfloat16)
   ids = util.packed_segment_ids(b, t, 3) if segments else None
-  fn = lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, backend="mosaic_gpu")  # noqa: E731
+  fn = lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal, segment_ids=ids, backend=backend)  # noqa: E731
   out, _ = util.check_against_f64(fn, _ref(is_causal, ids), (q, k, v), **util.TOL[jnp.bfloat16])
   assert out.dtype == jnp.bfloat16
+
+
+@pytest.mark.skipif(not _hopper(), reason="the Mosaic GPU forward needs a Hopper GPU")
+@pytest.mark.parametrize("h, is_causal, segments", BF16_DEFAULT_TILE_CASES)
+def test_mosaic_gpu_value_and_grad(h, is_causal, segments):
+  check_bf16_default_tiles("mosaic_gpu", h, is_causal, segments)
