@@ -10,8 +10,9 @@ Backends:
   "triton"     Pallas' Triton lowering (GPU; also the CPU interpret path).
   "mosaic_gpu" Hopper warp-specialised kernel, see `softmax_mosaic_gpu.py`.
   "mosaic_tpu" TPU kernel, see `softmax_tpu.py`.
-  "jax_triton" Triton-language kernels launched through jax_triton (CUDA GPU,
-               named only), see `softmax_jax_triton.py`.
+  "jax_triton" Triton-language kernels launched through jax_triton (CUDA GPU),
+               see `softmax_jax_triton.py`.
+`default_backend` picks one per platform and shape.
 
 Einsum alphabet: B batch, T query time, S key time, N query heads, K key/value
 heads, G = N / K, H head dim (Hv for values).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 from typing import Any
 
 import jax
@@ -135,8 +137,9 @@ def flash_attention(
     scale: logit scale, default `H**-0.5`.
     block_sizes: tile sizes; default `BlockSizes.get_default(backend, H)`.
     backend: "triton", "mosaic_gpu", "mosaic_tpu" or "jax_triton"; default by
-      platform ("mosaic_tpu" on TPU, "mosaic_gpu" on Hopper when it applies,
-      else "triton"; "jax_triton" only when named).
+      platform and shape (`default_backend`: "mosaic_tpu" on TPU; on a GPU
+      "mosaic_gpu" on Hopper where it applies and leads, else "jax_triton" where
+      it is installed, else "triton"; interpreted calls "triton").
     interpret: run the kernels in Pallas' interpreter; default True off GPU/TPU.
 
   Returns:
@@ -153,7 +156,8 @@ def flash_attention(
   if interpret is None:
     interpret = platform not in ("gpu", "tpu")
   if backend is None:
-    backend = default_backend(q.dtype, dims, platform, is_causal=is_causal, has_segments=ids is not None)
+    backend = default_backend(q.dtype, dims, platform, is_causal=is_causal, has_segments=ids is not None,
+                              interpret=bool(interpret))
   if backend not in BACKENDS:
     raise ValueError(f"unknown {backend=}; valid: {', '.join(map(repr, BACKENDS))}")
   if block_sizes is None:
@@ -171,16 +175,43 @@ def flash_attention(
 
 
 def default_backend(dtype: Any, dims: common.Dims, platform: str | None = None, *,
-                    is_causal: bool = False, has_segments: bool = False) -> str:
-  """The backend `flash_attention` picks when none is named."""
+                    is_causal: bool = False, has_segments: bool = False, interpret: bool = False) -> str:
+  """The backend `flash_attention` picks when none is named.
+
+  TPU: "mosaic_tpu". A GPU (compiled): "mosaic_gpu" where it applies (Hopper, 16-bit,
+  head dim 64 / 128), except at head dim <= 64 when jax_triton runs here; else
+  "jax_triton" when it runs here; else the Pallas-Triton lowering ("triton"), and an
+  error where JAX no longer has it. From the H200 table (results/h200/flash/softmax.md): the
+  jax_triton kernels ran at or above the Pallas-Triton lowering on 23 of 24 rows
+  (T 2k-16k, head dim 64 / 128, causal or not, forward and forward+backward) and above
+  the Mosaic GPU kernel on 9 of the 12 head-dim-64 rows; Mosaic GPU led on 11 of the 12
+  head-dim-128 rows. Interpreted calls, and anything else: "triton".
+  """
   platform = platform or jax.default_backend()
   if platform == "tpu":
     return "mosaic_tpu"
-  if platform == "gpu":
-    from pallas import softmax_mosaic_gpu
-    if softmax_mosaic_gpu.applies(dtype, dims, is_causal=is_causal, has_segments=has_segments):
+  if platform == "gpu" and not interpret:
+    from pallas import softmax_jax_triton, softmax_mosaic_gpu
+    jax_triton = softmax_jax_triton.available()
+    narrow = max(dims.head_dim, dims.v_head_dim) <= 64
+    if (softmax_mosaic_gpu.applies(dtype, dims, is_causal=is_causal, has_segments=has_segments)
+        and not (jax_triton and narrow)):
       return "mosaic_gpu"
+    if jax_triton:
+      return "jax_triton"
+    if not triton_lowering_available():
+      raise ValueError("flash_attention on this GPU needs jax_triton (pip install 'efficient-attention[gpu]'): "
+                       "this JAX has no Pallas-Triton lowering, and the Mosaic GPU kernel does not apply "
+                       f"(missing for jax_triton: {', '.join(softmax_jax_triton.missing())})")
   return "triton"
+
+
+def triton_lowering_available() -> bool:
+  """Whether this JAX still has Pallas' Triton lowering (deprecated since JAX 0.11)."""
+  try:
+    return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
+  except ImportError:
+    return False
 
 
 # --------------------------------------------------------------------------- #

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import efficient_attention as ea
-from pallas import BlockSizes, flash_attention, softmax_jax_triton
+from pallas import BlockSizes, flash_attention, softmax_jax_triton, softmax_mosaic_gpu
+from pallas import softmax as pallas_softmax
 from pallas.flash_tiles import FlashStatic
 from tests import util
 from tests.test_softmax_kernel import (BF16_DEFAULT_TILE_CASES, F32_CASES, case_inputs, check_bf16_default_tiles,
@@ -67,6 +68,48 @@ def test_flash_attention_names_what_is_missing():
 def test_default_blocks_are_the_triton_ones():
   for head_dim in (64, 128):
     assert BlockSizes.get_default("jax_triton", head_dim) == BlockSizes.get_default("triton", head_dim)
+
+
+def _dims(head_dim):
+  q, k, v = (jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in
+             ((1, 4096, 4, head_dim), (1, 4096, 2, head_dim), (1, 4096, 2, head_dim)))
+  return pallas_softmax.common.check_qkv(q, k, v)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("hopper", [True, False])
+@pytest.mark.parametrize("installed", [True, False])
+def test_gpu_default_backend_follows_the_measured_table(monkeypatch, head_dim, hopper, installed):
+  # What a compiled GPU call picks: Mosaic GPU on Hopper where it applies, except at head
+  # dim 64 where jax_triton measured ahead; jax_triton wherever installed; else Triton.
+  monkeypatch.setattr(softmax_jax_triton, "available", lambda: installed)
+  monkeypatch.setattr(softmax_mosaic_gpu, "_on_hopper", lambda: hopper)
+  picked = pallas_softmax.default_backend(jnp.bfloat16, _dims(head_dim), "gpu", is_causal=True)
+  if hopper and (head_dim == 128 or not installed):
+    assert picked == "mosaic_gpu"
+  else:
+    assert picked == ("jax_triton" if installed else "triton")
+  # Interpreted calls and CPUs take the Pallas-Triton path whatever is installed; TPUs their own.
+  assert pallas_softmax.default_backend(jnp.bfloat16, _dims(head_dim), "gpu", interpret=True) == "triton"
+  assert pallas_softmax.default_backend(jnp.bfloat16, _dims(head_dim), "cpu") == "triton"
+  assert pallas_softmax.default_backend(jnp.bfloat16, _dims(head_dim), "tpu") == "mosaic_tpu"
+
+
+def test_gpu_default_without_the_triton_lowering_asks_for_jax_triton(monkeypatch):
+  monkeypatch.setattr(softmax_jax_triton, "available", lambda: False)
+  monkeypatch.setattr(softmax_jax_triton, "missing", lambda: ("jax_triton",))
+  monkeypatch.setattr(softmax_mosaic_gpu, "_on_hopper", lambda: False)
+  monkeypatch.setattr(pallas_softmax, "triton_lowering_available", lambda: False)
+  with pytest.raises(ValueError, match=r"needs jax_triton.*missing for jax_triton: jax_triton"):
+    pallas_softmax.default_backend(jnp.bfloat16, _dims(128), "gpu")
+  # With jax_triton there, the library keeps working without the lowering.
+  monkeypatch.setattr(softmax_jax_triton, "available", lambda: True)
+  assert pallas_softmax.default_backend(jnp.bfloat16, _dims(128), "gpu") == "jax_triton"
+
+
+def test_this_jax_has_the_triton_lowering():
+  # JAX 0.10-0.11 still ship it; the day this fails, the GPU default is jax_triton or an error.
+  assert pallas_softmax.triton_lowering_available()
 
 
 def test_launch_grids_shapes_and_settings():
