@@ -28,7 +28,8 @@ the cost linear in the sequence length. How each option is honoured:
   `G_c` give the decay `exp(G_c - G_d)` of key d seen from query c, always the
   exponential of a non-positive number; chunks pass the state on with their total
   decay. Per-feature gates use a `[C, D, M]` decay tensor per chunk (hence a
-  smaller default chunk).
+  smaller default chunk); the Pallas kernels make their pairs through sub-chunks
+  instead (`pallas.gated`).
 - `segment_ids` (one int `[B, T]`, T == S): a segment is a maximal run of equal
   ids, so an id that recurs after a different id starts a new segment (packed
   sequences). Causal: the prefix sums restart at each run start. Non-causal: the
@@ -148,14 +149,15 @@ def linear_attention(
     chunk_size: time steps per chunk of the causal / segmented form (static);
       any T works (padded internally). "pallas": a power of two >= 16. None:
       64 for "xla" (16 with per-feature gates), the kernel's choice for "pallas"
-      (`pallas.LinearBlockSizes`).
+      (`pallas.LinearBlockSizes`, `pallas.GatedBlockSizes` with gates: 64).
     scale: not meaningful for linear attention (the feature map fixes the
       kernel); must be None.
     bias: not supported; must be None.
     implementation: None or "xla" (the default), or "pallas": the chunked
-      causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
-      segment_ids and key-padding masks, not masks with a T axis; no gates and
-      no normalize="none" yet).
+      causal kernels (is_causal=True; honour segment_ids and key-padding masks,
+      not masks with a T axis): `pallas.causal_linear_attention` without gates
+      (normalize="denominator" only), `pallas.gated_linear_attention` with gates
+      of any of the three shapes.
     gates: optional log forget gates (float, finite, <= 0), indexed by the
       key/value heads: `[K]` (one per head, RetNet), `[B, T, K]` (one per step
       and head, Mamba-2 / simple GLA) or `[B, T, K, M]` (one per feature, GLA;
@@ -192,12 +194,9 @@ def linear_attention(
   if gates is not None:
     num_features = feature_width(fmap, k)
     gates = check_gates(gates, dims, num_features, is_causal=is_causal, mask=mask, family=family)
-    if chunk_size is None and gates.ndim == 4:
+    if chunk_size is None and gates.ndim == 4 and not pallas:
       chunk_size = XLA_FEATURE_GATES_CHUNK_SIZE
   if pallas:
-    if gates is not None and gates.ndim == 4:
-      raise ValueError(f"{family}: implementation='pallas' takes gates [K] or [B, T, K] (one per head or per step "
-                       f"and head); per-feature gates {tuple(gates.shape)} run on implementation='xla'")
     if gates is None and normalize != "denominator":
       raise ValueError(f"{family}: implementation='pallas' without gates computes normalize='denominator'; "
                        f"got {normalize=} (pass gates, even zeros, or use implementation='xla')")
@@ -227,8 +226,8 @@ def _linear_attention(q, k, v, mask, ids, gates, *, fmap, is_causal, chunk_size,
   if gates is not None:
     gates = gates_per_step(gates, dims).astype(acc)
   if pallas and gates is not None:
-    return attend_gated_pallas(phi_q, phi_k, v, gates[..., 0], plan, chunk_size=chunk_size, dims=dims,
-                               dtype=q.dtype, normalize=normalize)
+    return attend_gated_pallas(phi_q, phi_k, v, gates, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype,
+                               normalize=normalize)
   if pallas:
     return attend_pallas(phi_q, phi_k, v, plan, chunk_size=chunk_size, dims=dims, dtype=q.dtype)
   out = attend(phi_q, phi_k, v, plan, is_causal=is_causal, chunk_size=chunk_size or XLA_CHUNK_SIZE, dims=dims,
@@ -586,21 +585,25 @@ def attend_gated_pallas(
     phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, gates: jax.Array, plan: MaskPlan, *, chunk_size: int | None,
     dims: _checks.Dims, dtype: Any, normalize: str
 ) -> jax.Array:
-  """The gated causal core through the Pallas kernel (`pallas.gated`): `[B, T, N, Hv]` in `dtype`.
+  """The gated causal core through the Pallas kernels (`pallas.gated`): `[B, T, N, Hv]` in `dtype`.
 
-  `gates`: per-step log gates `[B, T, K]`. Key-padding masks zero the masked keys'
+  `gates`: log gates `[B, T, K, 1 | M]`, one per step and head (the kernels' scalar
+  gates) or per step, head and feature. Key-padding masks zero the masked keys'
   features and gates (a masked step is the identity on the state). With
   normalize="denominator" a column of ones rides along the values and carries
-  the denominator (the value width is padded to the next power of two).
+  the denominator (the value width is padded to the next power of two); with
+  per-feature gates its row m decays with feature m, as the denominator's sum does.
   """
+  if gates.shape[-1] == 1:
+    gates = gates[..., 0]
   if plan.keys is not None:
     if plan.keys.shape[1] != 1 and dims.group > 1:
       # Key sets differ within a GQA group: give each query head its own keys (and state).
       phi_k, v, gates = (jnp.repeat(x, dims.group, axis=2) for x in (phi_k, v, gates))
-    # [B|1, S, K|1]
-    live = plan.keys.transpose(0, 2, 1)
-    phi_k = jnp.where(live[..., None], phi_k, 0.0)
-    gates = jnp.where(live, gates, 0.0)
+    # [B|1, S, K|1, 1]
+    live = plan.keys.transpose(0, 2, 1)[..., None]
+    phi_k = jnp.where(live, phi_k, 0.0)
+    gates = jnp.where(live if gates.ndim == 4 else live[..., 0], gates, 0.0)
   if normalize == "denominator":
     v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
   compute = jnp.float32 if normalize == "denominator" else dtype

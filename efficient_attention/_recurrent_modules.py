@@ -257,8 +257,8 @@ class GatedLinearAttention(GatedRecurrentModule):
       style): one per key/value head, `[B, T, K]`, `-exp(A_log) softplus(W x + dt_bias)`.
     gate_rank: r, the rank of the "feature" gate's projection.
     feature_map: as in `linear_attention`; "identity" (GLA) by default.
-    chunk_size: time steps per chunk (None: `linear_attention`'s default, 16
-      with per-feature gates, 64 with per-step ones).
+    chunk_size: time steps per chunk (None: `linear_attention`'s default: 64, or
+      16 with per-feature gates on implementation="xla").
     **kwargs: the arguments of `GatedRecurrentModule` (`short_conv`, `output_norm`,
       `output_gate`) and `AttentionModule`.
   """
@@ -273,9 +273,6 @@ class GatedLinearAttention(GatedRecurrentModule):
       raise ValueError(f"unknown {gate=!r}; valid: {', '.join(map(repr, GLA_GATES))}")
     if isinstance(gate_rank, bool) or not isinstance(gate_rank, int) or gate_rank <= 0:
       raise ValueError(f"gate_rank must be a positive int, got {gate_rank=!r}")
-    if self.implementation == "pallas" and gate == "feature":
-      raise ValueError("implementation='pallas' runs gated linear attention with one gate per step and head: "
-                       "use gate='step' (per-feature gates, gate='feature', run on implementation='xla')")
     fmap = _linear.feature_map_fn(feature_map)
     self.num_features = jax.eval_shape(fmap, jax.ShapeDtypeStruct((1, self.head_dim), jnp.float32)).shape[-1]
     self.gate, self.gate_rank, self.feature_map = gate, gate_rank, feature_map

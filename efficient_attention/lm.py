@@ -97,8 +97,8 @@ class LMConfig:
     output_norm: GLA / delta rule: RMSNorm of each head's output.
     output_gate: GLA / delta rule: swish output gate `norm(o) * silu(W_g x)`.
     chunk_size: time steps per chunk of causal FAVOR+ / linear / delta rule
-      attention (GLA uses `linear_attention`'s default: 16 steps with per-feature
-      gates, 64 with per-step ones); sorted tokens per chunk of LSH attention.
+      attention (GLA uses `linear_attention`'s default: 64 steps, 16 with
+      per-feature gates on XLA); sorted tokens per chunk of LSH attention.
     implementation: the attention functions' `implementation` (None = best
       available; e.g. "pallas" for the flash kernel).
     dtype: computation dtype (None: float32 from the parameters).

@@ -10,8 +10,9 @@ never touches the accelerator. Families: exact softmax attention (and its
 Pallas flash kernel where a GPU or TPU runs it), FAVOR+, linear attention,
 Linformer and block-sparse local attention by default; `--families` adds the
 other kernels, LSH (Reformer) attention, GLA, DeltaNet, Gated DeltaNet, a
-hybrid of GLA and local layers (`gla+local`), and GLA with per-step gates and
-Gated DeltaNet on the Pallas kernels (`gla-step-pallas`, `gated_delta_rule-pallas`). Linformer has no causal form: its
+hybrid of GLA and local layers (`gla+local`), and GLA (per-feature or per-step gates)
+and Gated DeltaNet on the Pallas kernels (`gla-pallas`, `gla-step-pallas`,
+`gated_delta_rule-pallas`). Linformer has no causal form: its
 model sees the byte it predicts, so its loss is no language-model loss; it is
 trained and tabled for speed and memory, marked, and left out of the curves.
 
@@ -69,6 +70,9 @@ FAMILIES = {
                            accelerator_only=True),
     "lsh": Family("LSH (Reformer)", ("--attention", "lsh")),
     "gla": Family("GLA", ("--attention", "gla")),
+    # GLA's per-feature gates on the Pallas kernels of pallas/gated.py (sub-chunked pairs).
+    "gla-pallas": Family("GLA (Pallas)", ("--attention", "gla", "--implementation", "pallas", "--chunk-size", "64"),
+                         accelerator_only=True),
     "delta_rule": Family("DeltaNet", ("--attention", "delta_rule")),
     "gated_delta_rule": Family("Gated DeltaNet", ("--attention", "delta_rule", "--gated")),
     # A hybrid stack: GLA and local attention layers alternate.

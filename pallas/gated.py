@@ -1,12 +1,16 @@
-"""Chunked causal linear attention with scalar forget gates, and the delta rule, in Pallas.
+"""Chunked causal linear attention with forget gates, and the delta rule, in Pallas.
 
 `gated_linear_attention(q, k, v, gates)` takes features `q [B, T, N, M]`,
-`k [B, T, K, M]` (N % K == 0, GQA), values `v [B, T, K, Hv]` and per-step log
-forget gates `gates [B, T, K]` (<= 0) and returns the numerator of gated linear
-attention (RetNet, Mamba-2, simple GLA):
+`k [B, T, K, M]` (N % K == 0, GQA), values `v [B, T, K, Hv]` and log forget gates
+(<= 0) per step, `gates [B, T, K]`, or per step and feature, `gates [B, T, K, M]`,
+and returns the numerator of gated linear attention (RetNet, Mamba-2, simple GLA;
+GLA with per-feature gates):
 
   S_t = exp(g_t) S_{t-1} + k_t^T v_t,   o_t = q_t S_t
-      = sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s,   G = cumsum(g).
+      = sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s,   G = cumsum(g);
+
+  per feature: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,
+      o_t = sum_{s <= t, same run} sum_m q_tm k_sm exp(G_tm - G_sm) v_s.
 
 `delta_rule_recurrence(q, k, w, u, gates)` runs the chunk recurrence of the delta
 rule's WY form (the per-chunk `W` and `U~` are made outside, see
@@ -38,13 +42,27 @@ kernel from its pair matrix and the state's reads and writes (equal to
 q_t . dq_t - k_t . dk_t, but with the diagonal cancelled exactly rather than left as
 rounding); dL/dg is its reverse cumulative sum, 0 at run starts.
 
+Per-feature gates (GLA) have no `[C, C]` decay matrix: the decay of a pair differs per
+feature. Their own outputs and gradient launches (the two walks only take a decay
+per state row) split each chunk into sub-chunks of `sub_chunk` steps (16). Query
+sub-chunk i reads the keys of the earlier sub-chunks through one product with the
+reference point r = its first step: `(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))` for
+s < r <= t, both factors decays (non-positive exponents, G being non-increasing).
+Its own sub-chunk's pairs are made key by key, each a `[c, M]` product
+`q_t k_s exp(G_t - G_s)` summed over the features, with the exponent clamped at 0
+where s > t (masked afterwards, so never inf * 0). Per feature,
+dL/dG_tm = q_tm dq_tm - k_tm dk_tm, with the pairs t = s left out of both
+(their decay is 1: they cancel exactly, and would leave rounding); dL/dg is again
+its reverse cumulative sum, per feature.
+
 Segment ids restart the state: run labels `[B, T]` (non-decreasing), and
 `sees [B, T]`, whether a step's run is the run of the step before its chunk (so
 its query reads the state entering the chunk). A chunk hands its state on only
 when all of it is that run, and adds only the keys of its last run.
 
 Einsum alphabet: B batch, T time, N query heads, K key/value heads, G = N / K,
-M features (of q and k), V value width, U chunks, C steps in a chunk.
+M features (of q and k), V value width, U chunks, C steps in a chunk, c steps in a
+sub-chunk (per-feature gates).
 """
 
 from __future__ import annotations
@@ -70,9 +88,10 @@ class GatedBlockSizes:
   (power-of-two rounded) sequence length. `block_m` / `block_v`: rows / columns
   of the state per program in the two walks over the chunks (the delta rule
   keeps every row: its correction `W S` reads the whole state). `block_v_out`:
-  value columns per program of the output pass. `num_warps` / `num_stages`:
-  Triton launch settings. Defaults: `get_default` (the tiles a first guess, the
-  stages from a sweep on an H200).
+  value columns per program of the output pass. `sub_chunk`: steps per secondary
+  sub-chunk with per-feature gates (pairs within one are made key by key; shrunk to
+  the chunk). `num_warps` / `num_stages`: Triton launch settings. Defaults:
+  `get_default` (the tiles a first guess, the stages from a sweep on an H200).
   """
 
   chunk: int = 64
@@ -81,9 +100,11 @@ class GatedBlockSizes:
   block_v_out: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  sub_chunk: int = 16
 
   def __post_init__(self):
-    check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out"), positive=("num_warps", "num_stages"))
+    check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out", "sub_chunk"),
+                 positive=("num_warps", "num_stages"))
 
   @classmethod
   def get_default(cls, dtype: Any, chunk: int | None = None) -> GatedBlockSizes:
@@ -113,6 +134,8 @@ class _Static:
   num_warps: int
   num_stages: int
   precision: Any = None
+  features: bool = False  # per-feature gates [B, T, K, M]
+  sub_chunk: int = 16  # steps per sub-chunk with per-feature gates (<= chunk)
 
   @property
   def params(self) -> dict:
@@ -141,22 +164,26 @@ def gated_linear_attention(
     k: `[B, T, K, M]` key features, `N % K == 0` (zero a key's features and its
       gate to remove the step, e.g. for key padding).
     v: `[B, T, K, Hv]` values.
-    gates: `[B, T, K]` log forget gates (float, <= 0; not checked here).
+    gates: log forget gates (float, <= 0; not checked here), `[B, T, K]` (one per
+      step and head) or `[B, T, K, M]` (one per step, head and feature: row m of
+      the state decays by `exp(g_tm)`).
     segment_ids: optional int `[B, T]`; the state restarts where a run of equal
       ids begins.
     block_sizes: tiling; default `GatedBlockSizes.get_default(q.dtype)`.
     interpret: run in Pallas' interpreter; default True off GPU.
 
   Returns:
-    `[B, T, N, Hv]` in q's dtype: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`.
+    `[B, T, N, Hv]` in q's dtype: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`
+    (per feature: `sum_{s <= t, same run} sum_m q_tm k_sm exp(G_tm - G_sm) v_s`).
   """
-  dims, ids = _check_inputs(q, k, v, gates, segment_ids, family="gated_linear_attention")
+  dims, ids = _check_inputs(q, k, v, gates, segment_ids, family="gated_linear_attention", features=True)
   b, t, n, m = q.shape
   if t == 0 or b == 0:
     return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
-  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=False)
+  features = gates.ndim == 4
+  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=False, features=features)
   m_pad, hv_pad = pow2_at_least(m), pow2_at_least(dims.v_head_dim)
-  g = _pad_gates(gates, t_pad)
+  g = _pad_gates(gates, t_pad, m_pad)
   out = _gated_core(pad_to(q, t_pad, m_pad), pad_to(k, t_pad, m_pad), pad_to(v, t_pad, hv_pad), g, flags, st)
   return out[:, :t, :, : dims.v_head_dim]
 
@@ -209,24 +236,28 @@ def chunk_length(t: int, block_sizes: GatedBlockSizes | None = None) -> int:
   return min((block_sizes or GatedBlockSizes()).chunk, pow2_at_least(t))
 
 
-def _check_inputs(q, k, v, gates, segment_ids, *, family: str):
-  """The contract's checks of both entry points: (dims, segment ids or None)."""
+def _check_inputs(q, k, v, gates, segment_ids, *, family: str, features: bool = False):
+  """The contract's checks of both entry points: (dims, segment ids or None).
+
+  `features`: gates may also be per feature, `[B, T, K, M]` (M = q's last axis)."""
   dims = common.check_qkv(q, k, v)
   common.check_causal(True, dims, family=family, need_square=True)
   if q.dtype == jnp.float64:
     raise TypeError(f"{family} computes in float32 at most, got {q.dtype=}; use the xla implementation")
-  _check_gates(gates, (dims.batch, dims.q_len, dims.num_kv_heads), family=family)
+  shape = (dims.batch, dims.q_len, dims.num_kv_heads)
+  _check_gates(gates, shape, shape + (q.shape[3],) if features else None, family=family)
   return dims, common.check_shared_segment_ids(segment_ids, dims, family=family)
 
 
-def _check_gates(gates: Any, shape: tuple[int, ...], *, family: str) -> None:
+def _check_gates(gates: Any, shape: tuple[int, ...], feature_shape: tuple[int, ...] | None, *, family: str) -> None:
   if not hasattr(gates, "dtype") or not jnp.issubdtype(gates.dtype, jnp.floating):
     raise TypeError(f"{family}: gates must be a floating-point array, got {getattr(gates, 'dtype', type(gates))}")
-  if tuple(gates.shape) != shape:
-    raise ValueError(f"{family}: gates must have shape [B, T, K]={shape}, got {tuple(gates.shape)}")
+  if tuple(gates.shape) not in (shape, feature_shape):
+    per_feature = "" if feature_shape is None else f" or [B, T, K, M]={feature_shape}"
+    raise ValueError(f"{family}: gates must have shape [B, T, K]={shape}{per_feature}, got {tuple(gates.shape)}")
 
 
-def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bool):
+def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bool, features: bool = False):
   """Static settings, the padded length and the segment flags (labels, sees) or None."""
   if block_sizes is None:
     block_sizes = GatedBlockSizes.get_default(dtype)
@@ -240,7 +271,8 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
   st = _Static(chunk=chunk, chunks=chunks, group=dims.group, segments=ids is not None, delta=delta,
                block_m=block_sizes.block_m, block_v=block_sizes.block_v, block_v_out=block_sizes.block_v_out,
                interpret=bool(interpret), num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
-               precision=matmul_precision(dtype))
+               precision=matmul_precision(dtype), features=features,
+               sub_chunk=min(block_sizes.sub_chunk, chunk))
   flags = None
   if ids is not None:
     # Run labels, padded steps continuing the last run.
@@ -252,23 +284,28 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
   return st, t_pad, flags
 
 
-def _pad_gates(gates: jax.Array, t_pad: int) -> jax.Array:
-  """`[B, T, K]` -> float32 `[B, K, T']` (padded steps: 0)."""
-  g = gates.astype(jnp.float32).transpose(0, 2, 1)
-  return jnp.pad(g, ((0, 0), (0, 0), (0, t_pad - g.shape[2])))
+def _pad_gates(gates: jax.Array, t_pad: int, m_pad: int | None = None) -> jax.Array:
+  """`[B, T, K]` -> float32 `[B, K, T']`, or `[B, T, K, M]` -> float32 `[B, K, T', M']` (padding: 0)."""
+  g = gates.astype(jnp.float32)
+  if g.ndim == 3:
+    g = g.transpose(0, 2, 1)
+    return jnp.pad(g, ((0, 0), (0, 0), (0, t_pad - g.shape[2])))
+  g = g.transpose(0, 2, 1, 3)
+  return jnp.pad(g, ((0, 0), (0, 0), (0, t_pad - g.shape[2]), (0, m_pad - g.shape[3])))
 
 
 def _local_cumsum(g: jax.Array, st: _Static) -> jax.Array:
   """`[B, K, T']` per-step gates -> their cumulative sums within each chunk (inclusive), `[B, K, 2, T']`:
   a float32 pair (hi, lo) whose sum holds each cumulative sum to about twice float32's precision.
+  Per-feature gates `[B, K, T', M]` -> `[B, K, 2, T', M]` likewise.
 
   The kernels take a decay as `exp((hi_t - hi_s) + (lo_t - lo_s))`; with the rounded sums alone, sums
   near -320 (gates of -20 per step) would carry an absolute error of ~2e-5 into every exponent.
   """
-  b, kh, t_pad = g.shape
-  x = g.reshape(b, kh, st.chunks, st.chunk)
-  hi, lo = lax.associative_scan(_add_pairs, (x, jnp.zeros_like(x)), axis=-1)
-  return jnp.stack([hi, lo], axis=2).reshape(b, kh, 2, t_pad)
+  b, kh, t_pad = g.shape[:3]
+  x = g.reshape(b, kh, st.chunks, st.chunk, *g.shape[3:])
+  hi, lo = lax.associative_scan(_add_pairs, (x, jnp.zeros_like(x)), axis=3)
+  return jnp.stack([hi, lo], axis=2).reshape(b, kh, 2, t_pad, *g.shape[3:])
 
 
 def _add_pairs(x, y):
@@ -281,12 +318,15 @@ def _add_pairs(x, y):
 
 
 def _gate_grad(dG: jax.Array, flags) -> jax.Array:
-  """dL/dg `[B, K, T']` from dL/dG (G the cumulative gates): reverse cumulative sums, 0 at run starts."""
-  dg = jnp.cumsum(dG[..., ::-1], axis=-1)[..., ::-1]
+  """dL/dg `[B, K, T']` (per feature `[B, K, T', M]`) from dL/dG (G the cumulative gates): reverse
+  cumulative sums along T, 0 at run starts."""
+  dg = jnp.flip(jnp.cumsum(jnp.flip(dG, 2), axis=2), 2)
   if flags is None:
-    starts = jnp.arange(dg.shape[-1]) == 0
+    starts = (jnp.arange(dg.shape[2]) == 0)[None, None]
   else:
     starts = common.segment_starts(flags[0])[:, None]
+  # [B|1, 1, T'] (per feature [B|1, 1, T', 1])
+  starts = starts.reshape(starts.shape + (1,) * (dg.ndim - 3))
   # The gate of a run's first step decays only the state of the run before: no effect.
   return jnp.where(starts, 0.0, dg)
 
@@ -370,9 +410,9 @@ def _chunk_start_gate_grad(w, dw, st: _Static) -> jax.Array:
 
 
 def _sum_heads(x: jax.Array, num_kv_heads: int) -> jax.Array:
-  """`[B, N, T]` per query head -> `[B, K, T]` summed over each GQA group."""
-  b, n, t = x.shape
-  return x.reshape(b, num_kv_heads, n // num_kv_heads, t).sum(2)
+  """`[B, N, T, ...]` per query head -> `[B, K, T, ...]` summed over each GQA group."""
+  b, n = x.shape[:2]
+  return x.reshape(b, num_kv_heads, n // num_kv_heads, *x.shape[2:]).sum(2)
 
 
 def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
@@ -415,6 +455,11 @@ def _named_refs(kernel, names: tuple[str, ...], *refs, st: _Static):
   return kernel(dict(zip(names, refs)), st=st)
 
 
+def _launch_name(part: str, st: _Static) -> str:
+  family = "delta_rule" if st.delta else "gated_linear_feature" if st.features else "gated_linear"
+  return f"{family}_{part}"
+
+
 def _chunks_pad(st: _Static) -> int:
   # The chunk axis of the stored states is padded to a power of two; the padding is never read.
   return pow2_at_least(st.chunks, 1)
@@ -428,10 +473,14 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   bm = m if delta else min(st.block_m, m)
   bv = min(st.block_v, hv)
   u_pad = _chunks_pad(st)
+  if st.features:
+    gc_spec = pl.BlockSpec((None, None, 2, t_pad, bm), lambda i, h, r, j: (i, h, 0, 0, r))
+  else:
+    gc_spec = pl.BlockSpec((None, None, 2, t_pad), lambda i, h, r, j: (i, h, 0, 0))
   inputs = {
       "k": (k, pl.BlockSpec((None, t_pad, None, bm), lambda i, h, r, j: (i, 0, h, r))),
       "v": (v, pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, h, r, j: (i, h, 0, 0))),
+      "gc": (gc, gc_spec),
       **_flag_inputs(flags, t_pad, lambda i, h, r, j: (i, 0)),
   }
   if delta:
@@ -441,8 +490,7 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   if delta:
     outputs["pseudo"] = (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
                          pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j)))
-  outs = _call(_states_kernel, inputs, outputs, (b, kh, m // bm, hv // bv), st,
-               "delta_rule_states" if delta else "gated_linear_states")
+  outs = _call(_states_kernel, inputs, outputs, (b, kh, m // bm, hv // bv), st, _launch_name("states", st))
   return (outs[0], outs[1]) if delta else outs[0]
 
 
@@ -453,18 +501,22 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
   c = st.chunk
   bv = min(st.block_v_out, hv)
   kv = lambda n: idiv(n, st.group)
+  if st.features:
+    gc_spec = pl.BlockSpec((None, None, 2, c, m), lambda i, n, u, j: (i, kv(n), 0, u, 0))
+  else:
+    gc_spec = pl.BlockSpec((None, None, 2, c), lambda i, n, u, j: (i, kv(n), 0, u))
   inputs = {
       "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, n, 0))),
       "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, kv(n), 0))),
       "v": (v, pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, kv(n), j))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u, j: (i, kv(n), 0, u))),
+      "gc": (gc, gc_spec),
       "h": (h, pl.BlockSpec((None, None, None, m, bv), lambda i, n, u, j: (i, kv(n), u, 0, j))),
       **_flag_inputs(flags, c, lambda i, n, u, j: (i, u)),
   }
   outputs = {"o": (jax.ShapeDtypeStruct((b, t_pad, n, hv), q.dtype),
                    pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, n, j)))}
-  name = "delta_rule_outputs" if st.delta else "gated_linear_outputs"
-  return _call(_outputs_kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st, name)[0]
+  kernel = _feature_outputs_kernel if st.features else _outputs_kernel
+  return _call(kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st, _launch_name("outputs", st))[0]
 
 
 def _dstates(q, k, do, gc, flags, st: _Static, w=None):
@@ -477,10 +529,14 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   bv = min(st.block_v, hv)
   u_pad = _chunks_pad(st)
   kv = lambda n: idiv(n, st.group)
+  if st.features:
+    gc_spec = pl.BlockSpec((None, None, 2, t_pad, bm), lambda i, n, r, j: (i, kv(n), 0, 0, r))
+  else:
+    gc_spec = pl.BlockSpec((None, None, 2, t_pad), lambda i, n, r, j: (i, kv(n), 0, 0))
   inputs = {
       "q": (q, pl.BlockSpec((None, t_pad, None, bm), lambda i, n, r, j: (i, 0, n, r))),
       "do": (do, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, n, r, j: (i, kv(n), 0, 0))),
+      "gc": (gc, gc_spec),
       **_flag_inputs(flags, t_pad, lambda i, n, r, j: (i, 0)),
   }
   if delta:
@@ -491,14 +547,14 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   if delta:
     outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
-  outs = _call(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), st,
-               "delta_rule_dstates" if delta else "gated_linear_dstates")
+  outs = _call(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), st, _launch_name("dstates", st))
   return (outs[0], outs[1]) if delta else outs[0]
 
 
 def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
-  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dL/dG `[B, N, T']`, dv `[B, T', N, V]`
-  (delta rule, with `dpseudo`: dq, dk, dL/dG, the pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
+  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dL/dG `[B, N, T']` (per-feature
+  gates: `[B, N, T', M]`), dv `[B, T', N, V]` (delta rule, with `dpseudo`: dq, dk, dL/dG, the
+  pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
   b, t_pad, n, m = q.shape
   hv = v.shape[3]
   c = st.chunk
@@ -509,7 +565,8 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
       "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, kv(n), 0))),
       "v": (v, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, kv(n), 0))),
       "do": (do, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u: (i, kv(n), 0, u))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c, m), lambda i, n, u: (i, kv(n), 0, u, 0)) if st.features
+             else pl.BlockSpec((None, None, 2, c), lambda i, n, u: (i, kv(n), 0, u))),
       "h": (h, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, kv(n), u, 0, 0))),
       "dh": (dh, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, n, u, 0, 0))),
       **_flag_inputs(flags, c, lambda i, n, u: (i, u)),
@@ -520,14 +577,19 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   spec_m = pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))
   outputs = {"dq": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m),
              "dk": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)}
-  outputs["dG"] = (jax.ShapeDtypeStruct((b, n, t_pad), f32), pl.BlockSpec((None, None, c), lambda i, n, u: (i, n, u)))
+  if st.features:
+    outputs["dG"] = (jax.ShapeDtypeStruct((b, n, t_pad, m), f32),
+                     pl.BlockSpec((None, None, c, m), lambda i, n, u: (i, n, u, 0)))
+  else:
+    outputs["dG"] = (jax.ShapeDtypeStruct((b, n, t_pad), f32),
+                     pl.BlockSpec((None, None, c), lambda i, n, u: (i, n, u)))
   if delta:
     outputs["dw"] = (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)
   else:
     outputs["dv"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), f32),
                      pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
-  outs = _call(_grads_kernel, inputs, outputs, (b, n, st.chunks), st,
-               "delta_rule_grads" if delta else "gated_linear_grads")
+  kernel = _feature_grads_kernel if st.features else _grads_kernel
+  outs = _call(kernel, inputs, outputs, (b, n, st.chunks), st, _launch_name("grads", st))
   if delta:
     dq, dk, dG, dw = outs
     return dq, dk, dG, dpseudo, dw
@@ -572,8 +634,8 @@ def _chunk_masks(c: int, refs, at=None):
 def _states_kernel(refs: dict, st: _Static):
   """Walks the chunks in order: writes the state entering each, then adds the chunk's keys.
 
-  Refs: k `[T', bm]`, v `[T', bv]` (the delta rule: U~), gc `[2, T']`, labels / sees `[T']`,
-  w `[T', M]` (delta rule); outputs h `[U', bm, bv]`, pseudo `[T', bv]` (delta rule).
+  Refs: k `[T', bm]`, v `[T', bv]` (the delta rule: U~), gc `[2, T']` (per-feature gates: `[2, T', bm]`),
+  labels / sees `[T']`, w `[T', M]` (delta rule); outputs h `[U', bm, bv]`, pseudo `[T', bv]` (delta rule).
   """
   k_ref, v_ref, h_ref = refs["k"], refs["v"], refs["h"]
   c = st.chunk
@@ -582,6 +644,11 @@ def _states_kernel(refs: dict, st: _Static):
     at = pl.ds(pl.multiple_of(u * c, c), c)
     h_ref[u] = s.astype(h_ref.dtype)
     k, v = k_ref[at, :], v_ref[at, :]
+    if st.features:
+      # Per state row: tail [C, bm], keep [bm, 1].
+      _, tail, keep = _feature_walk_decays(c, refs, at)
+      kt = (k.astype(jnp.float32) * tail).astype(k.dtype)
+      return keep * s + dot_tn(kt, v, st.precision)
     _, _, tail, keep = _chunk_masks(c, refs, at)
     if st.delta:
       # U = U~ - W S, from the state entering the chunk.
@@ -612,8 +679,8 @@ def _dstates_kernel(refs: dict, st: _Static):
   """Walks the chunks backwards: writes the cotangent of the state leaving each chunk, then adds the
   chunk's queries' share to the cotangent of the state entering it.
 
-  Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']`, labels / sees `[T']`, k and w `[T', M]` (delta rule);
-  outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
+  Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`,
+  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
   """
   q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
   c = st.chunk
@@ -624,6 +691,11 @@ def _dstates_kernel(refs: dict, st: _Static):
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
     q, do = q_ref[at, :], do_ref[at, :]
+    if st.features:
+      # Per state row: head [C, bm], keep [bm, 1].
+      head, _, keep = _feature_walk_decays(c, refs, at)
+      q_head = (q.astype(f32) * head).astype(q.dtype)
+      return keep * ds + dot_tn(q_head, do, st.precision)
     decay, head, tail, keep = _chunk_masks(c, refs, at)
     q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
     new = keep * ds + dot_tn(q_head, do, st.precision)
@@ -680,25 +752,216 @@ def _grads_kernel(refs: dict, st: _Static):
 
 
 # --------------------------------------------------------------------------- #
+# kernels of per-feature gates
+# --------------------------------------------------------------------------- #
+
+
+def _decay(later, earlier):
+  """`exp(G_later - G_earlier)` from (hi, lo) pairs of cumulative gates (broadcast against each other),
+  the exponent clamped at 0: a decay where `later` is at or after `earlier`, 1 (to be masked) before."""
+  return jnp.exp(jnp.minimum((later[0] - earlier[0]) + (later[1] - earlier[1]), 0.0))
+
+
+def _gate_rows(refs, rows):
+  """The (hi, lo) pair of the chunk-local cumulative gates at `rows`, `[rows, M]` each (`refs["gc"]`
+  `[2, steps, M]`)."""
+  return refs["gc"][0, rows, :], refs["gc"][1, rows, :]
+
+
+def _feature_walk_decays(c: int, refs, at):
+  """Within one chunk, per state row m (per-feature gates, `refs["gc"]` `[2, T', bm]` or `[2, C, bm]`):
+  the decays `exp(G_t)` `[C, bm]` of the entering state seen from step t (0 unless the step reads it),
+  `exp(G_C - G_s)` `[C, bm]` of key s to the chunk's end (0 unless it is handed on), and `keep [bm, 1]`,
+  the factor of the entering state handed on (`_chunk_masks` per feature)."""
+  f32 = jnp.float32
+  hi, lo = _gate_rows(refs, at)
+  # The chunk's last step: per feature its hi is the least (the gates are <= 0, rounding keeps the order).
+  hi_last = jnp.min(hi, axis=0)
+  lo_last = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, hi.shape, 0) == c - 1, lo, 0.0), axis=0)
+  head = jnp.exp(hi + lo)
+  tail = jnp.exp((hi_last[None, :] - hi) + (lo_last[None, :] - lo))
+  keep = jnp.exp(hi_last + lo_last)[:, None]
+  if "labels" in refs:
+    lab, sees = refs["labels"][at], refs["sees"][at] == 1
+    head = jnp.where(sees[:, None], head, 0.0)
+    tail = jnp.where((lab == jnp.max(lab))[:, None], tail, 0.0)
+    keep = keep * jnp.min(sees.astype(f32))
+  return head, tail, keep
+
+
+def _state_reads(g, refs, rows):
+  """`exp(G_t)` `[c, M]` at `rows` (pair `g`): the decay of the entering state seen from each query
+  (0 unless the query's run is the one entering the chunk)."""
+  head = jnp.exp(g[0] + g[1])
+  if "labels" in refs:
+    head = jnp.where(refs["sees"][rows][:, None] == 1, head, 0.0)
+  return head
+
+
+def _live(x, refs, rows):
+  """`x [c, C]` (queries at `rows`, every key of the chunk), 0 where the pair's runs differ."""
+  if "labels" not in refs:
+    return x
+  return jnp.where(refs["labels"][rows][:, None] == refs["labels"][...][None, :], x, 0.0)
+
+
+def _reference_scales(g, g_all, refs, i: int, st: _Static):
+  """Sub-chunk i > 0 against the earlier ones, through its first step r: query scales `exp(G_t - G_r)`
+  `[c, M]` (pair `g` at its steps) and key scales `exp(G_r - G_s)` `[C, M]` (pair `g_all`), 0 for s >= r.
+  Both are decays, and `(q_t exp(G_t - G_r)) . (k_s exp(G_r - G_s))` is the pair's weight."""
+  r = i * st.sub_chunk
+  g_r = _gate_rows(refs, pl.ds(r, 1))
+  steps = lax.broadcasted_iota(jnp.int32, g_all[0].shape, 0)
+  return _decay(g, g_r), jnp.where(steps < r, _decay(g_r, g_all), 0.0)
+
+
+def _diagonal_scores(q, g, refs, i: int, st: _Static):
+  """The pairs within sub-chunk i, key by key: `sum_m q_tm k_sm exp(G_tm - G_sm)` at column s of
+  `[c, C]` for s <= t in the sub-chunk (0 elsewhere, segments not applied). `q [c, M]`, pair `g`."""
+  f32 = jnp.float32
+  c, start = st.sub_chunk, i * st.sub_chunk
+  t = lax.broadcasted_iota(jnp.int32, (c, 1), 0) + start
+  cols = lax.broadcasted_iota(jnp.int32, (c, st.chunk), 1)
+  qf = q.astype(f32)
+
+  def body(j, scores):
+    s = start + j
+    at = pl.ds(s, 1)
+    a = jnp.sum(qf * refs["k"][at, :].astype(f32) * _decay(g, _gate_rows(refs, at)), axis=1)
+    return jnp.where((cols == s) & (t >= s), a[:, None], scores)
+
+  return lax.fori_loop(0, c, body, jnp.zeros((c, st.chunk), f32))
+
+
+def _diagonal_grads(q, do, g, refs, i: int, st: _Static):
+  """The pairs within sub-chunk i, key by key: their weights `[c, C]` (as `_diagonal_scores`), and
+  the shares of dq and dk `[c, M]` of the pairs s < t (the pairs t = s are left to the caller)."""
+  f32 = jnp.float32
+  c, start = st.sub_chunk, i * st.sub_chunk
+  t = lax.broadcasted_iota(jnp.int32, (c, 1), 0) + start
+  cols = lax.broadcasted_iota(jnp.int32, (c, st.chunk), 1)
+  qf, dof = q.astype(f32), do.astype(f32)
+  runs = refs["labels"][pl.ds(start, c)][:, None] if "labels" in refs else None
+
+  def body(j, carry):
+    scores, dq, dk = carry
+    s = start + j
+    at = pl.ds(s, 1)
+    k_s, v_s = refs["k"][at, :].astype(f32), refs["v"][at, :].astype(f32)
+    decay = _decay(g, _gate_rows(refs, at))
+    a = jnp.sum(qf * k_s * decay, axis=1)
+    scores = jnp.where((cols == s) & (t >= s), a[:, None], scores)
+    later = t > s
+    if runs is not None:
+      later = later & (runs == refs["labels"][at][None, :])
+    # dL/dA_ts = do_t . v_s, [c, 1]
+    d_a = jnp.where(later, jnp.sum(dof * v_s, axis=1)[:, None], 0.0)
+    dq = dq + d_a * k_s * decay
+    dk = jnp.where(t == s, jnp.sum(d_a * qf * decay, axis=0)[None, :], dk)
+    return scores, dq, dk
+
+  m = q.shape[1]
+  init = (jnp.zeros((c, st.chunk), f32), jnp.zeros((c, m), f32), jnp.zeros((c, m), f32))
+  return lax.fori_loop(0, c, body, init)
+
+
+def _feature_outputs_kernel(refs: dict, st: _Static):
+  """One chunk, one block of value columns, per-feature gates, sub-chunk by sub-chunk of queries:
+  `A v + (exp(G) * q) h` with the pairs' weights `A_ts = sum_m q_tm k_sm exp(G_tm - G_sm)`, the
+  earlier sub-chunks' through one product at a reference point, the sub-chunk's own key by key.
+
+  Refs: q `[C, M]`, k `[C, M]`, v `[C, bv]`, gc `[2, C, M]`, h `[M, bv]`, labels / sees `[C]`; output o `[C, bv]`.
+  """
+  f32, p = jnp.float32, st.precision
+  k, v, h = refs["k"][...], refs["v"][...], refs["h"][...]
+  g_all = _gate_rows(refs, slice(None))
+  for i in range(st.chunk // st.sub_chunk):
+    rows = pl.ds(i * st.sub_chunk, st.sub_chunk)
+    q, g = refs["q"][rows, :], _gate_rows(refs, rows)
+    scores = _diagonal_scores(q, g, refs, i, st)
+    if i:
+      q_scale, k_scale = _reference_scales(g, g_all, refs, i, st)
+      q_scaled = (q.astype(f32) * q_scale).astype(q.dtype)
+      k_scaled = (k.astype(f32) * k_scale).astype(k.dtype)
+      scores = scores + dot_nt(q_scaled, k_scaled, p)
+    scores = _live(scores, refs, rows)
+    q_head = (q.astype(f32) * _state_reads(g, refs, rows)).astype(q.dtype)
+    out = dot(scores.astype(v.dtype), v, p) + dot(q_head, h, p)
+    refs["o"][rows, :] = out.astype(refs["o"].dtype)
+
+
+def _feature_grads_kernel(refs: dict, st: _Static):
+  """One chunk of one query head, per-feature gates: dq, dk, dv and dL/dG `[C, M]`, sub-chunk by
+  sub-chunk of queries (the pairs made as in `_feature_outputs_kernel`).
+
+  dL/dG_tm = q_tm dq_tm - k_tm dk_tm, the pairs t = s (decay 1, cancelling exactly) left out of both.
+  Refs: q, k `[C, M]`, v, do `[C, V]`, gc `[2, C, M]`, h (entering state), dh (cotangent of the
+  leaving state) `[M, V]`, labels / sees `[C]`.
+  """
+  f32, p = jnp.float32, st.precision
+  k, v, h, dh = refs["k"][...], refs["v"][...], refs["h"][...], refs["dh"][...]
+  g_all = _gate_rows(refs, slice(None))
+  # The keys handed on: dk and dv through the cotangent of the leaving state.
+  _, tail, _ = _feature_walk_decays(st.chunk, refs, slice(None))
+  dk_state = dot_nt(v, dh.astype(v.dtype), p) * tail
+  dv = dot((k.astype(f32) * tail).astype(k.dtype), dh.astype(k.dtype), p)
+  # dk of the pairs across sub-chunks, [C, M].
+  dk_pairs = jnp.zeros_like(dk_state)
+  for i in range(st.chunk // st.sub_chunk):
+    rows = pl.ds(i * st.sub_chunk, st.sub_chunk)
+    q, do, g = refs["q"][rows, :], refs["do"][rows, :], _gate_rows(refs, rows)
+    qf, k_rows = q.astype(f32), refs["k"][rows, :].astype(f32)
+    scores, dq, dk = _diagonal_grads(q, do, g, refs, i, st)
+    if i:
+      q_scale, k_scale = _reference_scales(g, g_all, refs, i, st)
+      q_scaled = (qf * q_scale).astype(q.dtype)
+      k_scaled = (k.astype(f32) * k_scale).astype(k.dtype)
+      scores = scores + dot_nt(q_scaled, k_scaled, p)
+      # dL/dA of the sub-chunk's queries (keys at or after r have 0 scales).
+      d_scores = _live(dot_nt(do, v, p), refs, rows).astype(k.dtype)
+      dq = dq + dot(d_scores, k_scaled, p) * q_scale
+      dk_pairs = dk_pairs + dot_tn(d_scores, q_scaled, p) * k_scale
+    dv = dv + dot_tn(_live(scores, refs, rows).astype(do.dtype), do, p)
+    dq = dq + dot_nt(do, h.astype(do.dtype), p) * _state_reads(g, refs, rows)
+    # dq and dk without the pairs t = s so far: dL/dG's queries' side here, its keys' side but for
+    # the pairs with later sub-chunks and the state handed on, which follow.
+    refs["dG"][rows, :] = qf * dq - k_rows * dk
+    d_same = jnp.sum(do.astype(f32) * refs["v"][rows, :].astype(f32), axis=1)[:, None]
+    refs["dq"][rows, :] = dq + d_same * k_rows
+    refs["dk"][rows, :] = dk + d_same * qf
+  dk = dk_pairs + dk_state
+  refs["dk"][...] += dk
+  refs["dG"][...] -= k.astype(f32) * dk
+  refs["dv"][...] = dv
+
+
+# --------------------------------------------------------------------------- #
 # reference
 # --------------------------------------------------------------------------- #
 
 
 def gated_linear_attention_reference(q, k, v, gates, *, segment_ids=None) -> jax.Array:
-  """Dense `[B, T, N, Hv]`: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`, G = cumsum(gates).
+  """Dense `[B, T, N, Hv]`: `sum_{s <= t, same run} exp(G_t - G_s) (q_t . k_s) v_s`, G = cumsum(gates)
+  (per-feature gates `[B, T, K, M]`: `sum_{s <= t, same run} sum_m q_tm k_sm exp(G_tm - G_sm) v_s`).
 
-  The reference of `gated_linear_attention`, building `[B, N, T, T]`; computes in the
-  inputs' precision (float64 under `jax.enable_x64` for tests). The delta rule's
-  recurrence has no dense form here: its reference is `efficient_attention`'s XLA
+  The reference of `gated_linear_attention`, building `[B, N, T, T]` (`[B, N, T, T, M]` per
+  feature); computes in the inputs' precision (float64 under `jax.enable_x64` for tests). The
+  delta rule's recurrence has no dense form here: its reference is `efficient_attention`'s XLA
   path and the tests' float64 recurrence.
   """
   t, n, kh = q.shape[1], q.shape[2], k.shape[2]
   k, v = (jnp.repeat(x, n // kh, axis=2) for x in (k, v))
-  # [B, N, T]
-  cum = jnp.cumsum(jnp.repeat(gates, n // kh, axis=2).astype(q.dtype), axis=1).transpose(0, 2, 1)
+  per_step = gates.ndim == 3
+  # [B, N, T, 1 | M]
+  g = (gates[..., None] if per_step else gates).astype(q.dtype)
+  cum = jnp.cumsum(jnp.repeat(g, n // kh, axis=2), axis=1).transpose(0, 2, 1, 3)
   runs = None if segment_ids is None else common.run_labels(segment_ids)
   live = common.dense_mask(t, t, is_causal=True, segment_ids=None if runs is None else (runs, runs))
-  diff = cum[..., :, None] - cum[..., None, :]
-  weights = jnp.where(live, jnp.exp(jnp.where(live, diff, 0.0)), 0.0)
-  scores = jnp.einsum("btnm,bsnm->bnts", q, k) * weights
+  # [B, N, T, T, 1 | M]
+  diff = cum[..., :, None, :] - cum[..., None, :, :]
+  weights = jnp.where(live[..., None], jnp.exp(jnp.where(live[..., None], diff, 0.0)), 0.0)
+  if per_step:
+    scores = jnp.einsum("btnm,bsnm->bnts", q, k) * weights[..., 0]
+  else:
+    scores = jnp.einsum("btnm,bsnm,bntsm->bnts", q, k, weights)
   return jnp.einsum("bnts,bsnh->btnh", scores, v)

@@ -36,6 +36,12 @@ dden = -(g . out) / den (0 where den is 0):
 Every pass rebuilds its states chunk by chunk from the inputs (never by
 subtracting from a final state, which drifts in low precision).
 
+Backends (`backend=`): "triton" (the default), the kernels below through
+Pallas' Triton lowering (or its interpreter); "jax_triton", the same two
+kernels written in the Triton language and launched with `jax_triton`
+(`pallas/linear_jax_triton.py`), under the same custom_vjp and passes: `_run`
+hands a pass to it.
+
 Einsum alphabet: B batch, T time, N query heads, K key/value heads, G = N / K,
 M features, P spans, L steps per span, D / E feature widths of a pass's b / c.
 """
@@ -56,6 +62,8 @@ from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, matmul_precision, p
 
 # Width of the blocks that hold vector states (the smallest `dot` operand width).
 _VEC = 16
+# `causal_linear_attention(backend=...)`: Pallas' Triton lowering, or Triton-language kernels through jax_triton.
+BACKENDS = ("triton", "jax_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +132,11 @@ class _Pass:
   # (with normalise, 16-bit o) also write o's rounding error in o's dtype: o + lo holds o to ~16 bits.
   split: bool = False
   label: str = "forward"  # names the kernels: linear_attention_{label}, linear_attention_span_sums_{label}
+  backend: str = "triton"  # one of BACKENDS: which kernels run the pass
+
+  def columns(self, d: int, e: int) -> int:
+    """Output columns per program of this pass with a D-wide b and an E-wide c."""
+    return _block_c(self.block_c, d, e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,13 +153,14 @@ class LinearStatic:
   num_warps: int
   num_stages: int
   precision: Any = None
+  backend: str = "triton"
 
   def pass_(self, label: str, *, reverse: bool, bias: bool, rowsum: bool, a_group: int, b_group: int,
             out_dtype: Any = jnp.float32) -> _Pass:
     return _Pass(label=label, reverse=reverse, bias=bias, rowsum=rowsum, segments=self.segments, chunk=self.chunk,
                  span=self.span, spans=self.spans, block_c=self.block_c, a_group=a_group, b_group=b_group,
                  interpret=self.interpret, num_warps=self.num_warps, num_stages=self.num_stages,
-                 precision=self.precision, out_dtype=jnp.dtype(out_dtype))
+                 precision=self.precision, out_dtype=jnp.dtype(out_dtype), backend=self.backend)
 
 
 def causal_linear_attention(
@@ -157,6 +171,7 @@ def causal_linear_attention(
     segment_ids: jax.Array | None = None,
     block_sizes: LinearBlockSizes | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
   """Causal linear attention from features, chunk by chunk.
 
@@ -168,12 +183,18 @@ def causal_linear_attention(
     segment_ids: optional int `[B, T]`; sums restart where a run of equal ids
       begins (an id recurring after another id starts a new run).
     block_sizes: tiling; default `LinearBlockSizes()`.
-    interpret: run in Pallas' interpreter; default True off GPU.
+    interpret: run in Pallas' interpreter; default True off GPU (backend="triton").
+    backend: "triton" (None, the default: the kernels through Pallas' Triton
+      lowering) or "jax_triton" (Triton-language kernels launched with
+      jax_triton; needs jax_triton and a CUDA GPU, no interpret mode).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0.
   """
   family = "causal_linear_attention"
+  backend = "triton" if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown {backend=}; valid: None, {', '.join(map(repr, BACKENDS))}")
   dims = common.check_qkv(phi_q, phi_k, v)
   common.check_causal(True, dims, family=family, need_square=True)
   if phi_q.dtype == jnp.float64:
@@ -184,17 +205,23 @@ def causal_linear_attention(
   if not isinstance(block_sizes, LinearBlockSizes):
     raise TypeError(f"block_sizes must be a LinearBlockSizes, got {type(block_sizes).__name__}")
   if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+    # jax_triton has no interpreter: its kernels run compiled, or not at all.
+    interpret = backend == "triton" and jax.default_backend() != "gpu"
+  if backend == "jax_triton":
+    from pallas import linear_jax_triton
+
+    linear_jax_triton.check_runnable(interpret)
   b, t, n, m = phi_q.shape
   if t == 0:
     return jnp.zeros((b, 0, n, dims.v_head_dim), phi_q.dtype)
-  static, t_pad, labels = prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret)
+  static, t_pad, labels = prepare(dims, m, phi_q.dtype, ids, block_sizes, interpret, backend=backend)
   m_pad, hv_pad = pow2_at_least(m), pow2_at_least(dims.v_head_dim)
   out = _core(pad_to(phi_q, t_pad, m_pad), pad_to(phi_k, t_pad, m_pad), pad_to(v, t_pad, hv_pad), labels, static)
   return finish(out, dims)
 
 
-def prepare(dims: common.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool):
+def prepare(dims: common.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool, *,
+            backend: str = "triton"):
   """Static settings, the padded length and the run labels `[B, T']` (None without segments)."""
   b, t, n = dims.batch, dims.q_len, dims.num_heads
   hv_pad = pow2_at_least(dims.v_head_dim)
@@ -217,7 +244,7 @@ def prepare(dims: common.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes
   static = LinearStatic(chunk=chunk, span=span, spans=t_pad // span, block_c=block_sizes.block_c, group=dims.group,
                    segments=ids is not None, interpret=bool(interpret), num_warps=num_warps,
                    num_stages=block_sizes.num_stages,
-                   precision=matmul_precision(dtype))
+                   precision=matmul_precision(dtype), backend=backend)
   labels = None
   if ids is not None:
     # Run labels: non-decreasing, a new label per run; padded steps continue the last run.
@@ -341,6 +368,10 @@ def _run(a, b, c, alpha, beta, labels, p: _Pass, sums: list | None = None, times
   by `_span_sums`. With `p.times`, `o` is multiplied element-wise by `times
   [B, T, Ho / p.f_group, E]` (zeroed where `times <= p.floor`).
   """
+  if p.backend == "jax_triton":
+    from pallas import linear_jax_triton
+
+    return linear_jax_triton.run(a, b, c, alpha, beta, labels, p, sums=sums, times=times)
   batch, t_pad, ha, d = a.shape
   hb, e = b.shape[2], c.shape[3]
   heads = max(ha, hb)

@@ -1,5 +1,6 @@
 """The Pallas kernels of gated linear attention and the delta rule (`pallas.gated`), in interpret mode,
-against the float64 recurrences of their equations: values and gradients (gates and beta included)."""
+against the float64 recurrences of their equations: values and gradients (gates and beta included),
+with gates per step and per feature (GLA)."""
 
 import chex
 import jax
@@ -59,6 +60,49 @@ def test_gated_value_and_grad_vs_recurrence(kind, normalize, feature_map, case, 
   assert float(jnp.abs(grads[3]).sum()) > 0
 
 
+# Per-feature gates, through linear_attention: (normalize, feature map, masking, T, strong decay, dtype,
+# bound on the relative error of values and gradients). 32-step chunks hold two 16-step sub-chunks, so
+# both kinds of pairs (across sub-chunks through the reference point, within one key by key) and the
+# state between chunks are exercised.
+FEATURE_CHUNK = 32
+# In bf16 (features, scaled queries and keys, states and pair weights rounded to bf16 before each
+# product, as the kernels run on a GPU) the per-feature gates' gradient, a sum of pair terms that
+# largely cancel, was within 3.4e-3..1.4e-2 relative over 30 draws (median 5.5e-3; 1.8e-2 on one
+# draw of the suite), values and the other gradients within 3.5e-3 (the XLA path, float32 inside:
+# all ~2.5e-3). Summed over the features of gates equal across features it matches the per-step
+# kernels' gate gradient (2e-3..5e-3 on the same draws for both): the per-feature gradient sums
+# fewer terms. With log gates down to -20 per step it was within 1.7e-2..6.2e-2 (the per-step
+# kernels' gate gradient: 7.8e-3..2.7e-1 on such draws), the rest still within 4e-3.
+FEATURE_CASES = [
+    # GQA, odd T over two chunks, segments and key padding, log gates down to -20 per step.
+    pytest.param("none", "identity", "segments_padded", 37, True, jnp.float32, None, id="none_segments_strong"),
+    # T below one chunk (and one sub-chunk), key sets differing within a GQA group, the denominator.
+    pytest.param("denominator", "elu+1", "per_head_padding", 13, False, jnp.float32, None,
+                 id="denominator_per_head_short"),
+    pytest.param("none", "relu", "plain", 40, False, jnp.float32, None, id="none_relu_plain", marks=slow),
+    pytest.param("none", "elu+1", "segments_padded", 37, False, jnp.bfloat16, 3e-2, id="none_bf16", marks=slow),
+    pytest.param("none", "identity", "segments_padded", 37, True, jnp.bfloat16, 1e-1, id="none_bf16_strong",
+                 marks=slow),
+]
+
+
+@pytest.mark.parametrize("normalize,feature_map,case,t,strong,dtype,norm_tol", FEATURE_CASES)
+def test_feature_gates_value_and_grad_vs_recurrence(normalize, feature_map, case, t, strong, dtype, norm_tol):
+  q, k, v = util.qkv(B, t, t, N, KH, H, hv=HV, dtype=dtype)
+  gates = (strong_gates("feature", t) if strong else log_gates((B, t, KH, H))).astype(dtype)
+  opts = dict(feature_map=feature_map, normalize=normalize, **masking(case, t))
+
+  def fn(q, k, v, g):
+    return ea.linear_attention(q, k, v, is_causal=True, gates=g, implementation="pallas", chunk_size=FEATURE_CHUNK,
+                               **opts)
+
+  out, grads = util.check_against_f64(fn, lambda q, k, v, g: recurrence(q, k, v, g, **opts), (q, k, v, gates),
+                                      argnums=(0, 1, 2, 3), norm_tol=norm_tol, **util.TOL[dtype])
+  chex.assert_shape(out, (B, t, N, HV))
+  assert out.dtype == dtype
+  assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+
+
 class GatedLinearKernelTest(chex.TestCase):
 
   def test_equals_xla_path_over_many_chunks(self):
@@ -78,10 +122,36 @@ class GatedLinearKernelTest(chex.TestCase):
     want = util.in_f64(lambda *a: pallas.gated_linear_attention_reference(*a, segment_ids=ids), q, k, v, gates)
     chex.assert_trees_all_close(np.asarray(out, np.float64), want, **util.TOL[jnp.float32])
 
+  def test_feature_gates_match_the_dense_reference(self):
+    # The kernel alone with per-feature gates, values and gradients (gates included): GQA, T = 40 over
+    # 32-step chunks (two sub-chunks each, the last chunk partial), log gates down to -20 per step.
+    t, m, hv = 40, 16, 8
+    q, k, v = util.qkv(B, t, t, 4, 2, m, hv=hv)
+    gates = log_gates((B, t, 2, m), low=-20.0).at[:, ::3].set(-20.0)
+    blocks = pallas.GatedBlockSizes(chunk=32)
+    fn = lambda *a: pallas.gated_linear_attention(*a, block_sizes=blocks)
+    _, grads = util.check_against_f64(fn, pallas.gated_linear_attention_reference, (q, k, v, gates),
+                                      argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
+    assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+
+  @slow
+  def test_feature_gates_equal_xla_path_over_many_chunks(self):
+    # T = 150 over 64-step chunks (four sub-chunks each), GQA, segments, the default feature map.
+    q, k, v = util.qkv(B, 150, 150, 4, 2, 16, hv=16)
+    gates, ids = log_gates((B, 150, 2, 16)), util.packed_segment_ids(B, 150, 4)
+    run = lambda impl: ea.linear_attention(q, k, v, is_causal=True, gates=gates, normalize="none", segment_ids=ids,
+                                           implementation=impl, chunk_size=64)
+    chex.assert_trees_all_close(run("pallas"), run("xla"), rtol=1e-4, atol=1e-4)
+
   def test_errors(self):
     q, k, v = util.qkv(B, 13, 13, N, KH, H, hv=HV)
-    with pytest.raises(ValueError, match=r"gates must have shape \[B, T, K\]=\(2, 13, 2\), got \(2, 13, 6\)"):
+    with pytest.raises(ValueError, match=r"gates must have shape \[B, T, K\]=\(2, 13, 2\) or "
+                                         r"\[B, T, K, M\]=\(2, 13, 2, 5\), got \(2, 13, 6\)"):
       pallas.gated_linear_attention(q, k, v, log_gates((B, 13, N)))
+    with pytest.raises(ValueError, match=r"gates must have shape \[B, T, K\]=\(2, 13, 2\), got \(2, 13, 2, 5\)"):
+      pallas.delta_rule_recurrence(q, k, k, v, log_gates((B, 13, KH, H)))
+    with pytest.raises(ValueError, match="sub_chunk=8 must be a power of two >= 16"):
+      pallas.GatedBlockSizes(sub_chunk=8)
     with pytest.raises(TypeError, match="gates must be a floating-point array"):
       pallas.gated_linear_attention(q, k, v, jnp.zeros((B, 13, KH), jnp.int32))
     with pytest.raises(ValueError, match="chunk=8 must be a power of two >= 16"):
@@ -144,7 +214,7 @@ class DeltaRuleKernelTest(chex.TestCase):
         ea.delta_rule_attention(q64, k64, v64, beta, implementation="pallas")
 
 
-@pytest.mark.parametrize("family,options", [("gla", dict(gate="step")),
+@pytest.mark.parametrize("family,options", [("gla", dict(gate="step")), ("gla", dict(gate="feature")),
                                             pytest.param("delta_rule", dict(gated=True), marks=slow)])
 def test_modules_match_the_xla_path(family, options):
   # The same parameters, called through the Pallas kernels and through XLA.
@@ -157,7 +227,7 @@ def test_modules_match_the_xla_path(family, options):
   chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["gated_linear", "delta_rule"])
+@pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule"])
 def test_kernels_lower_to_triton_for_a_gpu(kernel):
   # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
   # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
@@ -165,7 +235,9 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
   t = 300
   q, k = jnp.ones((1, t, 4, 128), jnp.bfloat16), jnp.ones((1, t, 2, 128), jnp.bfloat16)
   gates, ids = jnp.full((1, t, 2), -0.1, jnp.float32), jnp.zeros((1, t), jnp.int32)
-  if kernel == "gated_linear":
+  if kernel == "gated_linear_feature":
+    gates = jnp.full((1, t, 2, 128), -0.1, jnp.float32)
+  if kernel.startswith("gated_linear"):
     f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False)
   else:
     f = lambda q, k, v, g: pallas.delta_rule_recurrence(q, k, k, v, g, segment_ids=ids, interpret=False)

@@ -241,9 +241,6 @@ class GatedLinearErrorsTest(chex.TestCase):
       ea.linear_attention(q, k, v, is_causal=True, gates=gates.at[0, 3, 1].set(jnp.nan))
     with pytest.raises(TypeError, match="gates must be a floating-point array.*int32"):
       ea.linear_attention(q, k, v, is_causal=True, gates=jnp.zeros((KH,), jnp.int32))
-    with pytest.raises(ValueError, match=r"implementation='pallas' takes gates \[K\] or \[B, T, K\].*"
-                                         r"per-feature gates \(2, 13, 2, 5\) run on implementation='xla'"):
-      ea.linear_attention(q, k, v, is_causal=True, gates=log_gates(gate_shape("feature")), implementation="pallas")
     with pytest.raises(ValueError, match="without gates computes normalize='denominator'; got normalize='none'"):
       ea.linear_attention(q, k, v, is_causal=True, normalize="none", implementation="pallas")
     with pytest.raises(ValueError, match=r"gates honour key-padding masks.*mask.shape=\(2, 1, 13, 13\)"):

@@ -168,8 +168,6 @@ def test_options_are_checked_at_construction():
     make("delta_rule", gated="yes")
   with pytest.raises(ValueError, match="delta_rule has no implementation='cudnn'"):
     make("delta_rule", implementation="cudnn")
-  with pytest.raises(ValueError, match="implementation='pallas' runs gated linear attention with one gate per step"):
-    make("gla", implementation="pallas")
   with pytest.raises(TypeError, match=r"takes no option\(s\) \['gated'\]"):
     ea.MultiHeadAttention(N, D, attention="gla", gated=True, rngs=nnx.Rngs(0))
 
