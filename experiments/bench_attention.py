@@ -80,7 +80,7 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--families", nargs="+", default=Config.families, choices=bench_families.FAMILIES,
                       help="--suite families: time these only (default: all)")
   parser.add_argument("--gated-seq-lens", type=int, nargs="+", default=Config.gated_seq_lens)
-  parser.add_argument("--gated-rows", nargs="+", default=Config.gated_rows, choices=bench_gated.ROWS,
+  parser.add_argument("--gated-rows", nargs="+", default=Config.gated_rows, choices=bench_gated.ROWS + bench_gated.KERNEL_ROWS,
                       help="--suite gated: time these only (default: all)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds on a CPU")
   parser.add_argument("--seed", type=int, default=0)

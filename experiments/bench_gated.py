@@ -29,6 +29,9 @@ if TYPE_CHECKING:
   from experiments.bench_attention import Config
 
 ROWS = ("softmax-cudnn", "linear-pallas", "gla-pallas", "gla-xla", "delta-pallas", "delta-xla")
+# Not in the default set: the ungated kernel called directly through one backend each (elu+1 features
+# made by XLA), to compare the Pallas-Triton lowering with the jax_triton kernels (GPU only).
+KERNEL_ROWS = ("linear-triton", "linear-jax_triton")
 # The targets (issue text): ratios of forward+backward times.
 GATED_VS_UNGATED_LEN, GATED_VS_UNGATED_MAX = 16384, 1.3
 CUDNN_FROM_LEN = 4096
@@ -43,6 +46,16 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> Callable | None:
     return lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")
   base, _, impl = name.partition("-")
   logits = jax.random.normal(jax.random.key(4), (1, t, n, 2), jnp.float32)
+  if name in KERNEL_ROWS:
+    if not on_gpu:
+      return None
+    from pallas import linear
+
+    def kernel(q, k, v):
+      phi_q, phi_k = (jax.nn.elu(x.astype(jnp.float32)) + 1.0 for x in (q, k))
+      return linear.causal_linear_attention(phi_q.astype(q.dtype), phi_k.astype(k.dtype), v, backend=impl)
+
+    return kernel
   if base == "linear":
     return lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)
   if base == "gla":
@@ -52,7 +65,7 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> Callable | None:
   if base == "delta":
     beta, gates = jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1])
     return lambda q, k, v: ea.delta_rule_attention(q, k, v, beta, gates=gates, implementation=impl)
-  raise ValueError(f"unknown row {name!r}; valid: {ROWS}")
+  raise ValueError(f"unknown row {name!r}; valid: {ROWS + KERNEL_ROWS}")
 
 
 def measure(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -110,7 +123,7 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-  names = [f for f in ROWS if any(r["row"] == f for r in rows)]
+  names = [f for f in ROWS + KERNEL_ROWS if any(r["row"] == f for r in rows)]
   lens = sorted({r["seq_len"] for r in rows})
   lines = [header, ""]
   for key, title in (("fwd_bwd_ms", "forward+backward (ms)"), ("fwd_ms", "forward (ms)")):
@@ -153,7 +166,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   for ax, (key, title) in zip(axes, (("fwd_bwd_ms", "forward+backward"), ("fwd_ms", "forward"))):
-    for name in ROWS:
+    for name in ROWS + KERNEL_ROWS:
       pts = [(r["seq_len"], r[key]) for r in rows if r["row"] == name and r["status"] == "ok"]
       if pts:
         ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if name.endswith("xla") or
