@@ -142,7 +142,10 @@ def favor_attention(
       causal kernel `pallas.causal_linear_attention` (is_causal=True; honours
       segment_ids and key-padding masks, not masks with a T axis). With
       kernel="softmax" and no key mask, the features too come from Pallas
-      kernels (`pallas.causal_favor_attention`); otherwise from XLA.
+      kernels (`pallas.causal_favor_attention`) where Pallas' Triton lowering
+      runs; otherwise from XLA. The kernel's backend is
+      `pallas.linear.default_backend` (jax_triton on a GPU whose JAX lacks the
+      Triton lowering).
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 (no
@@ -179,8 +182,10 @@ def _favor_attention(q, k, v, features, mask, ids, *, kernel, scale, is_causal, 
   q, k, v = drop_masked(q, k, v, mask, dims)
   w = features.astype(acc)
   plan = _linear.plan_masks(mask, ids, is_causal, dims)
-  if pallas and kernel == "softmax" and _linear.live_keys(plan, dims) is None and dims.kv_len > 0:
-    # Every key live: features from Pallas kernels, and one custom VJP over them and the chunked kernel.
+  if (pallas and kernel == "softmax" and _linear.live_keys(plan, dims) is None and dims.kv_len > 0
+      and linear.default_backend() == "triton"):
+    # Every key live: features from Pallas kernels, and one custom VJP over them and the chunked kernel
+    # (where the Pallas-Triton lowering runs; else features from XLA and the kernel through jax_triton).
     return favor.causal_favor_attention(q, k, v, features, scale=scale, segment_ids=plan.ids,
                                         block_sizes=linear.LinearBlockSizes(chunk=chunk_size))
   phi_q = _query_features(kernel, q.astype(acc) * math.sqrt(scale), w)

@@ -156,8 +156,9 @@ def linear_attention(
     implementation: None or "xla" (the default), or "pallas": the chunked
       causal kernels (is_causal=True; honour segment_ids and key-padding masks,
       not masks with a T axis): `pallas.causal_linear_attention` without gates
-      (normalize="denominator" only), `pallas.gated_linear_attention` with gates
-      of any of the three shapes.
+      (normalize="denominator" only; its backend is
+      `pallas.linear.default_backend`), `pallas.gated_linear_attention` with
+      gates of any of the three shapes.
     gates: optional log forget gates (float, finite, <= 0), indexed by the
       key/value heads: `[K]` (one per head, RetNet), `[B, T, K]` (one per step
       and head, Mamba-2 / simple GLA) or `[B, T, K, M]` (one per feature, GLA;

@@ -58,7 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas import common
-from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, matmul_precision, pad_to, pow2_at_least, triton_params
+from pallas.tiling import (check_tiling, dot, dot_nt, dot_tn, matmul_precision, pad_to, pow2_at_least, triton_lowering_available,
+                           triton_params)
 
 # Width of the blocks that hold vector states (the smallest `dot` operand width).
 _VEC = 16
@@ -184,15 +185,16 @@ def causal_linear_attention(
       begins (an id recurring after another id starts a new run).
     block_sizes: tiling; default `LinearBlockSizes()`.
     interpret: run in Pallas' interpreter; default True off GPU (backend="triton").
-    backend: "triton" (None, the default: the kernels through Pallas' Triton
-      lowering) or "jax_triton" (Triton-language kernels launched with
-      jax_triton; needs jax_triton and a CUDA GPU, no interpret mode).
+    backend: "triton" (the kernels through Pallas' Triton lowering) or
+      "jax_triton" (Triton-language kernels launched with jax_triton; needs
+      jax_triton and a CUDA GPU, no interpret mode). None: `default_backend`.
 
   Returns:
     `[B, T, N, Hv]` in the input dtype; rows whose denominator is exactly 0 are 0.
   """
   family = "causal_linear_attention"
-  backend = "triton" if backend is None else backend
+  if backend is None:
+    backend = default_backend(interpret=bool(interpret))
   if backend not in BACKENDS:
     raise ValueError(f"unknown {backend=}; valid: None, {', '.join(map(repr, BACKENDS))}")
   dims = common.check_qkv(phi_q, phi_k, v)
@@ -218,6 +220,25 @@ def causal_linear_attention(
   m_pad, hv_pad = pow2_at_least(m), pow2_at_least(dims.v_head_dim)
   out = _core(pad_to(phi_q, t_pad, m_pad), pad_to(phi_k, t_pad, m_pad), pad_to(v, t_pad, hv_pad), labels, static)
   return finish(out, dims)
+
+
+def default_backend(*, interpret: bool = False, platform: str | None = None) -> str:
+  """The backend `causal_linear_attention` picks when none is named.
+
+  A GPU, compiled: "triton" (Pallas' Triton lowering) while this JAX has it, else
+  "jax_triton" where jax_triton runs, else an error naming what is missing.
+  Interpreted calls and other platforms: "triton".
+  """
+  platform = platform or jax.default_backend()
+  if platform == "gpu" and not interpret and not triton_lowering_available():
+    from pallas import linear_jax_triton
+
+    if not linear_jax_triton.available():
+      raise ValueError("causal_linear_attention on this GPU needs jax_triton (pip install "
+                       "'efficient-attention[gpu]'): this JAX has no Pallas-Triton lowering "
+                       f"(missing for jax_triton: {', '.join(linear_jax_triton.missing())})")
+    return "jax_triton"
+  return "triton"
 
 
 def prepare(dims: common.Dims, m: int, dtype, ids, block_sizes: LinearBlockSizes, interpret: bool, *,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 from typing import Any
 
 import jax
@@ -46,7 +45,7 @@ from pallas.flash_tiles import (
     sum_groups,
     with_optional_ids,
 )
-from pallas.tiling import idiv, matmul_precision, pow2_at_least
+from pallas.tiling import idiv, matmul_precision, pow2_at_least, triton_lowering_available
 
 BACKENDS = ("triton", "mosaic_gpu", "mosaic_tpu", "jax_triton")
 
@@ -204,14 +203,6 @@ def default_backend(dtype: Any, dims: common.Dims, platform: str | None = None, 
                        "this JAX has no Pallas-Triton lowering, and the Mosaic GPU kernel does not apply "
                        f"(missing for jax_triton: {', '.join(softmax_jax_triton.missing())})")
   return "triton"
-
-
-def triton_lowering_available() -> bool:
-  """Whether this JAX still has Pallas' Triton lowering (deprecated since JAX 0.11)."""
-  try:
-    return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
-  except ImportError:
-    return False
 
 
 # --------------------------------------------------------------------------- #

@@ -5,6 +5,7 @@ No kernel here, so no reference.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import jax
@@ -68,6 +69,14 @@ def dot_tn(a, b, precision: Any = None):
 def matmul_precision(dtype: Any) -> Any:
   """float32 inputs multiply in full float32 (not TF32); narrower ones as they are."""
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def triton_lowering_available() -> bool:
+  """Whether this JAX still has Pallas' Triton lowering (deprecated since JAX 0.11)."""
+  try:
+    return importlib.util.find_spec("jax.experimental.pallas.triton") is not None
+  except ImportError:
+    return False
 
 
 def triton_params(*, interpret: bool, num_warps: int, num_stages: int) -> dict:

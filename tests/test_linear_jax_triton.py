@@ -91,6 +91,23 @@ def test_default_backend_is_the_pallas_one():
   np.testing.assert_array_equal(got[None], got["triton"])
 
 
+def test_default_backend_by_platform_and_lowering(monkeypatch):
+  assert linear.default_backend(interpret=True, platform="gpu") == "triton"
+  assert linear.default_backend(platform="cpu") == "triton"
+  # A compiled GPU call: the Pallas-Triton lowering while this JAX has it ...
+  monkeypatch.setattr(linear, "triton_lowering_available", lambda: True)
+  assert linear.default_backend(platform="gpu") == "triton"
+  # ... else jax_triton, or an error naming what jax_triton lacks.
+  monkeypatch.setattr(linear, "triton_lowering_available", lambda: False)
+  monkeypatch.setattr(linear_jax_triton, "missing", lambda: ("jax_triton",))
+  monkeypatch.setattr(linear_jax_triton, "available", lambda: False)
+  with pytest.raises(ValueError, match=r"needs jax_triton.*no Pallas-Triton lowering.*missing for jax_triton: jax_triton"):
+    linear.default_backend(platform="gpu")
+  monkeypatch.setattr(linear_jax_triton, "available", lambda: True)
+  assert linear.default_backend(platform="gpu") == "jax_triton"
+  assert linear.default_backend(interpret=True, platform="gpu") == "triton"
+
+
 def _traced(monkeypatch, fn, *args):
   """The launches (and their inputs' shapes) of `jax.grad` of `sum(fn(*args))`, traced with a
   stand-in for triton_call that returns zeros; and the output's shape and dtype."""
@@ -260,3 +277,24 @@ def test_jit_and_vmap():
   grad = jax.grad(lambda q: jnp.sum(fn(q, k, v) ** 2))(q)
   want_grad = jax.grad(lambda q: jnp.sum(kernel_attention_reference(q, k, v, is_causal=True) ** 2))(q)
   np.testing.assert_allclose(grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["linear", "favor"])
+def test_families_reach_the_jax_triton_kernels_through_the_default(monkeypatch, family):
+  # What linear_attention / favor_attention(implementation="pallas") run where the default backend is
+  # jax_triton (a GPU whose JAX lacks the Pallas-Triton lowering): the jax_triton passes, and for
+  # FAVOR+ features from XLA (the fused feature kernels exist only through the Pallas lowering).
+  import efficient_attention as ea
+
+  monkeypatch.setattr(linear, "default_backend", lambda **_: "jax_triton")
+  b, t, n, kh, h = 1, 37, 4, 2, 16
+  q, k, v = (util.normal((b, t, heads, h)) for heads in (n, kh, kh))
+  if family == "linear":
+    fn = lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation="pallas")
+  else:
+    features = ea.orthogonal_random_features(jax.random.key(0), 32, h)
+    fn = lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=True, implementation="pallas")
+  launches, out = _traced(monkeypatch, fn, q, k, v)
+  assert out.shape == (b, t, n, h)
+  assert {launch.name for launch, _ in launches} >= {
+      f"linear_attention_{x}_jax_triton" for x in ("forward", "dq", "dk", "dv")}
