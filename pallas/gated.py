@@ -930,9 +930,21 @@ def _feature_grads_kernel(refs: dict, st: _Static):
     refs["dq"][rows, :] = dq + d_same * k_rows
     refs["dk"][rows, :] = dk + d_same * qf
   dk = dk_pairs + dk_state
+  # The rows just stored by sub-chunk are read back whole, by other threads: wait for the stores.
+  _block_barrier(st)
   refs["dk"][...] += dk
   refs["dG"][...] -= k.astype(f32) * dk
   refs["dv"][...] = dv
+
+
+def _block_barrier(st: _Static) -> None:
+  """All threads of the program wait here, their earlier stores visible to the loads that follow (a
+  no-op in the interpreter, which runs a program as one thread)."""
+  if st.interpret:
+    return
+  from jax.experimental.pallas import triton as pltriton
+
+  pltriton.debug_barrier()
 
 
 # --------------------------------------------------------------------------- #

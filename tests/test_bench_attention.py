@@ -55,6 +55,7 @@ def test_crossover_is_the_first_length_from_which_a_family_stays_faster_than_exa
   assert bench.crossovers(rows[:8]) == {"favor": None, "linear": None}
 
 
+@pytest.mark.slow  # 19 s on 2 cores
 def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
   bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "block_sparse", "--out-dir", str(tmp_path), "--run", "bs"])
@@ -71,6 +72,7 @@ def test_block_sparse_suite_times_densities_and_longformer(tmp_path):
   assert (out / "block_sparse.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 10 s on 2 cores
 def test_favor_suite_times_pallas_and_xla_and_reports_targets(tmp_path):
   bench = load_experiment("bench_attention")
   out = bench.main(["--smoke", "--suite", "favor", "--out-dir", str(tmp_path), "--run", "favor"])

@@ -82,6 +82,7 @@ def test_kernel_recurring_ids_and_spans_vs_f64():
   util.check_against_f64(fn, ref, (phi_q, phi_k, v), **util.TOL[jnp.float32])
 
 
+@pytest.mark.slow  # 15 s on 2 cores; the other kernel tests pin their tiling
 def test_default_tiling_vs_f64():
   # chunk_size=None: the kernel picks its chunk (128 steps for narrow features and values) and warps;
   # T=300 spans three chunks, several spans, a ragged tail and packed runs. FAVOR+ and elu+1, bf16.

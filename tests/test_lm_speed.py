@@ -98,6 +98,7 @@ def test_bf16_embedding_gradients_accumulate_in_float32(attention):
   np.testing.assert_array_equal(lm._lookup(model.embed, tokens), model.embed(tokens))
 
 
+@pytest.mark.slow  # 13 s on 2 cores
 def test_bench_lm_smoke_writes_rows(tmp_path):
   rows = bench_lm.main(["--smoke", "--out-dir", str(tmp_path), "--run", "speed", "--peak-tflops", "1"])
   saved = json.loads((tmp_path / "speed" / "lm_speed.json").read_text())

@@ -46,6 +46,7 @@ def test_sizes_that_cannot_hold_the_queries_raise():
     mqar.mqar_batch(0, 0, **{**SIZES, "vocab_size": 8})
 
 
+@pytest.mark.slow  # 20 s on 2 cores; test_one_model_per_pair_count_without_mix runs the script by default
 def test_smoke_run_writes_json_table_and_figure(tmp_path):
   mqar.main(["--smoke", "--out-dir", str(tmp_path), "--run", "smoke"])
   out = tmp_path / "smoke"

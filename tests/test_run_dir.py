@@ -187,6 +187,7 @@ def _spawn(out: pathlib.Path, *args, env=None) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(_ROOT), **(env or {})))
 
 
+@pytest.mark.slow  # 16 s on 2 cores
 def test_a_kill_inside_a_save_resumes_from_the_previous_checkpoint(runs, tmp_path, capsys):
   out = tmp_path / "run"
   proc = _spawn(out, env={train_lm.SAVE_PAUSE_ENV: "4:60"})
