@@ -14,6 +14,7 @@ transposed layout):
   row[1]        U: how many of its live partner tiles need no mask,
   row[2]        L: how many partner tiles are live,
   row[3]        p: which piece of the tile's partners this is (below),
+  row[4]        the slot the piece writes to (below), -1 when the tile is not split,
   row[4:4 + L]  the live partner tiles, the U unmasked ones first.
 
 The kernels load the table row, walk `[0, U)` without masks and `[U, L)` with
@@ -26,11 +27,14 @@ flash tiles, clipped to the layout's block sizes.
 
 Long rows are split: a tile whose partners outnumber `max_tiles_per_program`
 (by default twice the mean row length, at least 8: a global row among local
-ones) gets several programs, each walking one piece of its partners and writing
-its partial result (forward: output and lse; backward: dQ or dK/dV) into slot p
-of a float32 buffer with one slot per piece; XLA then combines the slots
-(softmax states by their lse, gradients by a sum). Time then follows the live
-blocks even when one row holds most of them.
+ones) gets several programs, each walking one piece of its partners. Tiles that
+are not split write their result where it belongs, in the input dtype; each
+piece of a split tile writes its partial result (forward: output and lse;
+backward: dQ or dK/dV) to its own slot of a small float32 buffer with a slot
+per piece of the split tiles only, and XLA combines the slots (softmax states
+by their lse, gradients by a sum) and puts the combined tiles in place. Time
+then follows the live blocks even when one row holds most of them, and the
+combination costs memory traffic in proportion to the split tiles alone.
 
 Einsum alphabet as in `pallas.softmax`.
 """
@@ -64,8 +68,8 @@ from pallas.flash_tiles import (
 from pallas.softmax import BlockSizes, softmax_attention_reference
 from pallas.tiling import matmul_precision, pow2_at_least
 
-# Table columns before the partner tiles: owned tile, unmasked count, live count.
-_HEAD = 4
+# Table columns before the partner tiles: owned tile, unmasked count, live count, piece, slot.
+_HEAD = 5
 # Rows split when longer than this many times the mean row length (and than _MIN_PIECE tiles).
 _SPLIT_OVER_MEAN, _MIN_PIECE = 2, 8
 
@@ -128,8 +132,8 @@ def block_sparse_attention(
   walks = walk_tables(layout, tiles, dims.q_len, dims.kv_len, qp.shape[1], kp.shape[1], is_causal=is_causal,
                       has_segments=ids is not None, cap=max_tiles_per_program)
   tables = tuple(jnp.asarray(table) for table, _ in walks)
-  pieces = tuple(_Pieces.of(p) for _, p in walks)
-  out = _attention(qp, kp, vp, q_ids, kv_ids, tables, static, pieces)
+  splits = tuple(_Split.of(table, dims.num_heads) for table, _ in walks)
+  out = _attention(qp, kp, vp, q_ids, kv_ids, tables, static, splits)
   return out[:, : dims.q_len, :, : dims.v_head_dim]
 
 
@@ -212,6 +216,11 @@ def _walk(live: np.ndarray, masked: np.ndarray, *, cap: int | None = None) -> tu
   width = int(max((hi - lo for e in entries for _, _, lo, hi in e), default=0))
   table = np.zeros((heads, num_entries, pow2_at_least(_HEAD + width, floor=4)), np.int32)
   for h, mine in enumerate(entries):
+    # The pieces of split tiles get slots 0, 1, ... in (tile, piece) order; the others -1.
+    slots, nxt = {}, 0
+    for r, p, _, _ in mine:
+      if pieces[h, r] > 1:
+        slots[r, p], nxt = nxt, nxt + 1
     # Longest pieces first: their programs start first and the short ones fill in behind.
     mine = sorted(mine, key=lambda e: -(e[3] - e[2]))
     mine = (mine * -(-num_entries // len(mine)))[:num_entries]
@@ -220,29 +229,75 @@ def _walk(live: np.ndarray, masked: np.ndarray, *, cap: int | None = None) -> tu
       table[h, i, 1] = max(0, min(free[h, r], hi) - lo)
       table[h, i, 2] = hi - lo
       table[h, i, 3] = p
+      table[h, i, 4] = slots.get((r, p), -1)
       table[h, i, _HEAD:_HEAD + hi - lo] = order[h, r, lo:hi]
   return table, pieces.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pieces:
-  """The pieces per tile of one kernel's table, hashable (a static argument): `[N|1, R]` as tuples."""
+class _Split:
+  """Which tile each slot of one kernel's partial results belongs to, per head: `owners[h][e]` is the
+  tile whose piece writes slot e of head h (-1: unused by that head). Hashable (a static argument)."""
 
-  counts: tuple[tuple[int, ...], ...]
+  owners: tuple[tuple[int, ...], ...]  # [N, E]
 
   @classmethod
-  def of(cls, pieces: np.ndarray) -> _Pieces:
-    return cls(tuple(tuple(int(x) for x in row) for row in pieces))
+  def of(cls, table: np.ndarray, num_heads: int) -> _Split:
+    tables = np.broadcast_to(table, (num_heads,) + table.shape[1:])
+    slots = int(table[..., 4].max(initial=-1)) + 1
+    owners = np.full((num_heads, slots), -1, np.int64)
+    for h in range(num_heads):
+      used = tables[h, :, 4] >= 0
+      owners[h, tables[h, used, 4]] = tables[h, used, 0]
+    return cls(tuple(tuple(int(x) for x in row) for row in owners))
 
   @property
-  def most(self) -> int:
-    return max((max(row, default=1) for row in self.counts), default=1)
+  def slots(self) -> int:
+    return len(self.owners[0]) if self.owners else 0
 
-  def valid(self, tile: int, length: int) -> np.ndarray:
-    """bool `[N|1, P, length]`: slot p of position t holds a piece of t's tile (tiles of `tile` steps)."""
-    counts = np.asarray(self.counts, np.int32)
-    per_step = np.repeat(counts, tile, axis=1)[:, :length]
-    return np.arange(self.most)[None, :, None] < per_step[:, None, :]
+  def indices(self, tile: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(target `[N * E]`: which combined tile of `[N * C]` each slot adds to, N * C where unused;
+    rows `[N, C, tile]`: the positions each combined tile goes to, `length` (out of range) where
+    unused; used `[N * E]`; C, the most split tiles of a head)."""
+    owners = np.asarray(self.owners, np.int64)
+    heads = owners.shape[0]
+    tiles = [sorted({int(r) for r in row if r >= 0}) for row in owners]
+    c = max(1, max(len(t) for t in tiles))
+    target = np.full(owners.shape, heads * c, np.int64)
+    rows = np.full((heads, c, tile), length, np.int64)
+    for h, mine in enumerate(tiles):
+      where = {r: i for i, r in enumerate(mine)}
+      for e, r in enumerate(owners[h]):
+        if r >= 0:
+          target[h, e] = h * c + where[int(r)]
+      for i, r in enumerate(mine):
+        rows[h, i] = r * tile + np.arange(tile)
+    return target.reshape(-1), rows, (owners >= 0).reshape(-1), c
+
+
+def _slots_by_head(x: jax.Array, slots: int) -> jax.Array:
+  """`[B, E * tile, N, D]` slot outputs -> `[B, N * E, tile, D]`."""
+  batch, total, heads, width = x.shape
+  x = x.reshape(batch, slots, total // slots, heads, width).transpose(0, 3, 1, 2, 4)
+  return x.reshape(batch, heads * slots, total // slots, width)
+
+
+def _put_tiles(main: jax.Array, tiles: jax.Array, rows: np.ndarray) -> jax.Array:
+  """`main [B, L, N, D]` with the combined tiles `[B, N * C, tile, D]` written at `rows [N, C, tile]`."""
+  heads, c, tile = rows.shape
+  tiles = tiles.reshape(tiles.shape[0], heads, c, tile, tiles.shape[-1]).astype(main.dtype)
+  return main.at[:, rows, np.arange(heads)[:, None, None]].set(tiles, mode="drop")
+
+
+def _sum_slots(main: jax.Array, extra: jax.Array | None, split: _Split) -> jax.Array:
+  """`main [B, L, N, D]` with each split tile replaced by the sum of its pieces' slots (`extra`)."""
+  if extra is None:
+    return main
+  tile = extra.shape[1] // split.slots
+  target, rows, used, c = split.indices(tile, main.shape[1])
+  x = jnp.where(jnp.asarray(used)[None, :, None, None], _slots_by_head(extra, split.slots), 0.0)
+  summed = jnp.zeros((x.shape[0], main.shape[2] * c) + x.shape[2:], jnp.float32)
+  return _put_tiles(main, summed.at[:, target].add(x, mode="drop"), rows)
 
 
 # --------------------------------------------------------------------------- #
@@ -251,20 +306,20 @@ class _Pieces:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, pieces):
-  return _forward(q, k, v, q_ids, kv_ids, tables[0], static, pieces[0])[0]
+def _attention(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, splits):
+  return _forward(q, k, v, q_ids, kv_ids, tables[0], static, splits[0])[0]
 
 
-def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, pieces):
-  out, lse = _forward(q, k, v, q_ids, kv_ids, tables[0], static, pieces[0])
+def _attention_fwd(q, k, v, q_ids, kv_ids, tables, static: FlashStatic, splits):
+  out, lse = _forward(q, k, v, q_ids, kv_ids, tables[0], static, splits[0])
   return out, (q, k, v, q_ids, kv_ids, tables, out, lse)
 
 
-def _attention_bwd(static: FlashStatic, pieces, residuals, d_out):
+def _attention_bwd(static: FlashStatic, splits, residuals, d_out):
   q, k, v, q_ids, kv_ids, tables, out, lse = residuals
   delta = output_delta(out, d_out)
-  dq = _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[1], static, pieces[1])
-  dk, dv = _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[2], static, pieces[2])
+  dq = _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[1], static, splits[1])
+  dk, dv = _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, tables[2], static, splits[2])
   return dq, dk, dv, None, None, None
 
 
@@ -308,12 +363,47 @@ def _call(kernel, table, args, out_shape, out_specs, static: FlashStatic, *, num
   )(table, *args)
 
 
+def _store(table_ref, start: int, size: int, values, refs, slot_refs) -> None:
+  """Writes `values` to `refs` at rows `[start, start + size)` when the program's tile is not split,
+  else to `slot_refs` at its slot (rows `[slot * size, (slot + 1) * size)`)."""
+
+  def put(dest, at):
+    for ref, x in zip(dest, values):
+      ref[(pl.ds(at, size),) + (slice(None),) * (len(ref.shape) - 1)] = x.astype(ref.dtype)
+
+  if not slot_refs:
+    put(refs, start)
+    return
+  slot = table_ref[4]
+
+  @pl.when(slot < 0)
+  def _():
+    put(refs, start)
+
+  @pl.when(slot >= 0)
+  def _():
+    put(slot_refs, slot * size)
+
+
+def _outputs(shapes: list[jax.ShapeDtypeStruct], split: _Split, tile: int, axis: list[int]):
+  """The kernel's outputs: `shapes`, then (when tiles are split) their float32 slot buffers, the
+  sequence axis (`axis[i]` of output i) holding `split.slots` tiles."""
+  if not split.slots:
+    return shapes
+  slots = []
+  for x, ax in zip(shapes, axis):
+    shape = list(x.shape)
+    shape[ax] = split.slots * tile
+    slots.append(jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+  return shapes + slots
+
+
 # --------------------------------------------------------------------------- #
 # forward
 # --------------------------------------------------------------------------- #
 
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *,
+def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref, *slot_refs,
                     static: FlashStatic):
   bq, bk = static.blocks.block_q, static.blocks.block_k
   q_start = table_ref[0] * bq
@@ -330,54 +420,44 @@ def _forward_kernel(table_ref, q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref
   carry = lax.fori_loop(0, free, functools.partial(body, masked=False), forward_init(bq, v_ref.shape[-1]))
   carry = lax.fori_loop(free, count, functools.partial(body, masked=True), carry)
   out, lse = forward_result(*carry)
-  # This piece's slot (slot 0 when rows are not split).
-  at = pl.ds(table_ref[3] * q_ref.shape[0] + q_start, bq)
-  o_ref[at, :] = out.astype(o_ref.dtype)
-  lse_ref[at] = lse
+  _store(table_ref, q_start, bq, (out, lse), (o_ref, lse_ref), slot_refs)
 
 
-def _forward(q, k, v, q_ids, kv_ids, table, static: FlashStatic, pieces: _Pieces):
+def _forward(q, k, v, q_ids, kv_ids, table, static: FlashStatic, split: _Split):
   """Output `[B, T, N, Hv]` and lse `[B, N, T]` (base 2, +inf on dead rows) of padded inputs."""
   batch, t_pad, num_heads, _ = q.shape
-  v_dim = v.shape[3]
-  slots = pieces.most
-  # Pieces write float32 partial outputs, one slot (of T' steps) each.
-  out_shape = [jax.ShapeDtypeStruct((batch, slots * t_pad, num_heads, v_dim), q.dtype if slots == 1 else jnp.float32),
-               jax.ShapeDtypeStruct((batch, num_heads, slots * t_pad), jnp.float32)]
+  v_dim, tile = v.shape[3], static.blocks.block_q
+  shapes = [jax.ShapeDtypeStruct((batch, t_pad, num_heads, v_dim), q.dtype),
+            jax.ShapeDtypeStruct((batch, num_heads, t_pad), jnp.float32)]
+  out_shape = _outputs(shapes, split, tile, [1, 2])
   args = [q, k, v] + ([q_ids, kv_ids] if static.has_segments else [])
-  out, lse = _call(_forward_kernel, table, args, out_shape, out_shape, static, num_inputs=4,
-                   name="block_sparse_forward", backward=False)
-  if slots == 1:
+  results = _call(_forward_kernel, table, args, out_shape, out_shape, static, num_inputs=4,
+                  name="block_sparse_forward", backward=False)
+  out, lse = results[:2]
+  if not split.slots:
     return out, lse
-  # [N|1, P, T'] -> [1, N|1, P, T']
-  valid = jnp.asarray(pieces.valid(static.blocks.block_q, t_pad))[None]
-  lse = jnp.where(valid, lse.reshape(batch, num_heads, slots, t_pad), -jnp.inf)
-  lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)  # a piece with no live key weighs nothing
-  top = jnp.max(lse, axis=2, keepdims=True)
-  dead = top == -jnp.inf
-  # [B, N, P, T']
-  weight = jnp.where(dead, 0.0, jnp.exp2(lse - jnp.where(dead, 0.0, top)))
-  total = jnp.sum(weight, axis=2, keepdims=True)
-  weight = weight / jnp.where(dead, 1.0, total)
-  # [B, P, T', N, Hv]: the slots, unwritten ones read as 0.
-  out = out.reshape(batch, slots, t_pad, num_heads, v_dim)
-  out = jnp.where(valid.transpose(0, 2, 3, 1)[..., None], out, 0.0)
-  out = jnp.einsum("bptnh,bnpt->btnh", out, weight).astype(q.dtype)
-  lse = jnp.where(dead, jnp.inf, top + jnp.log2(jnp.where(dead, 1.0, total)))[:, :, 0]
+  # The split tiles' pieces: combined by their lse, then put in place.
+  target, rows, used, c = split.indices(tile, t_pad)
+  used = jnp.asarray(used)[None, :, None]
+  # [B, N * E, tile] and [B, N * E, tile, Hv]
+  part_lse = results[3].reshape(batch, num_heads * split.slots, tile)
+  part_lse = jnp.where(used & (part_lse != jnp.inf), part_lse, -jnp.inf)  # dead pieces weigh nothing
+  part_out = _slots_by_head(results[2], split.slots)
+  combined = (batch, num_heads * c, tile)
+  top = jnp.full(combined, -jnp.inf).at[:, target].max(part_lse, mode="drop")
+  top_of_part = top[:, np.minimum(target, num_heads * c - 1)]
+  live = part_lse > -jnp.inf
+  weight = jnp.where(live, jnp.exp2(jnp.where(live, part_lse - top_of_part, 0.0)), 0.0)
+  total = jnp.zeros(combined).at[:, target].add(weight, mode="drop")
+  acc = jnp.zeros(combined + (v_dim,)).at[:, target].add(
+      jnp.where(live[..., None], part_out, 0.0) * weight[..., None], mode="drop")
+  dead = total == 0
+  acc = acc / jnp.where(dead, 1.0, total)[..., None]
+  tile_lse = jnp.where(dead, jnp.inf, top + jnp.log2(jnp.where(dead, 1.0, total)))
+  out = _put_tiles(out, acc, rows)
+  lse = lse.at[:, np.arange(num_heads)[:, None, None], rows].set(
+      tile_lse.reshape(batch, num_heads, c, tile), mode="drop")
   return out, lse
-
-
-def _sum_slots(x: jax.Array, pieces: _Pieces, tile: int, dtype) -> jax.Array:
-  """Partial results `[B, P * L, N, D]` (P slots) summed over their valid slots: `[B, L, N, D]` in dtype."""
-  slots = pieces.most
-  if slots == 1:
-    return x.astype(dtype)
-  batch, total, heads, width = x.shape
-  length = total // slots
-  # [N|1, P, L] -> [1, P, L, N|1, 1]
-  valid = jnp.asarray(pieces.valid(tile, length)).transpose(1, 2, 0)[None, ..., None]
-  x = jnp.where(valid, x.reshape(batch, slots, length, heads, width), 0.0)
-  return jnp.sum(x, axis=1).astype(dtype)
 
 
 # --------------------------------------------------------------------------- #
@@ -385,8 +465,8 @@ def _sum_slots(x: jax.Array, pieces: _Pieces, tile: int, dtype) -> jax.Array:
 # --------------------------------------------------------------------------- #
 
 
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref, *,
-               static: FlashStatic):
+def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref,
+               *slot_refs, static: FlashStatic):
   bq, bk = static.blocks.block_q_dq, static.blocks.block_k_dq
   q_start = table_ref[0] * bq
   rows = pl.ds(q_start, bq)
@@ -400,22 +480,19 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids
   free, count = table_ref[1], table_ref[2]
   dq = lax.fori_loop(0, free, functools.partial(body, masked=False), jnp.zeros((bq, q_ref.shape[1]), jnp.float32))
   dq = lax.fori_loop(free, count, functools.partial(body, masked=True), dq)
-  at = pl.ds(table_ref[3] * q_ref.shape[0] + q_start, bq)
-  dq_ref[at, :] = (dq * static.scale).astype(dq_ref.dtype)
+  _store(table_ref, q_start, bq, (dq * static.scale,), (dq_ref,), slot_refs)
 
 
-def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, pieces: _Pieces):
+def _backward_dq(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, split: _Split):
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
-  slots = pieces.most
-  batch, t_pad, heads, width = q.shape
-  out_shape = jax.ShapeDtypeStruct((batch, slots * t_pad, heads, width), q.dtype if slots == 1 else jnp.float32)
-  dq = _call(_dq_kernel, table, args, [out_shape], [out_shape], static, num_inputs=7,
-             name="block_sparse_backward_dq", backward=True)[0]
-  return _sum_slots(dq, pieces, static.blocks.block_q_dq, q.dtype)
+  out_shape = _outputs([jax.ShapeDtypeStruct(q.shape, q.dtype)], split, static.blocks.block_q_dq, [1])
+  results = _call(_dq_kernel, table, args, out_shape, out_shape, static, num_inputs=7,
+                  name="block_sparse_backward_dq", backward=True)
+  return _sum_slots(results[0], results[1] if split.slots else None, split)
 
 
 def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref,
-                 dk_ref, dv_ref, *, static: FlashStatic):
+                 dk_ref, dv_ref, *slot_refs, static: FlashStatic):
   bq, bk = static.blocks.block_q_dkv, static.blocks.block_k_dkv
   k_start = table_ref[0] * bk
   cols = pl.ds(k_start, bk)
@@ -430,25 +507,23 @@ def _dkdv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_i
   carry = (jnp.zeros((bk, k_ref.shape[1]), jnp.float32), jnp.zeros((bk, v_ref.shape[1]), jnp.float32))
   carry = lax.fori_loop(0, free, functools.partial(body, masked=False), carry)
   dk, dv = lax.fori_loop(free, count, functools.partial(body, masked=True), carry)
-  at = pl.ds(table_ref[3] * k_ref.shape[0] + k_start, bk)
-  dk_ref[at, :] = (dk * static.scale).astype(dk_ref.dtype)
-  dv_ref[at, :] = dv.astype(dv_ref.dtype)
+  _store(table_ref, k_start, bk, (dk * static.scale, dv), (dk_ref, dv_ref), slot_refs)
 
 
-def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, pieces: _Pieces):
+def _backward_dkdv(q, k, v, q_ids, kv_ids, d_out, lse, delta, table, static: FlashStatic, split: _Split):
   """dK, dV per query head (summed over each GQA group afterwards)."""
   batch, _, num_heads, head_dim = q.shape
   s_pad, v_dim = k.shape[1], v.shape[3]
-  group, slots = static.group, pieces.most
-  out_dtype = k.dtype if group == 1 and slots == 1 else jnp.float32
-  out_shape = [jax.ShapeDtypeStruct((batch, slots * s_pad, num_heads, head_dim), out_dtype),
-               jax.ShapeDtypeStruct((batch, slots * s_pad, num_heads, v_dim), out_dtype)]
+  group = static.group
+  out_dtype = k.dtype if group == 1 else jnp.float32
+  shapes = [jax.ShapeDtypeStruct((batch, s_pad, num_heads, head_dim), out_dtype),
+            jax.ShapeDtypeStruct((batch, s_pad, num_heads, v_dim), out_dtype)]
+  out_shape = _outputs(shapes, split, static.blocks.block_k_dkv, [1, 1])
   args = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if static.has_segments else [])
-  dk, dv = _call(_dkdv_kernel, table, args, out_shape, out_shape, static, num_inputs=7,
-                 name="block_sparse_backward_dkdv", backward=True)
-  tile = static.blocks.block_k_dkv
-  dk = _sum_slots(dk, pieces, tile, k.dtype if group == 1 else jnp.float32)
-  dv = _sum_slots(dv, pieces, tile, v.dtype if group == 1 else jnp.float32)
+  results = _call(_dkdv_kernel, table, args, out_shape, out_shape, static, num_inputs=7,
+                  name="block_sparse_backward_dkdv", backward=True)
+  dk = _sum_slots(results[0], results[2] if split.slots else None, split)
+  dv = _sum_slots(results[1], results[3] if split.slots else None, split)
   return sum_groups(dk, dv, k, v, group)
 
 

@@ -135,6 +135,12 @@ def test_walk_tables_hold_exactly_the_live_tiles(is_causal, cap):
       # Every (tile, piece) has a row; a head with fewer pieces repeats rows (identical writes).
       owned = {(int(r[0]), int(r[3])) for r in table[n]}
       assert owned == {(r, p) for r in range(tiles_owned) for p in range(pieces[n, r])}
+      # Only the pieces of split tiles get slots of the float32 buffer, one each: 0, 1, ... in (tile, piece)
+      # order, so the buffer holds the split tiles alone; the other tiles write in place (-1).
+      slots = {(int(r[0]), int(r[3])): int(r[4]) for r in table[n]}
+      split = sorted((r, p) for r, p in slots if pieces[n, r] > 1)
+      assert [slots[rp] for rp in split] == list(range(len(split)))
+      assert all(slots[r, p] == -1 for r, p in slots if pieces[n, r] == 1)
       walked = np.zeros((tiles_owned, (s_pad if not transposed else t_pad) // (tk if not transposed else tq)), int)
       for row in {tuple(r) for r in table[n]}:
         free, count = row[1], row[2]
