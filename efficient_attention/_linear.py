@@ -608,7 +608,7 @@ def attend_gated_pallas(
   if normalize == "denominator":
     v = jnp.concatenate([v, jnp.ones(v.shape[:3] + (1,), v.dtype)], axis=-1)
   compute = jnp.float32 if normalize == "denominator" else dtype
-  blocks = gated.GatedBlockSizes.get_default(compute, chunk_size)
+  blocks = gated.GatedBlockSizes.get_default(compute, chunk_size, scalar_gates=gates.ndim < 4)
   out = gated.gated_linear_attention(phi_q.astype(compute), phi_k.astype(compute), v.astype(compute), gates,
                                      segment_ids=plan.ids, block_sizes=blocks)
   if normalize == "denominator":

@@ -107,15 +107,24 @@ class GatedBlockSizes:
                  positive=("num_warps", "num_stages"))
 
   @classmethod
-  def get_default(cls, dtype: Any, chunk: int | None = None) -> GatedBlockSizes:
-    """The defaults for inputs of `dtype`: 3 pipeline stages for 16-bit inputs, 2 otherwise.
+  def get_default(cls, dtype: Any, chunk: int | None = None, *, scalar_gates: bool = False) -> GatedBlockSizes:
+    """The defaults for inputs of `dtype`: 3 pipeline stages for 16-bit inputs, 2 otherwise;
+    `block_v=32` for 16-bit inputs with one gate per step (`scalar_gates`, not the delta rule).
 
-    H200, bf16, B1 N8 H128, T=16k (results/h200/gated/tune.jsonl): 3 stages took forward+backward
+    H200, bf16, B1 N8 H128, T=16k (results/h200/gated/tune.md): 3 stages took forward+backward
     from 1.53 to 1.05 ms (gated linear) and from 2.81 to 2.43 ms (delta rule) against 2; float32
-    tiles keep 2 (twice the shared memory per stage, not measured with 3).
+    tiles keep 2 (twice the shared memory per stage, not measured with 3). With 3 stages, whole
+    `linear_attention` calls (results/h200/gated/sweep.md): `block_v=32` (twice the walk programs)
+    1.24 -> 1.11 ms at 16k, 0.393 -> 0.404 ms at 4k; for the delta rule 3.56 -> 3.55 ms at 16k,
+    1.46 -> 1.67 at 4k (kept at 64). Per-feature gates were not swept (kept at 64).
     """
-    stages = 3 if jnp.dtype(dtype).itemsize <= 2 else 2
-    return cls(num_stages=stages) if chunk is None else cls(chunk=chunk, num_stages=stages)
+    sixteen = jnp.dtype(dtype).itemsize <= 2
+    over = dict(num_stages=3 if sixteen else 2)
+    if sixteen and scalar_gates:
+      over["block_v"] = 32
+    if chunk is not None:
+      over["chunk"] = chunk
+    return cls(**over)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +269,7 @@ def _check_gates(gates: Any, shape: tuple[int, ...], feature_shape: tuple[int, .
 def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bool, features: bool = False):
   """Static settings, the padded length and the segment flags (labels, sees) or None."""
   if block_sizes is None:
-    block_sizes = GatedBlockSizes.get_default(dtype)
+    block_sizes = GatedBlockSizes.get_default(dtype, scalar_gates=not delta and not features)
   if not isinstance(block_sizes, GatedBlockSizes):
     raise TypeError(f"block_sizes must be a GatedBlockSizes, got {type(block_sizes).__name__}")
   if interpret is None:

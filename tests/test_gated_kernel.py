@@ -257,3 +257,6 @@ def test_default_tiling_follows_the_dtype():
   assert (bf16.num_stages, f32.num_stages) == (3, 2)
   assert pallas.GatedBlockSizes.get_default(jnp.float16, 32) == pallas.GatedBlockSizes(chunk=32, num_stages=3)
   assert bf16.chunk == f32.chunk == pallas.GatedBlockSizes().chunk
+  # One gate per step with 16-bit inputs: value blocks of 32 in the walks (twice the programs).
+  assert pallas.GatedBlockSizes.get_default(jnp.bfloat16, scalar_gates=True).block_v == 32
+  assert pallas.GatedBlockSizes.get_default(jnp.float32, scalar_gates=True).block_v == bf16.block_v == 64
