@@ -83,7 +83,14 @@ def triton_params(*, interpret: bool, num_warps: int, num_stages: int) -> dict:
   """`pallas_call` keyword arguments with the Triton launch settings (none in interpret mode)."""
   if interpret:
     return {}
-  from jax.experimental.pallas import triton as pltriton
+  try:
+    from jax.experimental.pallas import triton as pltriton
+  except ImportError as e:
+    raise ValueError(
+        "this kernel runs through Pallas' Triton lowering, which this JAX no longer has: flash and causal "
+        "linear attention also run through jax_triton (pip install 'efficient-attention[gpu]'; their "
+        "backend=None picks it); the other Pallas kernels (gated linear / delta rule, block-sparse, FAVOR+ "
+        "features) have no other GPU backend yet: use implementation='xla' for them") from e
   return {"compiler_params": pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
 
 

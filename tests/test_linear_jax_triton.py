@@ -298,3 +298,18 @@ def test_families_reach_the_jax_triton_kernels_through_the_default(monkeypatch, 
   assert out.shape == (b, t, n, h)
   assert {launch.name for launch, _ in launches} >= {
       f"linear_attention_{x}_jax_triton" for x in ("forward", "dq", "dk", "dv")}
+
+
+def test_kernels_without_the_triton_lowering_say_what_runs_instead(monkeypatch):
+  # A JAX without Pallas' Triton lowering: compiled launches of the Pallas kernels name the way out.
+  import sys
+
+  from pallas import tiling
+
+  import jax.experimental.pallas as jax_pallas
+
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # its import now fails
+  monkeypatch.delattr(jax_pallas, "triton", raising=False)
+  with pytest.raises(ValueError, match=r"no longer has.*jax_triton.*implementation='xla'"):
+    tiling.triton_params(interpret=False, num_warps=4, num_stages=2)
+  assert tiling.triton_params(interpret=True, num_warps=4, num_stages=2) == {}
