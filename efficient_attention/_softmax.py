@@ -84,7 +84,7 @@ def _default_implementation(dtype, dims: _checks.Dims, *, bias, mask) -> str:
   TPU (no cuDNN, and XLA materialises [T, S]), XLA elsewhere. On the H200
   (results/h200/flash/softmax.md, T 2k-16k, head dim 64 / 128, causal or not) no Pallas backend
   leads cuDNN forward+backward on any row (best 1.00x); forward alone, Mosaic GPU / jax_triton
-  lead by up to 1.06x on 5 of 12 rows, too little to pick by (the call may be differentiated)."""
+  lead by up to 1.06x on 4 of 12 rows, too little to pick by (the call may be differentiated)."""
   backend = jax.default_backend()
   if (backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
       and _cudnn_head_dim(dims) <= _CUDNN_MAX_HEAD_DIM):
