@@ -18,9 +18,12 @@ trained and tabled for speed and memory, marked, and left out of the curves.
 
 Writes `results/<run>/`: `metrics.csv` (every train and eval record of every
 run), `summary.json` (settings and each run's summary), `table.md` (final
-train and eval bits per character, tokens/s, peak memory, parameters) and
-`curves.png` (held-out bits per character against step and against training
-time), plus each run's own directory `T<seq_len>/<family>/` from `train_lm.py`.
+train and eval bits per character, tokens/s, peak memory, parameters; held-out
+bits per character in eighths of the context), `curves.png` (held-out bits per
+character against step and against training time) and `by_position.png`
+(held-out bits per character against position in the context, final
+evaluation: where a family gains or loses against another), plus each run's
+own directory `T<seq_len>/<family>/` from `train_lm.py`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import time
 
 import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
       runs.append(run_one(cfg, family, t, out / f"T{t}" / family))
       result = write_outputs(cfg, runs, skipped, argv, out)  # after every run, so an interrupted comparison reports
   print((out / "table.md").read_text())
-  print(f"wrote {out}/metrics.csv, summary.json, table.md, curves.png")
+  print(f"wrote {out}/metrics.csv, summary.json, table.md, curves.png, by_position.png")
   return result
 
 
@@ -214,6 +218,7 @@ def write_outputs(cfg: Config, runs: list[dict], skipped: dict[str, str], argv: 
   (out / "summary.json").write_text(json.dumps(result, indent=1))
   (out / "table.md").write_text(to_markdown(cfg, runs, skipped, argv))
   plot(cfg, runs, out / "curves.png")
+  plot_by_position(runs, out / "by_position.png")
   return result
 
 
@@ -258,10 +263,63 @@ def to_markdown(cfg: Config, runs: list[dict], skipped: dict[str, str], argv: li
   lines.append("bpc: bits per byte (= per character for ASCII text) of the next-byte loss; eval on held-out text. "
                "tokens/s: median over logging intervals, first (compiling) step excluded. MFU: model FLOPs "
                "(`lm.training_flops_per_token`) x tokens/s over the device's peak dense bf16 rate (– where unknown).")
+  lines += [""] + by_position_markdown(runs)
   if any(not FAMILIES[f].causal for f in cfg.families):
     lines.append("Linformer has no causal form: it sees the byte it predicts, so its bpc is not comparable.")
   lines += [f"Skipped {f}: {why}." for f, why in skipped.items()]
   return "\n".join(lines) + "\n"
+
+
+def _position_ranges(t: int, buckets: int) -> list[tuple[int, int]]:
+  """The context positions `[lo, hi)` of each bucket of `train_lm.by_position` at length t."""
+  sizes = [len(a) for a in np.array_split(np.arange(t), buckets)]
+  edges = np.concatenate([[0], np.cumsum(sizes)])
+  return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+def _by_position(run: dict) -> list | None:
+  s = run["summary"]
+  return None if s is None else s["eval"].get("bpc_by_position")
+
+
+def by_position_markdown(runs: list[dict]) -> list[str]:
+  """Held-out bpc by range of context positions, per T (runs reused from before the field existed: –)."""
+  lines = []
+  for t in sorted({r["seq_len"] for r in runs}):
+    mine = [r for r in runs if r["seq_len"] == t and r["causal"]]
+    if not any(_by_position(r) for r in mine):
+      continue
+    ranges = _position_ranges(t, train_lm.POSITION_BUCKETS)
+    lines += [f"Held-out bpc by position in the context, T = {t} (final evaluation):", "",
+              "| family | " + " | ".join(f"{lo}–{hi - 1}" for lo, hi in ranges) + " |",
+              "|---|" + "---:|" * len(ranges)]
+    for run in mine:
+      values = _by_position(run) or [None] * len(ranges)
+      lines.append(f"| {run['label']} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
+    lines.append("")
+  return lines
+
+
+def plot_by_position(runs: list[dict], path: pathlib.Path) -> None:
+  """Held-out bpc against position in the context (final evaluation), one panel per T."""
+  lens = sorted({r["seq_len"] for r in runs})
+  fig, axes = plt.subplots(1, len(lens), figsize=(5.5 * len(lens), 4), squeeze=False)
+  for ax, t in zip(axes[0], lens):
+    ranges = _position_ranges(t, train_lm.POSITION_BUCKETS)
+    centres = [(lo + hi - 1) / 2 for lo, hi in ranges]
+    for run in (r for r in runs if r["seq_len"] == t and r["causal"]):
+      values = _by_position(run)
+      if values:
+        pts = [(c, v) for c, v in zip(centres, values) if v is not None]
+        ax.plot(*zip(*pts), marker="o", label=run["label"])
+    ax.set(xlabel="position in the context (centre of an eighth)", ylabel="held-out bits per character",
+           title=f"T = {t}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"Held-out loss by position, final evaluation ({device_kind(runs)})", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def plot(cfg: Config, runs: list[dict], path: pathlib.Path) -> None:

@@ -71,6 +71,7 @@ MESH_AXES = ("data", "fsdp")
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")  # "auto" = None, the best available; the rest as in the API
 # Tests: "STEP:SECONDS" sleeps that long in the save of checkpoint STEP, after its files, before its digest.
 SAVE_PAUSE_ENV = "TRAIN_LM_TEST_PAUSE_IN_SAVE"
+POSITION_BUCKETS = 8  # held-out bpc is also reported in this many equal ranges of context positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,8 +316,10 @@ class Model:
 
   def _eval_step(self, state, inputs, labels):
     model = nnx.merge(self.eval_graph, state["params"], state["rest"])
-    loss, correct, count = masked_loss(model(inputs), labels)
-    return dict(nll=loss * count, correct=correct, count=count)
+    nll, valid, correct = token_losses(model(inputs), labels)
+    # Also by position in the context, summed over the batch: [T] each.
+    return dict(nll=nll.sum(), correct=correct.sum(), count=valid.sum(), nll_by_position=nll.sum(0),
+                count_by_position=valid.sum(0))
 
   def place(self, x: np.ndarray) -> jax.Array:
     """A host batch (the same on every process) as a global array sharded over the batch axis."""
@@ -331,13 +334,29 @@ def global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.vdot(x, x).real for x in jax.tree.leaves(tree)))
 
 
-def masked_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mean cross-entropy (nats) over labels != IGNORE, the number of correct argmax predictions, and the count."""
+def token_losses(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per token `[B, T]`: cross-entropy (nats; 0 where labels == IGNORE), whether the label counts, and
+  whether the argmax prediction is right (False where it does not count)."""
   valid = labels != lm_data.IGNORE
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  return jnp.where(valid, nll, 0.0), valid, valid & (logits.argmax(-1) == labels)
+
+
+def masked_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mean cross-entropy (nats) over labels != IGNORE, the number of correct argmax predictions, and the count."""
+  nll, valid, correct = token_losses(logits, labels)
   count = valid.sum()
-  correct = (valid & (logits.argmax(-1) == labels)).sum()
-  return jnp.where(valid, nll, 0.0).sum() / jnp.maximum(count, 1), correct, count
+  return nll.sum() / jnp.maximum(count, 1), correct.sum(), count
+
+
+def by_position(nll: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
+  """Bits per byte in `buckets` contiguous, (nearly) equal ranges of context positions, from per-position
+  sums of nll (nats) and counts `[T]`; None for a range without a counted label."""
+  out = []
+  for part_nll, part_count in zip(np.array_split(nll, buckets), np.array_split(count, buckets)):
+    n = float(part_count.sum())
+    out.append(float(part_nll.sum()) / n / math.log(2) if n else None)
+  return out
 
 
 # Checkpoints: the state's leaves by index (PRNG keys as their raw data), one orbax item.
@@ -578,6 +597,10 @@ class Run:
       record["accuracy"] = correct / count
     else:
       record["bpc"] = loss / math.log(2)
+      # Held-out bpc in eighths of the context: where in the context a family loses to another.
+      record["bpc_by_position"] = by_position(sum(np.asarray(t["nll_by_position"], np.float64) for t in totals),
+                                              sum(np.asarray(t["count_by_position"], np.int64) for t in totals),
+                                              POSITION_BUCKETS)
     self._log(record)
     return record
 

@@ -207,10 +207,20 @@ def test_compare_trains_each_family_and_writes_table_csv_and_plot(tmp_path):
   runs = result["runs"]
   assert [r["family"] for r in runs] == ["softmax", "linformer"] and all(r["error"] is None for r in runs)
   table = (out / "table.md").read_text()
-  assert table.count("\n| softmax |") == 1 and "Linformer (not causal)" in table and "not comparable" in table
+  # A row in the results table and one in the by-position table (Linformer: not causal, not in the latter).
+  assert table.count("\n| softmax |") == 2 and table.count("\n| Linformer (not causal) |") == 1
+  assert "not comparable" in table
   rows = (out / "metrics.csv").read_text().splitlines()
   assert rows[0].startswith("family,seq_len,kind,step") and len(rows) > 10
   assert (out / "curves.png").stat().st_size > 10_000
+  assert (out / "by_position.png").stat().st_size > 10_000
+  # Held-out bpc by eighths of the context: its count-weighted mean is the overall held-out bpc.
+  final = runs[0]["summary"]["eval"]
+  eighths = final["bpc_by_position"]
+  assert len(eighths) == train_lm.POSITION_BUCKETS and all(v is not None and v > 0 for v in eighths)
+  # T=64: eight positions per eighth, each with a label in every held-out sequence, so equal weights.
+  assert np.mean(eighths) == pytest.approx(final["bpc"], rel=1e-5)
+  assert "Held-out bpc by position in the context, T = 64" in table and "| 0–7 | 8–15 |" in table
 
 
 def test_train_lines_cover_every_step_once_with_deferred_logging(tmp_path):
