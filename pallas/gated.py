@@ -90,7 +90,11 @@ class GatedBlockSizes:
   keeps every row: its correction `W S` reads the whole state). `block_v_out`:
   value columns per program of the output pass. `sub_chunk`: steps per secondary
   sub-chunk with per-feature gates (pairs within one are made key by key; shrunk to
-  the chunk). `num_warps` / `num_stages`: Triton launch settings. Defaults:
+  the chunk). `span_chunks`: gated linear attention only (not the delta rule): the
+  two walks run in spans of this many chunks in parallel, each from a zero state,
+  and XLA then adds each span's entering state (a short scan over the spans) to its
+  chunks' states; None: one span (a single sequential walk). `num_warps` /
+  `num_stages`: Triton launch settings. Defaults:
   `get_default` (the tiles a first guess, the stages from a sweep on an H200).
   """
 
@@ -101,10 +105,11 @@ class GatedBlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   sub_chunk: int = 16
+  span_chunks: int | None = None
 
   def __post_init__(self):
     check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out", "sub_chunk"),
-                 positive=("num_warps", "num_stages"))
+                 positive=("num_warps", "num_stages", "span_chunks"), optional=("span_chunks",))
 
   @classmethod
   def get_default(cls, dtype: Any, chunk: int | None = None, *, scalar_gates: bool = False) -> GatedBlockSizes:
@@ -145,6 +150,11 @@ class _Static:
   precision: Any = None
   features: bool = False  # per-feature gates [B, T, K, M]
   sub_chunk: int = 16  # steps per sub-chunk with per-feature gates (<= chunk)
+  span_chunks: int = 0  # chunks per span of the walks (0: one span)
+
+  @property
+  def spans(self) -> int:
+    return 1 if not self.span_chunks else -(-self.chunks // self.span_chunks)
 
   @property
   def params(self) -> dict:
@@ -281,7 +291,12 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
                block_m=block_sizes.block_m, block_v=block_sizes.block_v, block_v_out=block_sizes.block_v_out,
                interpret=bool(interpret), num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages,
                precision=matmul_precision(dtype), features=features,
-               sub_chunk=min(block_sizes.sub_chunk, chunk))
+               sub_chunk=min(block_sizes.sub_chunk, chunk),
+               span_chunks=0 if block_sizes.span_chunks is None or block_sizes.span_chunks >= chunks
+               else block_sizes.span_chunks)
+  if delta and block_sizes.span_chunks is not None:
+    raise ValueError(f"span_chunks={block_sizes.span_chunks} applies to gated linear attention; the delta rule's "
+                     "walk is not split into spans (its state transition is a matrix): leave it None")
   flags = None
   if ids is not None:
     # Run labels, padded steps continuing the last run.
@@ -494,13 +509,75 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   }
   if delta:
     inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, h, r, j: (i, 0, h, 0)))
-  outputs = {"h": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), k.dtype),
-                   pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, h, r, j: (i, h, 0, r, j)))}
+  spans = 1 if delta else st.spans
+  outputs = {"h": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), k.dtype if spans == 1 else jnp.float32),
+                   pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, h, r, j, *_: (i, h, 0, r, j)))}
   if delta:
     outputs["pseudo"] = (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
                          pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j)))
-  outs = _call(_states_kernel, inputs, outputs, (b, kh, m // bm, hv // bv), st, _launch_name("states", st))
+  grid = (b, kh, m // bm, hv // bv)
+  if spans > 1:
+    inputs = {name: (x, _with_span_axis(spec)) for name, (x, spec) in inputs.items()}
+    outputs.update(_span_outputs(b, kh, u_pad, m, hv, bm, bv, spans))
+    grid += (spans,)
+  outs = _call(_states_kernel, inputs, outputs, grid, st, _launch_name("states", st))
+  if spans > 1:
+    return _join_spans(*outs, st, reverse=False).astype(k.dtype)
   return (outs[0], outs[1]) if delta else outs[0]
+
+
+def _with_span_axis(spec: pl.BlockSpec) -> pl.BlockSpec:
+  """An input's block spec on the walks' grid with a trailing span axis (the same block for every span)."""
+  index = spec.index_map
+  return pl.BlockSpec(spec.block_shape, lambda *ids: index(*ids[:-1]))
+
+
+def _span_outputs(b, heads, u_pad, m, hv, bm, bv, spans) -> dict:
+  """The spanned walks' other outputs: per chunk the factor `keep` `[B, H, U', M]` its state (row) is
+  handed on with, and per span the state (or cotangent) it hands on from a zero start `[B, H, S, M, V]`."""
+  return {
+      "keeps": (jax.ShapeDtypeStruct((b, heads, u_pad, m), jnp.float32),
+                pl.BlockSpec((None, None, u_pad, bm), lambda i, h, r, j, z: (i, h, 0, r))),
+      "ends": (jax.ShapeDtypeStruct((b, heads, spans, m, hv), jnp.float32),
+               pl.BlockSpec((None, None, None, bm, bv), lambda i, h, r, j, z: (i, h, z, r, j))),
+  }
+
+
+def _join_spans(local, keeps, ends, st: _Static, *, reverse: bool) -> jax.Array:
+  """The states (reverse: the cotangents of the states leaving each chunk) `[B, H, U', M, V]` float32 of
+  the spanned walks: each span's own part `local` from a zero start, plus what enters the span from
+  the ones before (reverse: after), carried through the span's chunks by their `keeps`."""
+  b, heads, u_pad, m, hv = local.shape
+  n, length, chunks = st.spans, st.span_chunks, st.chunks
+  grid_len = n * length
+  loc = jnp.pad(local[:, :, :chunks], ((0, 0), (0, 0), (0, grid_len - chunks), (0, 0), (0, 0)))
+  loc = loc.reshape(b, heads, n, length, m, hv)
+  # Padded chunks (after the last) hand the state on unchanged.
+  kp = jnp.pad(keeps[:, :, :chunks], ((0, 0), (0, 0), (0, grid_len - chunks), (0, 0)), constant_values=1.0)
+  kp = kp.reshape(b, heads, n, length, m)
+  if not reverse:
+    # From the span's start to each chunk's start: the keeps of the chunks before it in the span.
+    carried = jnp.cumprod(jnp.concatenate([jnp.ones_like(kp[:, :, :, :1]), kp[:, :, :, :-1]], axis=3), axis=3)
+  else:
+    # From each chunk's end to the span's end: the keeps of the chunks after it in the span.
+    after = jnp.concatenate([kp[:, :, :, 1:], jnp.ones_like(kp[:, :, :, :1])], axis=3)
+    carried = jnp.flip(jnp.cumprod(jnp.flip(after, 3), axis=3), 3)
+  whole = jnp.prod(kp, axis=3)  # [B, H, S, M]: through a whole span
+
+  def step(enter, x):
+    span_whole, span_end = x
+    return span_whole[..., None] * enter + span_end, enter
+
+  xs = (jnp.moveaxis(whole, 2, 0), jnp.moveaxis(ends, 2, 0))
+  if reverse:
+    xs = tuple(jnp.flip(x, 0) for x in xs)
+  _, entering = lax.scan(step, jnp.zeros((b, heads, m, hv), jnp.float32), xs)
+  if reverse:
+    entering = jnp.flip(entering, 0)
+  entering = jnp.moveaxis(entering, 0, 2)  # [B, H, S, M, V]
+  out = loc + carried[..., None] * entering[:, :, :, None]
+  out = out.reshape(b, heads, grid_len, m, hv)[:, :, :chunks]
+  return jnp.pad(out, ((0, 0), (0, 0), (0, u_pad - chunks), (0, 0), (0, 0)))
 
 
 def _outputs(q, k, v, gc, h, flags, st: _Static):
@@ -551,12 +628,20 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   if delta:
     inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
     inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
-  outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype),
-                    pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j: (i, n, 0, r, j)))}
+  spans = 1 if delta else st.spans
+  outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
+                    pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
   if delta:
     outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
-  outs = _call(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), st, _launch_name("dstates", st))
+  grid = (b, n, m // bm, hv // bv)
+  if spans > 1:
+    inputs = {name: (x, _with_span_axis(spec)) for name, (x, spec) in inputs.items()}
+    outputs.update(_span_outputs(b, n, u_pad, m, hv, bm, bv, spans))
+    grid += (spans,)
+  outs = _call(_dstates_kernel, inputs, outputs, grid, st, _launch_name("dstates", st))
+  if spans > 1:
+    return _join_spans(*outs, st, reverse=True).astype(q.dtype)
   return (outs[0], outs[1]) if delta else outs[0]
 
 
@@ -648,17 +733,21 @@ def _states_kernel(refs: dict, st: _Static):
   """
   k_ref, v_ref, h_ref = refs["k"], refs["v"], refs["h"]
   c = st.chunk
+  first, count = _span_range(refs, st)
 
-  def body(u, s):
+  def body(i, s):
+    u = first + i
     at = pl.ds(pl.multiple_of(u * c, c), c)
     h_ref[u] = s.astype(h_ref.dtype)
     k, v = k_ref[at, :], v_ref[at, :]
     if st.features:
       # Per state row: tail [C, bm], keep [bm, 1].
       _, tail, keep = _feature_walk_decays(c, refs, at)
+      _store_keep(refs, u, keep[:, 0])
       kt = (k.astype(jnp.float32) * tail).astype(k.dtype)
       return keep * s + dot_tn(kt, v, st.precision)
     _, _, tail, keep = _chunk_masks(c, refs, at)
+    _store_keep(refs, u, keep)
     if st.delta:
       # U = U~ - W S, from the state entering the chunk.
       pseudo = v.astype(jnp.float32) - dot(refs["w"][at, :], s.astype(k.dtype), st.precision)
@@ -668,7 +757,23 @@ def _states_kernel(refs: dict, st: _Static):
     return keep * s + dot_tn(kt, v, st.precision)
 
   bm, bv = h_ref.shape[1], h_ref.shape[2]
-  lax.fori_loop(0, st.chunks, body, jnp.zeros((bm, bv), jnp.float32))
+  end = lax.fori_loop(0, count, body, jnp.zeros((bm, bv), jnp.float32))
+  if "ends" in refs:
+    refs["ends"][...] = end
+
+
+def _span_range(refs, st: _Static):
+  """The first chunk and the number of chunks of this program's span (every chunk without spans)."""
+  if "ends" not in refs:
+    return 0, st.chunks
+  first = pl.program_id(4) * st.span_chunks
+  return first, jnp.minimum(st.span_chunks, st.chunks - first)
+
+
+def _store_keep(refs, u, keep) -> None:
+  """The spanned walks record chunk u's keep (a scalar, or `[bm]` per state row)."""
+  if "keeps" in refs:
+    refs["keeps"][u] = jnp.broadcast_to(keep, refs["keeps"].shape[1:]).astype(jnp.float32)
 
 
 def _outputs_kernel(refs: dict, st: _Static):
@@ -694,18 +799,21 @@ def _dstates_kernel(refs: dict, st: _Static):
   q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
   c = st.chunk
   f32 = jnp.float32
+  first, count = _span_range(refs, st)
 
   def body(i, ds):
-    u = st.chunks - 1 - i
+    u = first + count - 1 - i
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
     q, do = q_ref[at, :], do_ref[at, :]
     if st.features:
       # Per state row: head [C, bm], keep [bm, 1].
       head, _, keep = _feature_walk_decays(c, refs, at)
+      _store_keep(refs, u, keep[:, 0])
       q_head = (q.astype(f32) * head).astype(q.dtype)
       return keep * ds + dot_tn(q_head, do, st.precision)
     decay, head, tail, keep = _chunk_masks(c, refs, at)
+    _store_keep(refs, u, keep)
     q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
     new = keep * ds + dot_tn(q_head, do, st.precision)
     if st.delta:
@@ -720,7 +828,9 @@ def _dstates_kernel(refs: dict, st: _Static):
     return new
 
   bm, bv = dh_ref.shape[1], dh_ref.shape[2]
-  lax.fori_loop(0, st.chunks, body, jnp.zeros((bm, bv), f32))
+  end = lax.fori_loop(0, count, body, jnp.zeros((bm, bv), f32))
+  if "ends" in refs:
+    refs["ends"][...] = end
 
 
 def _grads_kernel(refs: dict, st: _Static):

@@ -3,6 +3,7 @@ against the float64 recurrences of their equations: values and gradients (gates 
 with gates per step and per feature (GLA)."""
 
 import chex
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +135,30 @@ class GatedLinearKernelTest(chex.TestCase):
                                       argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
     assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
 
+  @parameterized.named_parameters(("step_gates", False, 1), ("feature_gates", True, 2))
+  def test_spans_match_the_dense_reference(self, features, span_chunks):
+    # The walks split into spans (each from a zero state, joined in XLA by a scan over the spans): T = 77
+    # over 16-step chunks is five chunks, so spans of one chunk or of two (the last one partial);
+    # recurring segment ids (a run crossing span boundaries), GQA, values and gradients, gates included.
+    t, m, hv = 77, 16, 8
+    q, k, v = util.qkv(B, t, t, 4, 2, m, hv=hv)
+    gates = log_gates((B, t, 2, m) if features else (B, t, 2), low=-0.1)  # mild: states carry across spans
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 1, 0, 2], [3, 3, 3, 3, 1]]), [10, 20, 15, 20, 12], axis=1))
+    blocks = pallas.GatedBlockSizes(chunk=16, span_chunks=span_chunks)
+    fn = lambda *a: pallas.gated_linear_attention(*a, segment_ids=ids, block_sizes=blocks)
+    ref = lambda *a: pallas.gated_linear_attention_reference(*a, segment_ids=ids)
+    _, grads = util.check_against_f64(fn, ref, (q, k, v, gates), argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
+    assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
+    # The same numbers as one walk, to float32 rounding.
+    one = lambda *a: pallas.gated_linear_attention(*a, segment_ids=ids, block_sizes=pallas.GatedBlockSizes(chunk=16))
+    chex.assert_trees_all_close(fn(q, k, v, gates), one(q, k, v, gates), rtol=1e-5, atol=1e-5)
+
+  def test_spans_are_refused_for_the_delta_rule(self):
+    q, k, v = util.qkv(1, 20, 20, 2, 2, 8)
+    beta, gates = jnp.full((1, 20, 2), 0.5), jnp.full((1, 20, 2), -0.1)
+    with self.assertRaisesRegex(ValueError, "span_chunks=2 applies to gated linear attention"):
+      pallas.delta_rule_recurrence(q, k, k, v, gates, block_sizes=pallas.GatedBlockSizes(chunk=16, span_chunks=2))
+
   @slow
   def test_feature_gates_equal_xla_path_over_many_chunks(self):
     # T = 150 over 64-step chunks (four sub-chunks each), GQA, segments, the default feature map.
@@ -227,7 +252,8 @@ def test_modules_match_the_xla_path(family, options):
   chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule"])
+@pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "gated_linear_spans",
+                                    "gated_linear_feature_spans"])
 def test_kernels_lower_to_triton_for_a_gpu(kernel):
   # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
   # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
@@ -235,10 +261,12 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
   t = 300
   q, k = jnp.ones((1, t, 4, 128), jnp.bfloat16), jnp.ones((1, t, 2, 128), jnp.bfloat16)
   gates, ids = jnp.full((1, t, 2), -0.1, jnp.float32), jnp.zeros((1, t), jnp.int32)
-  if kernel == "gated_linear_feature":
+  if kernel.startswith("gated_linear_feature"):
     gates = jnp.full((1, t, 2, 128), -0.1, jnp.float32)
+  # The spanned walks: 300 steps are five 64-step chunks, in spans of two.
+  blocks = dict(block_sizes=pallas.GatedBlockSizes(span_chunks=2)) if kernel.endswith("spans") else {}
   if kernel.startswith("gated_linear"):
-    f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False)
+    f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False, **blocks)
   else:
     f = lambda q, k, v, g: pallas.delta_rule_recurrence(q, k, k, v, g, segment_ids=ids, interpret=False)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
