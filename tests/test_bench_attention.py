@@ -176,3 +176,16 @@ def test_gated_targets_read_the_ratios():
   assert got["gla-pallas / softmax-cudnn, fwd+bwd, every T >= 4096"] == (0.5, True)
   assert got["gla-pallas, fwd+bwd time T=65536 / T=8192"] == (9.0, False)
   assert got["delta-pallas / softmax-cudnn, fwd+bwd, every T >= 4096"] == (None, None)
+
+
+def test_gated_defaults_sweep_writes_its_rows(tmp_path):
+  # CPU smoke: the Pallas rows in the interpreter at T=80, two 64-step chunks: spans of one chunk join two spans.
+  from experiments import sweep_gated_defaults
+
+  rows = sweep_gated_defaults.main(["--smoke", "--out-dir", str(tmp_path), "--run", "sweep"])
+  assert [(r["row"], r["override"]) for r in rows] == [
+      ("linear-pallas", {}), ("gla-pallas", {}), ("gla-pallas", {"span_chunks": 1})]
+  assert all(r["status"] == "ok" and r["fwd_bwd_ms"] > 0 for r in rows), rows
+  table = (tmp_path / "sweep" / "sweep.md").read_text()
+  assert "| gla-pallas | 80 | span_chunks=1 |" in table
+  assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == rows
