@@ -141,9 +141,10 @@ class GatedLinearKernelTest(chex.TestCase):
     # over 16-step chunks is five chunks, so spans of one chunk or of two (the last one partial);
     # recurring segment ids (a run crossing span boundaries), GQA, values and gradients, gates included.
     t, m, hv = 77, 16, 8
-    q, k, v = util.qkv(B, t, t, 4, 2, m, hv=hv)
-    gates = log_gates((B, t, 2, m) if features else (B, t, 2), low=-0.1)  # mild: states carry across spans
-    ids = jnp.asarray(np.repeat(np.array([[0, 1, 1, 0, 2], [3, 3, 3, 3, 1]]), [10, 20, 15, 20, 12], axis=1))
+    q, k, v = util.qkv(1, t, t, 4, 2, m, hv=hv)
+    gates = log_gates((1, t, 2, m) if features else (1, t, 2), low=-0.1)  # mild: states carry across spans
+    # Runs of 10, 35 (steps 10-44: across the chunk starts 16 and 32), 20 and 12 steps; id 0 recurs.
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 1, 0, 2]]), [10, 20, 15, 20, 12], axis=1))
     blocks = pallas.GatedBlockSizes(chunk=16, span_chunks=span_chunks)
     fn = lambda *a: pallas.gated_linear_attention(*a, segment_ids=ids, block_sizes=blocks)
     ref = lambda *a: pallas.gated_linear_attention_reference(*a, segment_ids=ids)

@@ -59,7 +59,7 @@ def case_options(case, t):
 # (case, T, chunk_size, rounds): T=13 is no multiple of 3, 4 or 5, so the sorted order is padded.
 CASES = [
     pytest.param("plain", T, 4, 1, id="one_round-T13-c4", marks=pytest.mark.slow),
-    pytest.param("plain", T, 4, 3, id="three_rounds-T13-c4"),
+    pytest.param("plain", T, 4, 3, id="three_rounds-T13-c4", marks=pytest.mark.slow),  # causal-T13-c3: 3 rounds too
     pytest.param("causal", T, 3, 3, id="causal-T13-c3"),
     pytest.param("causal_segments", 11, 2, 2, id="causal_segments-T11-c2"),
     pytest.param("masks", T, 3, 2, id="masks_segments-T13-c3"),
