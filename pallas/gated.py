@@ -515,15 +515,23 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   if delta:
     outputs["pseudo"] = (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
                          pl.BlockSpec((None, t_pad, None, bv), lambda i, h, r, j: (i, 0, h, j)))
-  grid = (b, kh, m // bm, hv // bv)
+  outs = _walk(_states_kernel, inputs, outputs, (b, kh, m // bm, hv // bv), spans, st, "states", reverse=False)
   if spans > 1:
-    inputs = {name: (x, _with_span_axis(spec)) for name, (x, spec) in inputs.items()}
-    outputs.update(_span_outputs(b, kh, u_pad, m, hv, bm, bv, spans))
-    grid += (spans,)
-  outs = _call(_states_kernel, inputs, outputs, grid, st, _launch_name("states", st))
-  if spans > 1:
-    return _join_spans(*outs, st, reverse=False).astype(k.dtype)
+    return outs.astype(k.dtype)
   return (outs[0], outs[1]) if delta else outs[0]
+
+
+def _walk(kernel, inputs: dict, outputs: dict, grid: tuple, spans: int, st: _Static, part: str, *, reverse: bool):
+  """Launches a walk over the chunks; with spans, on a grid with a span axis, and returns the joined
+  float32 states (`_join_spans`) instead of the launch's outputs."""
+  if spans == 1:
+    return _call(kernel, inputs, outputs, grid, st, _launch_name(part, st))
+  b, heads, m_blocks, v_blocks = grid
+  _, _, u_pad, bm, bv = outputs[next(iter(outputs))][1].block_shape  # the states' blocks
+  inputs = {name: (x, _with_span_axis(spec)) for name, (x, spec) in inputs.items()}
+  outputs = dict(outputs, **_span_outputs(b, heads, u_pad, m_blocks * bm, v_blocks * bv, bm, bv, spans))
+  outs = _call(kernel, inputs, outputs, grid + (spans,), st, _launch_name(part, st))
+  return _join_spans(*outs, st, reverse=reverse)
 
 
 def _with_span_axis(spec: pl.BlockSpec) -> pl.BlockSpec:
@@ -634,14 +642,9 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   if delta:
     outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
-  grid = (b, n, m // bm, hv // bv)
+  outs = _walk(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), spans, st, "dstates", reverse=True)
   if spans > 1:
-    inputs = {name: (x, _with_span_axis(spec)) for name, (x, spec) in inputs.items()}
-    outputs.update(_span_outputs(b, n, u_pad, m, hv, bm, bv, spans))
-    grid += (spans,)
-  outs = _call(_dstates_kernel, inputs, outputs, grid, st, _launch_name("dstates", st))
-  if spans > 1:
-    return _join_spans(*outs, st, reverse=True).astype(q.dtype)
+    return outs.astype(q.dtype)
   return (outs[0], outs[1]) if delta else outs[0]
 
 
