@@ -73,6 +73,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -571,21 +572,27 @@ def _join_spans(local, keeps, ends, st: _Static, *, reverse: bool) -> jax.Array:
     after = jnp.concatenate([kp[:, :, :, 1:], jnp.ones_like(kp[:, :, :, :1])], axis=3)
     carried = jnp.flip(jnp.cumprod(jnp.flip(after, 3), axis=3), 3)
   whole = jnp.prod(kp, axis=3)  # [B, H, S, M]: through a whole span
-
-  def step(enter, x):
-    span_whole, span_end = x
-    return span_whole[..., None] * enter + span_end, enter
-
-  xs = (jnp.moveaxis(whole, 2, 0), jnp.moveaxis(ends, 2, 0))
   if reverse:
-    xs = tuple(jnp.flip(x, 0) for x in xs)
-  _, entering = lax.scan(step, jnp.zeros((b, heads, m, hv), jnp.float32), xs)
+    whole, ends = jnp.flip(whole, 2), jnp.flip(ends, 2)
+  # What enters span j: every earlier span's end, carried through the spans between (one contraction
+  # over the spans rather than a scan of S steps, each its own launches).
+  entering = jnp.einsum("bhjim,bhimv->bhjmv", _span_weights(whole), ends, precision=lax.Precision.HIGHEST)
   if reverse:
-    entering = jnp.flip(entering, 0)
-  entering = jnp.moveaxis(entering, 0, 2)  # [B, H, S, M, V]
+    entering = jnp.flip(entering, 2)
   out = loc + carried[..., None] * entering[:, :, :, None]
   out = out.reshape(b, heads, grid_len, m, hv)[:, :, :chunks]
   return jnp.pad(out, ((0, 0), (0, 0), (0, u_pad - chunks), (0, 0), (0, 0)))
+
+
+def _span_weights(whole: jax.Array) -> jax.Array:
+  """`[B, H, S, M]` factors through each whole span -> `[B, H, S(j), S(i), M]`: the product of the
+  factors of the spans strictly between i and j for i < j, 0 for i >= j."""
+  n = whole.shape[2]
+  j, i = np.arange(n)[:, None, None], np.arange(n)[None, :, None]
+  # Row j of the running product takes span j - 1's factor where span j - 1 lies after i.
+  before = jnp.concatenate([jnp.ones_like(whole[:, :, :1]), whole[:, :, :-1]], axis=2)
+  factors = jnp.where(i < j - 1, before[:, :, :, None, :], 1.0)
+  return jnp.where(i < j, jnp.cumprod(factors, axis=2), 0.0)
 
 
 def _outputs(q, k, v, gc, h, flags, st: _Static):

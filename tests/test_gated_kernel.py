@@ -137,7 +137,7 @@ class GatedLinearKernelTest(chex.TestCase):
 
   @parameterized.named_parameters(("step_gates", False, 1), ("feature_gates", True, 2))
   def test_spans_match_the_dense_reference(self, features, span_chunks):
-    # The walks split into spans (each from a zero state, joined in XLA by a scan over the spans): T = 77
+    # The walks split into spans (each from a zero state, joined in XLA by one contraction over the spans): T = 77
     # over 16-step chunks is five chunks, so spans of one chunk or of two (the last one partial);
     # recurring segment ids (a run crossing span boundaries), GQA, values and gradients, gates included.
     t, m, hv = 77, 16, 8
