@@ -119,9 +119,9 @@ def delta_rule_attention(
       of equal ids (an id recurring after another id starts a new segment).
     chunk_size: steps per chunk (static); None = 64. Any T works (padded with
       identity steps). "pallas": a power of two >= 16.
-    implementation: None or "xla" (pure JAX), or "pallas": the chunk recurrence
-      in Pallas kernels (`pallas.gated.delta_rule_recurrence`; forward and
-      backward), the per-chunk WY factors in XLA; float32 at most.
+    implementation: None or "xla" (pure JAX), or "pallas": the per-chunk WY
+      factors and the chunk recurrence in Pallas kernels (`pallas.gated.delta_rule`;
+      forward and backward); float32 at most.
 
   Returns:
     `[B, T, N, Hv]` in q's dtype. Arithmetic and the state are float32 (float64
@@ -179,33 +179,21 @@ def _delta_rule_attention(q, k, v, beta, gates, mask, ids, *, scale, qk_norm, ch
   if qk_norm:
     q, k = l2_normalize(q), l2_normalize(k)
   b, t = dims.batch, dims.q_len
-  starts = None if ids is None else segment_starts(ids)
   if pallas:
-    return _pallas(q * scale, k, v, beta, gates, ids, starts, chunk_size=chunk_size, dtype=out_dtype)
+    return _pallas(q * scale, k, v, beta, gates, ids, chunk_size=chunk_size, dtype=out_dtype)
+  starts = None if ids is None else segment_starts(ids)
   q = (q * scale).reshape(b, t, kh, g, dims.head_dim)
   out = chunked_delta_rule(q, k, v, beta, gates, starts, chunk_size=chunk_size)
   return out.reshape(b, t, dims.num_heads, dims.v_head_dim).astype(out_dtype)
 
 
-def _pallas(q, k, v, beta, gates, ids, starts, *, chunk_size, dtype):
-  """The chunk recurrence through the Pallas kernels (`pallas.gated.delta_rule_recurrence`).
-
-  The per-chunk WY factors `W`, `U~` are made here in float32 (all chunks at once, as on
-  the XLA path); the kernels take q, k, W, U~ in the input dtype and carry the state in
-  float32. `[B, T, N, V]` in `dtype`.
-  """
-  b, t, kh, h = k.shape
+def _pallas(q, k, v, beta, gates, ids, *, chunk_size, dtype):
+  """The chunked form through the Pallas kernels (`pallas.gated.delta_rule`): the per-chunk WY
+  factors and the chunk recurrence, q, k, v in the input dtype, beta and the gates in float32,
+  the state and the factors' solve in float32. `[B, T, N, V]` in `dtype`."""
   blocks = gated.GatedBlockSizes.get_default(dtype, chunk_size)
-  c = gated.chunk_length(t, blocks)
-  _, _, _, _, u_tilde, w = chunk_terms(k, v, beta, gates, starts, c=c)
-
-  def steps(x):
-    """Head-major chunks `[B, U, K, C, X]` -> `[B, T, K, X]`."""
-    return x.transpose(0, 1, 3, 2, 4).reshape(b, -1, kh, x.shape[-1])[:, :t]
-
-  w, u_tilde = steps(w), steps(u_tilde)
-  return gated.delta_rule_recurrence(q.astype(dtype), k.astype(dtype), w.astype(dtype), u_tilde.astype(dtype),
-                                     gates, segment_ids=ids, block_sizes=blocks)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  return gated.delta_rule(q, k, v, beta, gates, segment_ids=ids, block_sizes=blocks)
 
 
 def delta_rule_step(

@@ -17,6 +17,8 @@ from pallas.favor import (
 )
 from pallas.gated import (
     GatedBlockSizes,
+    delta_rule,
+    delta_rule_factors,
     delta_rule_recurrence,
     gated_linear_attention,
     gated_linear_attention_reference,
@@ -42,6 +44,8 @@ __all__ = [
     "block_sparse_attention_reference",
     "causal_favor_attention",
     "causal_linear_attention",
+    "delta_rule",
+    "delta_rule_factors",
     "delta_rule_recurrence",
     "flash_attention",
     "gated_linear_attention",

@@ -251,6 +251,81 @@ def delta_rule_recurrence(
   return out[:, :t, :, : dims.v_head_dim]
 
 
+def delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gates: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    block_sizes: GatedBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """The chunked delta rule from prepared inputs, all of it in kernels: the per-chunk WY factors
+  (`delta_rule_factors`) and the chunk recurrence (`delta_rule_recurrence`).
+
+  Args:
+    q: `[B, T, N, H]` queries (normalised and scaled).
+    k: `[B, T, K, H]` keys (normalised; zero for masked steps).
+    v: `[B, T, K, Hv]` values.
+    beta: `[B, T, K]` write strengths in [0, 1] (0 for masked steps; not checked here).
+    gates: `[B, T, K]` log forget gates (<= 0; 0 for masked steps).
+    segment_ids: optional int `[B, T]`; the state restarts where a run of equal ids begins.
+    block_sizes: tiling; default `GatedBlockSizes.get_default(q.dtype)`.
+    interpret: run in Pallas' interpreter; default True off GPU.
+
+  Returns:
+    `[B, T, N, Hv]` in q's dtype:
+    `S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = q_t S_t`.
+  """
+  family = "delta_rule"
+  dims, ids = _check_inputs(q, k, v, gates, segment_ids, family=family)
+  _check_beta(beta, gates, family=family)
+  b, t, n, h = q.shape
+  if t == 0 or b == 0:
+    return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
+  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=True)
+  h_pad, hv_pad = pow2_at_least(h), pow2_at_least(dims.v_head_dim)
+  k, g = pad_to(k, t_pad, h_pad), _pad_gates(gates, t_pad)
+  w, u = _factors_core(k, pad_to(v, t_pad, hv_pad), _pad_gates(beta, t_pad), g, flags, st)
+  out = _delta_core(pad_to(q, t_pad, h_pad), k, w, u, g, flags, st)
+  return out[:, :t, :, : dims.v_head_dim]
+
+
+def delta_rule_factors(
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    gates: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    block_sizes: GatedBlockSizes | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The delta rule's per-chunk WY factors, one program per (batch, head, chunk):
+  `(I + A) [U~ | W] = diag(beta) [V | gamma K]` with `A[t, s] = beta_t exp(G_t - G_s) (k_t . k_s)`
+  for s < t in one run of the chunk, `gamma_t = exp(G_t)` where step t reads the state
+  entering the chunk (else 0), G the gates' chunk-local cumulative sums.
+
+  Args as `delta_rule` (the chunks are `chunk_length(T, block_sizes)` steps).
+
+  Returns:
+    `W [B, T, K, H]` and `U~ [B, T, K, Hv]` in k's dtype (`delta_rule_recurrence`'s `w` and `u`).
+  """
+  family = "delta_rule_factors"
+  dims, ids = _check_inputs(k, k, v, gates, segment_ids, family=family)
+  _check_beta(beta, gates, family=family)
+  b, t, kh, h = k.shape
+  if t == 0 or b == 0:
+    return jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, k.dtype)
+  st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, k.dtype, delta=True)
+  h_pad, hv_pad = pow2_at_least(h), pow2_at_least(dims.v_head_dim)
+  w, u = _factors_core(pad_to(k, t_pad, h_pad), pad_to(v, t_pad, hv_pad), _pad_gates(beta, t_pad),
+                       _pad_gates(gates, t_pad), flags, st)
+  return w[:, :t, :, :h], u[:, :t, :, : dims.v_head_dim]
+
+
 def chunk_length(t: int, block_sizes: GatedBlockSizes | None = None) -> int:
   """The chunk length the kernels use for a sequence of T steps."""
   return min((block_sizes or GatedBlockSizes()).chunk, pow2_at_least(t))
@@ -275,6 +350,13 @@ def _check_gates(gates: Any, shape: tuple[int, ...], feature_shape: tuple[int, .
   if tuple(gates.shape) not in (shape, feature_shape):
     per_feature = "" if feature_shape is None else f" or [B, T, K, M]={feature_shape}"
     raise ValueError(f"{family}: gates must have shape [B, T, K]={shape}{per_feature}, got {tuple(gates.shape)}")
+
+
+def _check_beta(beta: Any, gates: jax.Array, *, family: str) -> None:
+  if not hasattr(beta, "dtype") or not jnp.issubdtype(beta.dtype, jnp.floating):
+    raise TypeError(f"{family}: beta must be a floating-point array, got {getattr(beta, 'dtype', type(beta))}")
+  if beta.shape != gates.shape:
+    raise ValueError(f"{family}: beta must have the gates' shape [B, T, K]={gates.shape}, got {beta.shape}")
 
 
 def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bool, features: bool = False):
@@ -415,6 +497,31 @@ def _delta_bwd(st: _Static, res, do):
 
 
 _delta_core.defvjp(_delta_fwd, _delta_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _factors_core(k, v, beta, g, flags, st: _Static):
+  return _factors_fwd(k, v, beta, g, flags, st)[0]
+
+
+def _factors_fwd(k, v, beta, g, flags, st: _Static):
+  gc = _local_cumsum(g, st)
+  w, u, inverse = _factors(k, v, beta, gc, flags, st)
+  return (w, u), (k, v, beta, gc, flags, inverse)
+
+
+def _factors_bwd(st: _Static, res, cts):
+  k, v, beta, gc, flags, inverse = res
+  dw, du = cts
+  dk, dv, dbeta, dG = _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st)
+  # G is the chunk-local cumulative sum: dL/dg_i = sum of dL/dG_t over the chunk's steps t >= i.
+  b, kh, t_pad = dG.shape
+  per_chunk = dG.reshape(b, kh, st.chunks, st.chunk)
+  dg = jnp.flip(jnp.cumsum(jnp.flip(per_chunk, 3), axis=3), 3).reshape(b, kh, t_pad)
+  return dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dg, None
+
+
+_factors_core.defvjp(_factors_fwd, _factors_bwd)
 
 
 def _chunk_start_gate_grad(w, dw, st: _Static) -> jax.Array:
@@ -700,6 +807,58 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   return tuple(outs)
 
 
+def _factor_specs(k, v, flags, st: _Static) -> dict:
+  """The factor launches' inputs, one chunk of one key/value head per program: k `[C, H]`, v `[C, V]`,
+  beta and the (hi, lo) cumulative gates `[C]`, `[2, C]`, run labels / sees `[C]`."""
+  c, h, hv = st.chunk, k.shape[3], v.shape[3]
+  return {
+      "k": (k, pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
+      "v": (v, pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+      **_flag_inputs(flags, c, lambda i, j, u: (i, u)),
+  }
+
+
+def _factors(k, v, beta, gc, flags, st: _Static):
+  """W `[B, T', K, H]`, U~ `[B, T', K, V]` in k's dtype and the chunks' inverses `(I + A)^-1`
+  `[B, K, T', C]` (float32; row t of its chunk's inverse at step t)."""
+  b, t_pad, kh, h = k.shape
+  hv, c = v.shape[3], st.chunk
+  inputs = dict(_factor_specs(k, v, flags, st),
+                beta=(beta, pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))),
+                gc=(gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))))
+  outputs = {
+      "w": (jax.ShapeDtypeStruct((b, t_pad, kh, h), k.dtype),
+            pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
+      "u": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
+            pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+      "inverse": (jax.ShapeDtypeStruct((b, kh, t_pad, c), jnp.float32),
+                  pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
+  }
+  return tuple(_call(_factors_kernel, inputs, outputs, (b, kh, st.chunks), st, _launch_name("factors", st)))
+
+
+def _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st: _Static):
+  """float32 dk `[B, T', K, H]`, dv `[B, T', K, V]`, dL/dbeta and dL/dG `[B, K, T']` of the factors."""
+  b, t_pad, kh, h = k.shape
+  hv, c = v.shape[3], st.chunk
+  f32 = jnp.float32
+  inputs = dict(_factor_specs(k, v, flags, st),
+                beta=(beta, pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))),
+                gc=(gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))),
+                inverse=(inverse, pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
+                dw=(dw, pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
+                du=(du, pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))))
+  per_step = pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))
+  outputs = {
+      "dk": (jax.ShapeDtypeStruct((b, t_pad, kh, h), f32), pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
+      "dv": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), f32),
+             pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+      "dbeta": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
+      "dG": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
+  }
+  return tuple(_call(_factor_grads_kernel, inputs, outputs, (b, kh, st.chunks), st, _launch_name("factor_grads", st)))
+
+
 # --------------------------------------------------------------------------- #
 # kernels
 # --------------------------------------------------------------------------- #
@@ -878,6 +1037,83 @@ def _grads_kernel(refs: dict, st: _Static):
   else:
     kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
     refs["dv"][...] = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
+
+
+def _factor_terms(refs, st: _Static):
+  """One chunk's WY terms in float32: `A [C, C]` (strictly lower), the right-hand sides
+  `beta V [C, V]` and `beta gamma K [C, H]`, and the decays, `k . k` and `gamma` they are made of."""
+  f32, c = jnp.float32, st.chunk
+  k, beta = refs["k"][...], refs["beta"][...]
+  decay, head, _, _ = _chunk_masks(c, refs)
+  kk = dot_nt(k, k, st.precision)
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  a = jnp.where(rows > cols, beta[:, None] * decay * kk, 0.0)
+  r_v = beta[:, None] * refs["v"][...].astype(f32)
+  r_k = (beta * head)[:, None] * k.astype(f32)
+  return a, r_v, r_k, decay, kk, head
+
+
+def _unit_lower_inverse_rows(a):
+  """`(I + A)^-1` of a strictly lower `[C, C]` block, by forward substitution row by row,
+  `T_i = e_i - sum_{j < i} A_ij T_j`, in float32 elementwise arithmetic (no products of A's powers:
+  `efficient_attention._delta.unit_lower_inverse` says why)."""
+  c = a.shape[0]
+  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  # A^T: column i holds row i of A, so each step reads it as a column (a reduction along rows).
+  a_t = a.T
+
+  def body(i, t):
+    a_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1)  # [C]: A_ij over j
+    row = jnp.where(cols == i, 1.0, 0.0) - jnp.sum(a_i[:, None] * t, axis=0)[None, :]
+    return jnp.where(rows == i, row, t)
+
+  # Row 0 of T is e_0; rows not yet reached are 0 and add nothing.
+  return lax.fori_loop(1, c, body, jnp.where((rows == 0) & (cols == 0), 1.0, 0.0))
+
+
+def _factors_kernel(refs: dict, st: _Static):
+  """One chunk of one key/value head: `T = (I + A)^-1`, `U~ = T beta V`, `W = T beta gamma K`.
+
+  Refs: k `[C, H]`, v `[C, V]`, beta `[C]`, gc `[2, C]`, labels / sees `[C]`; outputs w `[C, H]`,
+  u `[C, V]` (k's dtype), inverse `[C, C]` (float32, for the gradient).
+  """
+  a, r_v, r_k, _, _, _ = _factor_terms(refs, st)
+  t = _unit_lower_inverse_rows(a)
+  refs["u"][...] = dot(t, r_v, st.precision).astype(refs["u"].dtype)
+  refs["w"][...] = dot(t, r_k, st.precision).astype(refs["w"].dtype)
+  refs["inverse"][...] = t
+
+
+def _factor_grads_kernel(refs: dict, st: _Static):
+  """One chunk: dk, dv, dL/dbeta and dL/dG of the factors, from dW and dU~.
+
+  With X = T R (R the right-hand sides): dR = T^T dX and dA = -(dR X^T), strictly lower. Through
+  `A_ts = beta_t D_ts (k_t . k_s)` (D the decays): d(k . k) = beta_t D_ts dA_ts, and each pair (t, s)
+  weighs `exp(G_t - G_s)`, adding `dA_ts A_ts` to dL/dG_t and taking it from dL/dG_s; through
+  `beta gamma K`, `gamma_t = exp(G_t)` adds its own share at t.
+
+  Refs: those of `_factors_kernel`, inverse `[C, C]`, dw `[C, H]`, du `[C, V]`; outputs dk `[C, H]`,
+  dv `[C, V]`, dbeta and dG `[C]` (float32).
+  """
+  f32, p = jnp.float32, st.precision
+  a, r_v, r_k, decay, kk, head = _factor_terms(refs, st)
+  t, beta = refs["inverse"][...], refs["beta"][...]
+  k, v = refs["k"][...].astype(f32), refs["v"][...].astype(f32)
+  dr_v = dot_tn(t, refs["du"][...].astype(f32), p)
+  dr_k = dot_tn(t, refs["dw"][...].astype(f32), p)
+  d_a = -(dot_nt(dr_v, dot(t, r_v, p), p) + dot_nt(dr_k, dot(t, r_k, p), p))
+  rows = lax.broadcasted_iota(jnp.int32, d_a.shape, 0)
+  cols = lax.broadcasted_iota(jnp.int32, d_a.shape, 1)
+  d_a = jnp.where(rows > cols, d_a, 0.0)
+  d_kk = beta[:, None] * decay * d_a
+  pairs = d_a * a
+  y = jnp.sum(dr_k * k, axis=1)  # dL/d(beta_t gamma_t)
+  refs["dk"][...] = dot(d_kk, k, p) + dot_tn(d_kk, k, p) + (beta * head)[:, None] * dr_k
+  refs["dv"][...] = beta[:, None] * dr_v
+  refs["dbeta"][...] = jnp.sum(decay * kk * d_a, axis=1) + jnp.sum(dr_v * v, axis=1) + head * y
+  refs["dG"][...] = jnp.sum(pairs, axis=1) - jnp.sum(pairs, axis=0) + beta * head * y
 
 
 # --------------------------------------------------------------------------- #

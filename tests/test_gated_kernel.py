@@ -12,6 +12,7 @@ from flax import nnx
 
 import efficient_attention as ea
 import pallas
+from pallas.common import segment_starts
 from tests import util
 from tests.test_delta_rule import delta_rule_f64, draw_gates
 from tests.test_delta_rule import inputs as delta_inputs
@@ -253,8 +254,40 @@ def test_modules_match_the_xla_path(family, options):
   chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "gated_linear_spans",
-                                    "gated_linear_feature_spans"])
+def _chunk_factors_f64(k, v, beta, gates, segment_ids=None):
+  """`W | U~` `[B, T, K, H + Hv]` from the XLA path's `chunk_terms` (CHUNK-step chunks)."""
+  b, t, kh, _ = k.shape
+  starts = None if segment_ids is None else segment_starts(segment_ids)
+  *_, u, w = ea._delta.chunk_terms(k, v, beta, gates, starts, c=CHUNK)
+  steps = lambda x: x.transpose(0, 1, 3, 2, 4).reshape(b, -1, kh, x.shape[-1])[:, :t]
+  return jnp.concatenate([steps(w), steps(u)], -1)
+
+
+@pytest.mark.parametrize("t,segments,gates,dtype", [
+    pytest.param(37, True, "mild", jnp.float32, id="segments_odd_t"),
+    pytest.param(13, False, "strong", jnp.float32, id="strong_short"),
+    pytest.param(37, True, "mild", jnp.bfloat16, id="segments_bf16", marks=slow),
+])
+def test_delta_factors_vs_f64(t, segments, gates, dtype):
+  # The WY factors' kernel (forward substitution in the kernel) against `chunk_terms` in float64: values,
+  # and the gradients of keys, values, beta and gates. Strong decay: log gates down to -20 per step.
+  _, k, v, beta, log_g = delta_inputs(b=B, t=t, n=N, kh=KH, h=H, hv=HV, dtype=dtype)
+  k = ea._delta.l2_normalize(k.astype(jnp.float32)).astype(dtype)
+  if gates == "strong":
+    log_g = draw_gates((B, t, KH), low=-20.0).at[:, ::2].set(-20.0)
+  ids = util.packed_segment_ids(B, t, 3) if segments else None
+  blocks = pallas.GatedBlockSizes(chunk=CHUNK)
+  fn = lambda k, v, beta, g: jnp.concatenate(
+      pallas.delta_rule_factors(k, v, beta, g, segment_ids=ids, block_sizes=blocks), -1)
+  ref = lambda k, v, beta, g: _chunk_factors_f64(k, v, beta, g, ids)
+  out, grads = util.check_against_f64(fn, ref, (k, v, beta, log_g), argnums=(0, 1, 2, 3), **util.TOL[dtype])
+  chex.assert_shape(out, (B, t, KH, H + HV))
+  assert out.dtype == dtype
+  assert all(float(jnp.abs(g).max()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "delta_rule_factors",
+                                    "gated_linear_spans", "gated_linear_feature_spans"])
 def test_kernels_lower_to_triton_for_a_gpu(kernel):
   # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
   # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
@@ -268,14 +301,21 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
   blocks = dict(block_sizes=pallas.GatedBlockSizes(span_chunks=2)) if kernel.endswith("spans") else {}
   if kernel.startswith("gated_linear"):
     f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False, **blocks)
-  else:
+  elif kernel == "delta_rule":
     f = lambda q, k, v, g: pallas.delta_rule_recurrence(q, k, k, v, g, segment_ids=ids, interpret=False)
+  else:
+    beta = jnp.full((1, t, 2), 0.5, jnp.float32)
+    f = lambda q, k, v, g: jnp.concatenate(pallas.delta_rule_factors(k, v, beta, g, segment_ids=ids, interpret=False), -1)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
   triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
   calls = []
   for fn in (f, grad):
     module = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=triton)(q, k, k, gates).mlir_module()
     calls.append(module.count("xla.gpu.triton"))
+  if kernel == "delta_rule_factors":
+    # Forward: the factors; gradient: the factors and their gradient pass.
+    assert calls == [1, 2], calls
+    return
   # Forward: states and outputs; gradient: states, the backward walk and the gradient pass.
   assert calls == [2, 3], calls
 
