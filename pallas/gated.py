@@ -13,8 +13,9 @@ GLA with per-feature gates):
       o_t = sum_{s <= t, same run} sum_m q_tm k_sm exp(G_tm - G_sm) v_s.
 
 `delta_rule_recurrence(q, k, w, u, gates)` runs the chunk recurrence of the delta
-rule's WY form (the per-chunk `W` and `U~` are made outside, see
-`efficient_attention._delta`): per chunk, with the state `S` entering it,
+rule's WY form from the per-chunk `W` and `U~` (`delta_rule_factors` makes them, one
+program per chunk: `A`, its unit lower inverse by forward substitution in float32, two
+products; `delta_rule` runs both): per chunk, with the state `S` entering it,
 
   U = U~ - W S,   O = (gamma Q) S + (D * Q K^T) U,   S' = gamma_C S + (D[C, :] K)^T U.
 
