@@ -94,9 +94,10 @@ class GatedBlockSizes:
   sub-chunk with per-feature gates (pairs within one are made key by key; shrunk to
   the chunk). `span_chunks`: gated linear attention only (not the delta rule): the
   two walks run in spans of this many chunks in parallel, each from a zero state,
-  and XLA then adds each span's entering state (a short scan over the spans) to its
+  and XLA then adds each span's entering state (one contraction over the spans) to its
   chunks' states; None: one span (a single sequential walk). `num_warps` /
-  `num_stages`: Triton launch settings. Defaults:
+  `num_stages`: Triton launch settings; `factor_warps`: warps of the delta rule's
+  WY-factor launches (their float32 `[C, C]` and `[C, H]` tiles). Defaults:
   `get_default` (the tiles a first guess, the stages from a sweep on an H200).
   """
 
@@ -108,10 +109,11 @@ class GatedBlockSizes:
   num_stages: int = 2
   sub_chunk: int = 16
   span_chunks: int | None = None
+  factor_warps: int = 8
 
   def __post_init__(self):
     check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out", "sub_chunk"),
-                 positive=("num_warps", "num_stages", "span_chunks"), optional=("span_chunks",))
+                 positive=("num_warps", "num_stages", "span_chunks", "factor_warps"), optional=("span_chunks",))
 
   @classmethod
   def get_default(cls, dtype: Any, chunk: int | None = None, *, scalar_gates: bool = False) -> GatedBlockSizes:
@@ -153,6 +155,7 @@ class _Static:
   features: bool = False  # per-feature gates [B, T, K, M]
   sub_chunk: int = 16  # steps per sub-chunk with per-feature gates (<= chunk)
   span_chunks: int = 0  # chunks per span of the walks (0: one span)
+  factor_warps: int = 8  # warps of the WY-factor launches
 
   @property
   def spans(self) -> int:
@@ -377,7 +380,7 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
                precision=matmul_precision(dtype), features=features,
                sub_chunk=min(block_sizes.sub_chunk, chunk),
                span_chunks=0 if block_sizes.span_chunks is None or block_sizes.span_chunks >= chunks
-               else block_sizes.span_chunks)
+               else block_sizes.span_chunks, factor_warps=block_sizes.factor_warps)
   if delta and block_sizes.span_chunks is not None:
     raise ValueError(f"span_chunks={block_sizes.span_chunks} applies to gated linear attention; the delta rule's "
                      "walk is not split into spans (its state transition is a matrix): leave it None")
@@ -555,6 +558,8 @@ def _sum_group(x: jax.Array, num_kv_heads: int) -> jax.Array:
 # --------------------------------------------------------------------------- #
 # launches
 # --------------------------------------------------------------------------- #
+
+_SOLVE_BLOCK = 16  # rows of the diagonal blocks the factors' kernel solves by forward substitution
 
 
 def _flag_inputs(flags, spec_len: int, index) -> dict:
@@ -862,7 +867,8 @@ def _factors(k, v, beta, gc, flags, st: _Static):
       "inverse": (jax.ShapeDtypeStruct((b, kh, t_pad, c), jnp.float32),
                   pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
   }
-  return tuple(_call(_factors_kernel, inputs, outputs, (b, kh, st.chunks), st, _launch_name("factors", st)))
+  st_f = dataclasses.replace(st, num_warps=st.factor_warps)
+  return tuple(_call(_factors_kernel, inputs, outputs, (b, kh, st.chunks), st_f, _launch_name("factors", st)))
 
 
 def _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st: _Static):
@@ -884,7 +890,9 @@ def _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st: _Static):
       "dbeta": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
       "dg": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
   }
-  return tuple(_call(_factor_grads_kernel, inputs, outputs, (b, kh, st.chunks), st, _launch_name("factor_grads", st)))
+  st_f = dataclasses.replace(st, num_warps=st.factor_warps)
+  return tuple(_call(_factor_grads_kernel, inputs, outputs, (b, kh, st.chunks), st_f,
+                     _launch_name("factor_grads", st)))
 
 
 # --------------------------------------------------------------------------- #
@@ -1093,23 +1101,44 @@ def _factor_terms(refs, st: _Static):
   return a, r_v, r_k, decay, kk, head
 
 
-def _unit_lower_inverse_rows(a):
-  """`(I + A)^-1` of a strictly lower `[C, C]` block, by forward substitution row by row,
-  `T_i = e_i - sum_{j < i} A_ij T_j`, in float32 elementwise arithmetic (no products of A's powers:
-  `efficient_attention._delta.unit_lower_inverse` says why)."""
+def _unit_lower_inverse(a, st: _Static):
+  """`(I + A)^-1` of a strictly lower `[C, C]` block in float32, without products of A's powers
+  (`efficient_attention._delta.unit_lower_inverse` says why).
+
+  Forward substitution inside the diagonal 16-row blocks, all blocks at once (step i makes row i
+  of every block: `T_r = e_r - A_r T`, one product over the block-diagonal part), then the blocks
+  below: with `T_d` the block-diagonal inverse and `N = T_d A_o` (A_o the part of A below the
+  diagonal blocks, so N is nilpotent over the blocks), `(I + A)^-1 = (I + N)^-1 T_d`, by Horner's
+  rule `X <- T_d - N X` once per block. Products at (near) float32 precision.
+  """
   c = a.shape[0]
+  nb = min(_SOLVE_BLOCK, c)
+  exact = _exact_precision(st)
   rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
   cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  # A^T: column i holds row i of A, so each step reads it as a column (a reduction along rows).
-  a_t = a.T
+  same = (rows // nb) == (cols // nb)
+  diagonal = jnp.where(same, a, 0.0)
+  eye = jnp.where(rows == cols, 1.0, 0.0)
 
   def body(i, t):
-    a_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1)  # [C]: A_ij over j
-    row = jnp.where(cols == i, 1.0, 0.0) - jnp.sum(a_i[:, None] * t, axis=0)[None, :]
-    return jnp.where(rows == i, row, t)
+    step = (rows % nb) == i
+    # Rows not yet made are still rows of I; A_r is 0 there (strictly lower), so they add nothing.
+    return jnp.where(step, eye - dot(jnp.where(step, diagonal, 0.0), t, exact), t)
 
-  # Row 0 of T is e_0; rows not yet reached are 0 and add nothing.
-  return lax.fori_loop(1, c, body, jnp.where((rows == 0) & (cols == 0), 1.0, 0.0))
+  t_d = lax.fori_loop(1, nb, body, eye)
+  if nb == c:
+    return t_d
+  n = dot(t_d, jnp.where(same, 0.0, a), exact)
+  x = t_d
+  for _ in range(c // nb - 1):
+    x = t_d - dot(n, x, exact)
+  return x
+
+
+def _exact_precision(st: _Static):
+  """Products of float32 tiles at about float32's precision: three TF32 passes on a GPU (Triton's
+  tf32x3), full float32 in the interpreter."""
+  return lax.Precision.HIGHEST if st.interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def _factors_kernel(refs: dict, st: _Static):
@@ -1119,7 +1148,7 @@ def _factors_kernel(refs: dict, st: _Static):
   u `[C, V]` (k's dtype), inverse `[C, C]` (float32, for the gradient).
   """
   a, r_v, r_k, _, _, _ = _factor_terms(refs, st)
-  t = _unit_lower_inverse_rows(a)
+  t = _unit_lower_inverse(a, st)
   refs["u"][...] = dot(t, r_v, st.precision).astype(refs["u"].dtype)
   refs["w"][...] = dot(t, r_k, st.precision).astype(refs["w"].dtype)
   refs["inverse"][...] = t
@@ -1156,7 +1185,7 @@ def _factor_grads_kernel(refs: dict, st: _Static):
   # pair (the rows t >= i of each column s, by one product with a triangle of ones, then the columns
   # s < i), not as dL/dG's row sums minus column sums, whose reverse cumulative sum cancels large terms.
   later = jnp.where(cols >= rows, 1.0, 0.0)  # [i, t]: t >= i
-  below = dot(later, pairs, lax.Precision.HIGHEST)  # [i, s]: sum over t >= i of the pairs (t, s)
+  below = dot(later, pairs, _exact_precision(st))  # [i, s]: sum over t >= i of the pairs (t, s)
   refs["dg"][...] = (jnp.sum(jnp.where(cols < rows, below, 0.0), axis=1)
                      + jnp.sum(later * (beta * head * y)[None, :], axis=1))
 

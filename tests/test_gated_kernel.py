@@ -254,32 +254,36 @@ def test_modules_match_the_xla_path(family, options):
   chex.assert_trees_all_close(module(x, segment_ids=ids), want, rtol=1e-4, atol=1e-4)
 
 
-def _chunk_factors_f64(k, v, beta, gates, segment_ids=None):
-  """`W | U~` `[B, T, K, H + Hv]` from the XLA path's `chunk_terms` (CHUNK-step chunks)."""
+def _chunk_factors_f64(k, v, beta, gates, segment_ids=None, chunk=CHUNK):
+  """`W | U~` `[B, T, K, H + Hv]` from the XLA path's `chunk_terms`."""
   b, t, kh, _ = k.shape
   starts = None if segment_ids is None else segment_starts(segment_ids)
-  *_, u, w = ea._delta.chunk_terms(k, v, beta, gates, starts, c=CHUNK)
+  *_, u, w = ea._delta.chunk_terms(k, v, beta, gates, starts, c=chunk)
   steps = lambda x: x.transpose(0, 1, 3, 2, 4).reshape(b, -1, kh, x.shape[-1])[:, :t]
   return jnp.concatenate([steps(w), steps(u)], -1)
 
 
-@pytest.mark.parametrize("t,segments,gates,dtype", [
-    pytest.param(37, True, "mild", jnp.float32, id="segments_odd_t"),
-    pytest.param(13, False, "strong", jnp.float32, id="strong_short"),
-    pytest.param(37, True, "mild", jnp.bfloat16, id="segments_bf16", marks=slow),
+@pytest.mark.parametrize("t,segments,gates,dtype,chunk", [
+    pytest.param(37, True, "mild", jnp.float32, CHUNK, id="segments_odd_t"),
+    pytest.param(13, False, "strong", jnp.float32, CHUNK, id="strong_short"),
+    # 64-step chunks under weak decay: four 16-row diagonal blocks, the blocks below them far from 0.
+    pytest.param(77, False, "weak", jnp.float32, 64, id="weak_chunk64"),
+    pytest.param(37, True, "mild", jnp.bfloat16, CHUNK, id="segments_bf16", marks=slow),
 ])
-def test_delta_factors_vs_f64(t, segments, gates, dtype):
-  # The WY factors' kernel (forward substitution in the kernel) against `chunk_terms` in float64: values,
-  # and the gradients of keys, values, beta and gates. Strong decay: log gates down to -20 per step.
+def test_delta_factors_vs_f64(t, segments, gates, dtype, chunk):
+  # The WY factors' kernel (the chunk's inverse by forward substitution in the kernel) against `chunk_terms`
+  # in float64: values, and the gradients of keys, values, beta and gates. Strong decay: log gates down to -20.
   _, k, v, beta, log_g = delta_inputs(b=B, t=t, n=N, kh=KH, h=H, hv=HV, dtype=dtype)
   k = ea._delta.l2_normalize(k.astype(jnp.float32)).astype(dtype)
   if gates == "strong":
     log_g = draw_gates((B, t, KH), low=-20.0).at[:, ::2].set(-20.0)
+  elif gates == "weak":
+    log_g = draw_gates((B, t, KH), low=-0.05)
   ids = util.packed_segment_ids(B, t, 3) if segments else None
-  blocks = pallas.GatedBlockSizes(chunk=CHUNK)
+  blocks = pallas.GatedBlockSizes(chunk=chunk)
   fn = lambda k, v, beta, g: jnp.concatenate(
       pallas.delta_rule_factors(k, v, beta, g, segment_ids=ids, block_sizes=blocks), -1)
-  ref = lambda k, v, beta, g: _chunk_factors_f64(k, v, beta, g, ids)
+  ref = lambda k, v, beta, g: _chunk_factors_f64(k, v, beta, g, ids, chunk)
   out, grads = util.check_against_f64(fn, ref, (k, v, beta, log_g), argnums=(0, 1, 2, 3), **util.TOL[dtype])
   chex.assert_shape(out, (B, t, KH, H + HV))
   assert out.dtype == dtype
