@@ -744,20 +744,14 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   else:
     gc_spec = pl.BlockSpec((None, None, 2, t_pad), lambda i, n, r, j: (i, kv(n), 0, 0))
   inputs = {
+      "q": (q, pl.BlockSpec((None, t_pad, None, bm), lambda i, n, r, j: (i, 0, n, r))),
+      "do": (do, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j))),
       "gc": (gc, gc_spec),
       **_flag_inputs(flags, t_pad, lambda i, n, r, j: (i, 0)),
   }
   if delta:
-    # The walk keeps only what depends on the carried cotangent; the chunks' own terms come from a
-    # pass parallel over the chunks.
-    reads, within = _dstate_terms(q, k, do, gc, flags, st)
     inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
     inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
-    inputs["reads"] = (reads, pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, r, j: (i, n, 0, 0, j)))
-    inputs["within"] = (within, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
-  else:
-    inputs["q"] = (q, pl.BlockSpec((None, t_pad, None, bm), lambda i, n, r, j: (i, 0, n, r)))
-    inputs["do"] = (do, pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
   spans = 1 if delta else st.spans
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
                     pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
@@ -768,31 +762,6 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   if spans > 1:
     return outs.astype(q.dtype)
   return (outs[0], outs[1]) if delta else outs[0]
-
-
-def _dstate_terms(q, k, do, gc, flags, st: _Static):
-  """The delta rule's backward walk, the parts of each chunk that do not depend on the carried
-  cotangent, one program per (batch, query head, chunk), float32: the entering state's reads by
-  the queries `(exp(G) Q)^T dO` `[B, N, U', M, V]`, and the pseudo-values' cotangent from the
-  chunk's own queries `(D * Q K^T)^T dO` `[B, T', N, V]`."""
-  b, t_pad, n, m = q.shape
-  hv, c = do.shape[3], st.chunk
-  kv = lambda n: idiv(n, st.group)
-  f32 = jnp.float32
-  inputs = {
-      "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))),
-      "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, kv(n), 0))),
-      "do": (do, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u: (i, kv(n), 0, u))),
-      **_flag_inputs(flags, c, lambda i, n, u: (i, u)),
-  }
-  outputs = {
-      "reads": (jax.ShapeDtypeStruct((b, n, _chunks_pad(st), m, hv), f32),
-                pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, n, u, 0, 0))),
-      "within": (jax.ShapeDtypeStruct((b, t_pad, n, hv), f32),
-                 pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0))),
-  }
-  return tuple(_call(_dstate_terms_kernel, inputs, outputs, (b, n, st.chunks), st, _launch_name("dstate_terms", st)))
 
 
 def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
@@ -998,9 +967,8 @@ def _dstates_kernel(refs: dict, st: _Static):
   """Walks the chunks backwards: writes the cotangent of the state leaving each chunk, then adds the
   chunk's queries' share to the cotangent of the state entering it.
 
-  Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`;
-  the delta rule instead of q and do: k and w `[T', M]`, reads `[U', M, bv]` and within `[T', bv]`
-  (`_dstate_terms`); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
+  Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`,
+  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
   """
   dh_ref = refs["dh"]
   c = st.chunk
@@ -1011,15 +979,6 @@ def _dstates_kernel(refs: dict, st: _Static):
     u = first + count - 1 - i
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
-    if st.delta:
-      _, _, tail, keep = _chunk_masks(c, refs, at)
-      # U's cotangent: its reads by the chunk's queries (made beforehand), and by the state it hands on.
-      k = refs["k"][at, :]
-      kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
-      dpseudo = refs["within"][at, :] + dot(kt, ds.astype(k.dtype), st.precision)
-      refs["dpseudo"][at, :] = dpseudo
-      # U = U~ - W S: the state entering the chunk gets -W^T dU, and the queries' reads.
-      return keep * ds + refs["reads"][u] - dot_tn(refs["w"][at, :], dpseudo.astype(k.dtype), st.precision)
     q, do = refs["q"][at, :], refs["do"][at, :]
     if st.features:
       # Per state row: head [C, bm], keep [bm, 1].
@@ -1027,26 +986,23 @@ def _dstates_kernel(refs: dict, st: _Static):
       _store_keep(refs, u, keep[:, 0])
       q_head = (q.astype(f32) * head).astype(q.dtype)
       return keep * ds + dot_tn(q_head, do, st.precision)
-    _, head, _, keep = _chunk_masks(c, refs, at)
+    decay, head, tail, keep = _chunk_masks(c, refs, at)
     _store_keep(refs, u, keep)
     q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
-    return keep * ds + dot_tn(q_head, do, st.precision)
+    new = keep * ds + dot_tn(q_head, do, st.precision)
+    if st.delta:
+      k = refs["k"][at, :]
+      scores = dot_nt(q, k, st.precision) * decay
+      kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+      dpseudo = dot_tn(scores.astype(do.dtype), do, st.precision) + dot(kt, ds.astype(k.dtype), st.precision)
+      refs["dpseudo"][at, :] = dpseudo
+      new = new - dot_tn(refs["w"][at, :], dpseudo.astype(k.dtype), st.precision)
+    return new
 
   bm, bv = dh_ref.shape[1], dh_ref.shape[2]
   end = lax.fori_loop(0, count, body, jnp.zeros((bm, bv), f32))
   if "ends" in refs:
     refs["ends"][...] = end
-
-
-def _dstate_terms_kernel(refs: dict, st: _Static):
-  """One chunk of one query head (delta rule): `reads = (exp(G) q)^T do` `[M, V]` and
-  `within = (decay * q k^T)^T do` `[C, V]`, float32 (`_dstate_terms`)."""
-  q, k, do = refs["q"][...], refs["k"][...], refs["do"][...]
-  decay, head, _, _ = _chunk_masks(st.chunk, refs)
-  q_head = (q.astype(jnp.float32) * head[:, None]).astype(q.dtype)
-  refs["reads"][...] = dot_tn(q_head, do, st.precision)
-  scores = dot_nt(q, k, st.precision) * decay
-  refs["within"][...] = dot_tn(scores.astype(do.dtype), do, st.precision)
 
 
 def _grads_kernel(refs: dict, st: _Static):

@@ -320,9 +320,8 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
     # Forward: the factors; gradient: the factors and their gradient pass.
     assert calls == [1, 2], calls
     return
-  # Forward: states and outputs; gradient: states, the backward walk and the gradient pass (the delta rule
-  # also the pass that makes the backward walk's per-chunk terms).
-  assert calls == ([2, 4] if kernel == "delta_rule" else [2, 3]), calls
+  # Forward: states and outputs; gradient: states, the backward walk and the gradient pass.
+  assert calls == [2, 3], calls
 
 
 def test_default_tiling_follows_the_dtype():
