@@ -37,6 +37,7 @@ VARIANTS = (
     ("gla-pallas", dict(span_chunks=64)),
     ("delta-pallas", {}),
     ("delta-pallas", dict(block_v=32)),
+    ("delta-pallas", dict(factor_warps=4)),
     ("softmax-cudnn", {}),
 )
 
