@@ -136,8 +136,14 @@ class GatedLinearKernelTest(chex.TestCase):
                                       argnums=(0, 1, 2, 3), **util.TOL[jnp.float32])
     assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
 
-  @parameterized.named_parameters(("step_gates", False, 1), ("feature_gates", True, 2))
-  def test_spans_match_the_dense_reference(self, features, span_chunks):
+  def test_spans_match_the_dense_reference_step_gates(self):
+    self._check_spans(features=False, span_chunks=1)
+
+  @slow
+  def test_spans_match_the_dense_reference_feature_gates(self):
+    self._check_spans(features=True, span_chunks=2)
+
+  def _check_spans(self, *, features, span_chunks):
     # The walks split into spans (each from a zero state, joined in XLA by one contraction over the spans): T = 77
     # over 16-step chunks is five chunks, so spans of one chunk or of two (the last one partial);
     # recurring segment ids (a run crossing span boundaries), GQA, values and gradients, gates included.
@@ -183,6 +189,12 @@ class GatedLinearKernelTest(chex.TestCase):
       pallas.gated_linear_attention(q, k, v, jnp.zeros((B, 13, KH), jnp.int32))
     with pytest.raises(ValueError, match="chunk=8 must be a power of two >= 16"):
       pallas.GatedBlockSizes(chunk=8)
+    with pytest.raises(ValueError, match=r"beta must have the gates' shape \[B, T, K\]=\(2, 13, 2\), got \(2, 13\)"):
+      pallas.delta_rule_factors(k, v, jnp.full((B, 13), 0.5), log_gates((B, 13, KH)))
+    with pytest.raises(TypeError, match="beta must be a floating-point array"):
+      pallas.delta_rule(q, k, v, jnp.ones((B, 13, KH), jnp.int32), log_gates((B, 13, KH)))
+    with pytest.raises(ValueError, match="factor_warps=0 must be"):
+      pallas.GatedBlockSizes(factor_warps=0)
     with pytest.raises(ValueError, match="power-of-two chunk_size >= 16, got chunk_size=8"):
       ea.linear_attention(q, k, v, is_causal=True, gates=log_gates((KH,)), implementation="pallas", chunk_size=8)
 
