@@ -345,3 +345,18 @@ def test_default_tiling_follows_the_dtype():
   # One gate per step with 16-bit inputs: value blocks of 32 in the walks (twice the programs).
   assert pallas.GatedBlockSizes.get_default(jnp.bfloat16, scalar_gates=True).block_v == 32
   assert pallas.GatedBlockSizes.get_default(jnp.float32, scalar_gates=True).block_v == bf16.block_v == 64
+
+
+def test_delta_pallas_under_vmap_and_grad_matches_a_loop():
+  # vmap over an outer axis (Pallas adds a grid axis) of the whole kernel path, factors included.
+  q, k, v, beta, gates = delta_inputs(b=2, t=21, n=2, kh=1, h=8, hv=4)
+
+  def fn(q, k, v, beta, gates):
+    out = ea.delta_rule_attention(q[None], k[None], v[None], beta[None], gates=gates[None], chunk_size=CHUNK,
+                                  implementation="pallas")[0]
+    return jnp.sum(out * jnp.cos(out))
+
+  batched = jax.jit(jax.vmap(jax.value_and_grad(fn, argnums=(0, 1, 2, 3, 4))))(q, k, v, beta, gates)
+  for i in range(2):
+    one = jax.value_and_grad(fn, argnums=(0, 1, 2, 3, 4))(q[i], k[i], v[i], beta[i], gates[i])
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), one, rtol=1e-5, atol=1e-5)
