@@ -970,7 +970,7 @@ def _dstates_kernel(refs: dict, st: _Static):
   Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`,
   k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
   """
-  dh_ref = refs["dh"]
+  q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
   c = st.chunk
   f32 = jnp.float32
   first, count = _span_range(refs, st)
@@ -979,7 +979,7 @@ def _dstates_kernel(refs: dict, st: _Static):
     u = first + count - 1 - i
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
-    q, do = refs["q"][at, :], refs["do"][at, :]
+    q, do = q_ref[at, :], do_ref[at, :]
     if st.features:
       # Per state row: head [C, bm], keep [bm, 1].
       head, _, keep = _feature_walk_decays(c, refs, at)
@@ -991,11 +991,13 @@ def _dstates_kernel(refs: dict, st: _Static):
     q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
     new = keep * ds + dot_tn(q_head, do, st.precision)
     if st.delta:
+      # U's cotangent: its reads by the chunk's queries, and by the state it hands on.
       k = refs["k"][at, :]
       scores = dot_nt(q, k, st.precision) * decay
       kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
       dpseudo = dot_tn(scores.astype(do.dtype), do, st.precision) + dot(kt, ds.astype(k.dtype), st.precision)
       refs["dpseudo"][at, :] = dpseudo
+      # U = U~ - W S: the state entering the chunk gets -W^T dU.
       new = new - dot_tn(refs["w"][at, :], dpseudo.astype(k.dtype), st.precision)
     return new
 
