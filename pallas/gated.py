@@ -1107,9 +1107,18 @@ def _factors_kernel(refs: dict, st: _Static):
   """
   a, r_v, r_k, _, _, _ = _factor_terms(refs, st)
   t = _unit_lower_inverse(a, st)
-  refs["u"][...] = dot(t, r_v, st.precision).astype(refs["u"].dtype)
-  refs["w"][...] = dot(t, r_k, st.precision).astype(refs["w"].dtype)
+  operand = _factor_operand(refs, st)
+  refs["u"][...] = dot(operand(t), operand(r_v), st.precision).astype(refs["u"].dtype)
+  refs["w"][...] = dot(operand(t), operand(r_k), st.precision).astype(refs["w"].dtype)
   refs["inverse"][...] = t
+
+
+def _factor_operand(refs, st: _Static):
+  """The factor kernels' product operands: in the inputs' dtype when it is 16-bit (the products then
+  run at that precision, float32 accumulation, as in the other kernels), float32 otherwise. The
+  inverse itself is always made in float32."""
+  low = refs["k"].dtype
+  return (lambda x: x) if jnp.dtype(low).itemsize >= 4 else (lambda x: x.astype(low))
 
 
 def _factor_grads_kernel(refs: dict, st: _Static):
@@ -1124,19 +1133,22 @@ def _factor_grads_kernel(refs: dict, st: _Static):
   dv `[C, V]`, dbeta and dg `[C]` (float32).
   """
   f32, p = jnp.float32, st.precision
+  operand = _factor_operand(refs, st)
   a, r_v, r_k, decay, kk, head = _factor_terms(refs, st)
   t, beta = refs["inverse"][...], refs["beta"][...]
   k, v = refs["k"][...].astype(f32), refs["v"][...].astype(f32)
-  dr_v = dot_tn(t, refs["du"][...].astype(f32), p)
-  dr_k = dot_tn(t, refs["dw"][...].astype(f32), p)
-  d_a = -(dot_nt(dr_v, dot(t, r_v, p), p) + dot_nt(dr_k, dot(t, r_k, p), p))
+  dr_v = dot_tn(operand(t), operand(refs["du"][...]), p)
+  dr_k = dot_tn(operand(t), operand(refs["dw"][...]), p)
+  # dA = -(dR X^T) = -(dR R^T) T^T: one [C, C] product in place of making X again.
+  d_r = dot_nt(operand(dr_v), operand(r_v), p) + dot_nt(operand(dr_k), operand(r_k), p)
+  d_a = -dot_nt(operand(d_r), operand(t), p)
   rows = lax.broadcasted_iota(jnp.int32, d_a.shape, 0)
   cols = lax.broadcasted_iota(jnp.int32, d_a.shape, 1)
   d_a = jnp.where(rows > cols, d_a, 0.0)
-  d_kk = beta[:, None] * decay * d_a
+  d_kk = operand(beta[:, None] * decay * d_a)
   pairs = d_a * a
   y = jnp.sum(dr_k * k, axis=1)  # dL/d(beta_t gamma_t)
-  refs["dk"][...] = dot(d_kk, k, p) + dot_tn(d_kk, k, p) + (beta * head)[:, None] * dr_k
+  refs["dk"][...] = dot(d_kk, operand(k), p) + dot_tn(d_kk, operand(k), p) + (beta * head)[:, None] * dr_k
   refs["dv"][...] = beta[:, None] * dr_v
   refs["dbeta"][...] = jnp.sum(decay * kk * d_a, axis=1) + jnp.sum(dr_v * v, axis=1) + head * y
   # dL/dg_i: g_i lies in the exponent of every pair s < i <= t, and of gamma_t for t >= i. Summed pair by
