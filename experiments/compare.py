@@ -39,7 +39,6 @@ import time
 
 import jax
 import matplotlib
-import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after choosing the backend
@@ -270,13 +269,6 @@ def to_markdown(cfg: Config, runs: list[dict], skipped: dict[str, str], argv: li
   return "\n".join(lines) + "\n"
 
 
-def _position_ranges(t: int, buckets: int) -> list[tuple[int, int]]:
-  """The context positions `[lo, hi)` of each bucket of `train_lm.by_position` at length t."""
-  sizes = [len(a) for a in np.array_split(np.arange(t), buckets)]
-  edges = np.concatenate([[0], np.cumsum(sizes)])
-  return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
-
-
 def _by_position(run: dict) -> list | None:
   s = run["summary"]
   return None if s is None else s["eval"].get("bpc_by_position")
@@ -289,7 +281,7 @@ def by_position_markdown(runs: list[dict]) -> list[str]:
     mine = [r for r in runs if r["seq_len"] == t and r["causal"]]
     if not any(_by_position(r) for r in mine):
       continue
-    ranges = _position_ranges(t, train_lm.POSITION_BUCKETS)
+    ranges = train_lm.position_ranges(t, train_lm.POSITION_BUCKETS)
     lines += [f"Held-out bpc by position in the context, T = {t} (final evaluation):", "",
               "| family | " + " | ".join(f"{lo}–{hi - 1}" for lo, hi in ranges) + " |",
               "|---|" + "---:|" * len(ranges)]
@@ -305,7 +297,7 @@ def plot_by_position(runs: list[dict], path: pathlib.Path) -> None:
   lens = sorted({r["seq_len"] for r in runs})
   fig, axes = plt.subplots(1, len(lens), figsize=(5.5 * len(lens), 4), squeeze=False)
   for ax, t in zip(axes[0], lens):
-    ranges = _position_ranges(t, train_lm.POSITION_BUCKETS)
+    ranges = train_lm.position_ranges(t, train_lm.POSITION_BUCKETS)
     centres = [(lo + hi - 1) / 2 for lo, hi in ranges]
     for run in (r for r in runs if r["seq_len"] == t and r["causal"]):
       values = _by_position(run)

@@ -349,13 +349,20 @@ def masked_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
   return nll.sum() / jnp.maximum(count, 1), correct.sum(), count
 
 
+def position_ranges(t: int, buckets: int) -> list[tuple[int, int]]:
+  """`buckets` contiguous, (nearly) equal ranges `[lo, hi)` of the context positions 0..t-1."""
+  sizes = [len(a) for a in np.array_split(np.arange(t), buckets)]
+  edges = np.concatenate([[0], np.cumsum(sizes)])
+  return [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def by_position(nll: np.ndarray, count: np.ndarray, buckets: int) -> list[float | None]:
-  """Bits per byte in `buckets` contiguous, (nearly) equal ranges of context positions, from per-position
-  sums of nll (nats) and counts `[T]`; None for a range without a counted label."""
+  """Bits per byte in each of `position_ranges(T, buckets)`, from per-position sums of nll (nats) and
+  counts `[T]`; None for a range without a counted label."""
   out = []
-  for part_nll, part_count in zip(np.array_split(nll, buckets), np.array_split(count, buckets)):
-    n = float(part_count.sum())
-    out.append(float(part_nll.sum()) / n / math.log(2) if n else None)
+  for lo, hi in position_ranges(len(nll), buckets):
+    n = float(count[lo:hi].sum())
+    out.append(float(nll[lo:hi].sum()) / n / math.log(2) if n else None)
   return out
 
 

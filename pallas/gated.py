@@ -291,9 +291,8 @@ def delta_rule(
     return jnp.zeros((b, t, n, dims.v_head_dim), q.dtype)
   st, t_pad, flags = _prepare(dims, ids, block_sizes, interpret, q.dtype, delta=True)
   h_pad, hv_pad = pow2_at_least(h), pow2_at_least(dims.v_head_dim)
-  k, g = pad_to(k, t_pad, h_pad), _pad_gates(gates, t_pad)
-  w, u = _factors_core(k, pad_to(v, t_pad, hv_pad), _pad_gates(beta, t_pad), g, flags, st)
-  out = _delta_core(pad_to(q, t_pad, h_pad), k, w, u, g, flags, st)
+  out = _delta_rule_core(pad_to(q, t_pad, h_pad), pad_to(k, t_pad, h_pad), pad_to(v, t_pad, hv_pad),
+                         _pad_gates(beta, t_pad), _pad_gates(gates, t_pad), flags, st)
   return out[:, :t, :, : dims.v_head_dim]
 
 
@@ -479,7 +478,10 @@ def _delta_core(q, k, w, u, g, flags, st: _Static):
 
 
 def _delta_fwd(q, k, w, u, g, flags, st: _Static):
-  gc = _local_cumsum(g, st)
+  return _delta_forward(q, k, w, u, _local_cumsum(g, st), flags, st)
+
+
+def _delta_forward(q, k, w, u, gc, flags, st: _Static):
   h, pseudo = _states(k, u, gc, flags, st, w=w)
   out = _outputs(q, k, pseudo, gc, h, flags, st)
   return out, (q, k, w, gc, flags, h, pseudo)
@@ -522,6 +524,31 @@ def _factors_bwd(st: _Static, res, cts):
 
 
 _factors_core.defvjp(_factors_fwd, _factors_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _delta_rule_core(q, k, v, beta, g, flags, st: _Static):
+  """The factors and the recurrence as one differentiable piece: the cumulative gates made once."""
+  return _delta_rule_fwd(q, k, v, beta, g, flags, st)[0]
+
+
+def _delta_rule_fwd(q, k, v, beta, g, flags, st: _Static):
+  gc = _local_cumsum(g, st)
+  w, u, inverse = _factors(k, v, beta, gc, flags, st)
+  out, res = _delta_forward(q, k, w, u, gc, flags, st)
+  return out, (res, v, beta, inverse)
+
+
+def _delta_rule_bwd(st: _Static, res, do):
+  res, v, beta, inverse = res
+  _, k, _, gc, flags, _, _ = res
+  dq, dk, dw, du, dg, _ = _delta_bwd(st, res, do)
+  dk_factors, dv, dbeta, dg_factors = _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st)
+  dk = (dk.astype(jnp.float32) + dk_factors).astype(k.dtype)
+  return dq, dk, dv.astype(v.dtype), dbeta, dg + dg_factors, None
+
+
+_delta_rule_core.defvjp(_delta_rule_fwd, _delta_rule_bwd)
 
 
 def _chunk_start_gate_grad(w, dw, st: _Static) -> jax.Array:
@@ -809,15 +836,26 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   return tuple(outs)
 
 
-def _factor_specs(k, v, flags, st: _Static) -> dict:
-  """The factor launches' inputs, one chunk of one key/value head per program: k `[C, H]`, v `[C, V]`,
-  beta and the (hi, lo) cumulative gates `[C]`, `[2, C]`, run labels / sees `[C]`."""
-  c, h, hv = st.chunk, k.shape[3], v.shape[3]
-  return {
-      "k": (k, pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
-      "v": (v, pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+def _factor_call(kernel, k, v, beta, gc, flags, st: _Static, part: str, extra: dict, outputs: dict):
+  """A launch of the factor kernels, one chunk of one key/value head per program: k `[C, H]`, v `[C, V]`,
+  beta `[C]`, the (hi, lo) cumulative gates `[2, C]`, run labels / sees `[C]`, and `extra` inputs."""
+  b, _, kh, _ = k.shape
+  c = st.chunk
+  inputs = {
+      "k": (k, _factor_spec(c, k.shape[3])),
+      "v": (v, _factor_spec(c, v.shape[3])),
+      "beta": (beta, pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))),
       **_flag_inputs(flags, c, lambda i, j, u: (i, u)),
+      **extra,
   }
+  return tuple(_call(kernel, inputs, outputs, (b, kh, st.chunks), dataclasses.replace(st, num_warps=st.factor_warps),
+                     _launch_name(part, st)))
+
+
+def _factor_spec(c: int, width: int) -> pl.BlockSpec:
+  """Rows of one chunk of one key/value head of a `[B, T', K, width]` array."""
+  return pl.BlockSpec((None, c, None, width), lambda i, j, u: (i, u, j, 0))
 
 
 def _factors(k, v, beta, gc, flags, st: _Static):
@@ -825,19 +863,13 @@ def _factors(k, v, beta, gc, flags, st: _Static):
   `[B, K, T', C]` (float32; row t of its chunk's inverse at step t)."""
   b, t_pad, kh, h = k.shape
   hv, c = v.shape[3], st.chunk
-  inputs = dict(_factor_specs(k, v, flags, st),
-                beta=(beta, pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))),
-                gc=(gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))))
   outputs = {
-      "w": (jax.ShapeDtypeStruct((b, t_pad, kh, h), k.dtype),
-            pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
-      "u": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype),
-            pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+      "w": (jax.ShapeDtypeStruct((b, t_pad, kh, h), k.dtype), _factor_spec(c, h)),
+      "u": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), k.dtype), _factor_spec(c, hv)),
       "inverse": (jax.ShapeDtypeStruct((b, kh, t_pad, c), jnp.float32),
                   pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
   }
-  st_f = dataclasses.replace(st, num_warps=st.factor_warps)
-  return tuple(_call(_factors_kernel, inputs, outputs, (b, kh, st.chunks), st_f, _launch_name("factors", st)))
+  return _factor_call(_factors_kernel, k, v, beta, gc, flags, st, "factors", {}, outputs)
 
 
 def _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st: _Static):
@@ -845,23 +877,16 @@ def _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st: _Static):
   b, t_pad, kh, h = k.shape
   hv, c = v.shape[3], st.chunk
   f32 = jnp.float32
-  inputs = dict(_factor_specs(k, v, flags, st),
-                beta=(beta, pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))),
-                gc=(gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))),
-                inverse=(inverse, pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
-                dw=(dw, pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
-                du=(du, pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))))
+  extra = {"inverse": (inverse, pl.BlockSpec((None, None, c, c), lambda i, j, u: (i, j, u, 0))),
+           "dw": (dw, _factor_spec(c, h)), "du": (du, _factor_spec(c, hv))}
   per_step = pl.BlockSpec((None, None, c), lambda i, j, u: (i, j, u))
   outputs = {
-      "dk": (jax.ShapeDtypeStruct((b, t_pad, kh, h), f32), pl.BlockSpec((None, c, None, h), lambda i, j, u: (i, u, j, 0))),
-      "dv": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), f32),
-             pl.BlockSpec((None, c, None, hv), lambda i, j, u: (i, u, j, 0))),
+      "dk": (jax.ShapeDtypeStruct((b, t_pad, kh, h), f32), _factor_spec(c, h)),
+      "dv": (jax.ShapeDtypeStruct((b, t_pad, kh, hv), f32), _factor_spec(c, hv)),
       "dbeta": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
       "dg": (jax.ShapeDtypeStruct((b, kh, t_pad), f32), per_step),
   }
-  st_f = dataclasses.replace(st, num_warps=st.factor_warps)
-  return tuple(_call(_factor_grads_kernel, inputs, outputs, (b, kh, st.chunks), st_f,
-                     _launch_name("factor_grads", st)))
+  return _factor_call(_factor_grads_kernel, k, v, beta, gc, flags, st, "factor_grads", extra, outputs)
 
 
 # --------------------------------------------------------------------------- #
