@@ -29,45 +29,48 @@ FAMILIES = ("softmax-xla", "softmax-cudnn", "softmax-pallas", "favor", "favor-pa
 LSH_CHUNK, LSH_HASHES = 128, 2
 
 
-def family_fn(name: str, t: int, h: int, *, on_gpu: bool, n: int = 8) -> tuple[Callable, bool] | None:
-  """(fn(q, k, v) -> out, is_causal) for family `name` at length t (n heads of h), or None when unavailable."""
+def family_fn(name: str, t: int, h: int, *, on_gpu: bool, n: int = 8) -> tuple[Callable, bool, tuple] | None:
+  """(fn, is_causal, aux) for family `name` at length t (n heads of h), fn(q, k, v, *aux) -> out, or None
+  when unavailable. `aux` holds the family's fixed parameters (features, projections, gates), passed to
+  the timed call as arguments (`timed_passes`)."""
   if name == "softmax-xla":
-    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="xla")), True
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="xla")), True, ()
   if name == "softmax-cudnn":
     if not on_gpu:
       return None
-    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")), True
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")), True, ()
   if name == "softmax-pallas":
-    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="pallas")), True
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="pallas")), True, ()
   base, _, impl = name.partition("-")
   if impl == "pallas" and base != "softmax" and not on_gpu:
     return None  # the linear and block-sparse kernels are timed compiled only
   impl = impl or None
   if base == "favor":
     features = ea.orthogonal_random_features(jax.random.key(1), 256, h)
-    return (lambda q, k, v: ea.favor_attention(q, k, v, features, is_causal=True, implementation=impl)), True
+    return (lambda q, k, v, f: ea.favor_attention(q, k, v, f, is_causal=True, implementation=impl)), True, (features,)
   if base == "linear":
-    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)), True
+    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)), True, ()
   if name == "linformer":
     proj = jax.random.normal(jax.random.key(2), (256, t), jnp.float32) / 16.0
-    return (lambda q, k, v: ea.linformer_attention(q, k, v, proj.astype(q.dtype), proj.astype(q.dtype))), False
+    return (lambda q, k, v, p: ea.linformer_attention(q, k, v, p.astype(q.dtype), p.astype(q.dtype))), False, (proj,)
   if base == "local":
     layout = ea.layouts.local(t, window=256, block_size=128 if t >= 128 else 16)
-    return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True, implementation=impl)), True
+    return (lambda q, k, v: ea.block_sparse_attention(q, k, v, layout, is_causal=True, implementation=impl)), True, ()
   if name == "lsh":
     chunk = min(LSH_CHUNK, max(t // 4, 1))
     rotations = ea.lsh_rotations(jax.random.key(3), h, num_buckets=max(2, 2 * (t // chunk)), num_hashes=LSH_HASHES)
     # Shared QK: q serves as queries and keys; k is unused.
-    return (lambda q, k, v: ea.lsh_attention(q, v, rotations.astype(q.dtype), chunk_size=chunk, is_causal=True)), True
+    return (lambda q, k, v, r: ea.lsh_attention(q, v, r.astype(q.dtype), chunk_size=chunk, is_causal=True)), True, (
+        rotations,)
   if name in ("gla", "delta_rule"):
     # Fixed random gates (and write strengths) in the modules' parametrisations, [1, T, N(, H)].
     logits = jax.random.normal(jax.random.key(4), (1, t, n, h if name == "gla" else 2), jnp.float32)
     if name == "gla":
       gates = jax.nn.log_sigmoid(logits) / 16.0
-      return (lambda q, k, v: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=gates,
-                                                  is_causal=True)), True
+      return (lambda q, k, v, g: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=g,
+                                                     is_causal=True)), True, (gates,)
     beta, gates = jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1])
-    return (lambda q, k, v: ea.delta_rule_attention(q, k, v, beta, gates=gates)), True
+    return (lambda q, k, v, b, g: ea.delta_rule_attention(q, k, v, b, gates=g)), True, (beta, gates)
   raise ValueError(f"unknown family {name!r}; valid: {FAMILIES}")
 
 def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
@@ -87,9 +90,9 @@ def families(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = 
       made = family_fn(name, t, h, on_gpu=on_gpu, n=n)
       if made is None:
         continue
-      fn, is_causal = made
+      fn, is_causal, aux = made
       row["is_causal"] = is_causal
-      row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup, memory=True))
+      row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup, memory=True, aux=aux))
       if row["status"] != "ok":
         stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
       rows.append(row)

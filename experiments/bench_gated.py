@@ -38,12 +38,13 @@ CUDNN_FROM_LEN = 4096
 SCALING_LENS, SCALING_MAX = (8192, 65536), 8.5
 
 
-def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> Callable | None:
-  """fn(q, k, v) -> out for a row at length t (n heads), or None where it does not run."""
+def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> tuple[Callable, tuple] | None:
+  """(fn, aux) for a row at length t (n heads): fn(q, k, v, *aux) -> out, with the row's gates and beta in
+  `aux` (arguments of the timed call, `timed_passes`); None where the row does not run."""
   if name == "softmax-cudnn":
     if not on_gpu:
       return None
-    return lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return (lambda q, k, v: ea.softmax_attention(q, k, v, is_causal=True, implementation="cudnn")), ()
   base, _, impl = name.partition("-")
   logits = jax.random.normal(jax.random.key(4), (1, t, n, 2), jnp.float32)
   if name in KERNEL_ROWS:
@@ -55,16 +56,17 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> Callable | None:
       phi_q, phi_k = (jax.nn.elu(x.astype(jnp.float32)) + 1.0 for x in (q, k))
       return linear.causal_linear_attention(phi_q.astype(q.dtype), phi_k.astype(k.dtype), v, backend=impl)
 
-    return kernel
+    return kernel, ()
   if base == "linear":
-    return lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)
+    return (lambda q, k, v: ea.linear_attention(q, k, v, is_causal=True, implementation=impl)), ()
   if base == "gla":
     gates = jax.nn.log_sigmoid(logits[..., 0] + 2.0)
-    return lambda q, k, v: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=gates,
-                                               is_causal=True, implementation=impl)
+    return (lambda q, k, v, gates: ea.linear_attention(q, k, v, feature_map="identity", normalize="none", gates=gates,
+                                                      is_causal=True, implementation=impl)), (gates,)
   if base == "delta":
     beta, gates = jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1])
-    return lambda q, k, v: ea.delta_rule_attention(q, k, v, beta, gates=gates, implementation=impl)
+    return (lambda q, k, v, beta, gates: ea.delta_rule_attention(q, k, v, beta, gates=gates, implementation=impl),
+            (beta, gates))
   raise ValueError(f"unknown row {name!r}; valid: {ROWS + KERNEL_ROWS}")
 
 
@@ -82,10 +84,11 @@ def measure(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = N
       if name in stopped:
         rows.append(dict(row, status=stopped[name]))
         continue
-      fn = row_fn(name, t, n, on_gpu=on_gpu)
-      if fn is None:
+      made = row_fn(name, t, n, on_gpu=on_gpu)
+      if made is None:
         continue
-      row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup))
+      fn, aux = made
+      row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup, aux=aux))
       if row["status"] != "ok":
         stopped[name] = row["status"] if row["status"] == "OOM" else "skipped after an error"
       rows.append(row)
@@ -211,12 +214,12 @@ def tune(cfg: Config) -> list[dict]:
         blocks = GatedBlockSizes(chunk=chunk, block_m=bm, block_v=bv, block_v_out=bvo, num_warps=warps,
                                  num_stages=stages)
         if kind == "gla":
-          fn = lambda q, k, v, b=blocks: pallas.gated_linear_attention(q, k, v, gates, block_sizes=b)
+          fn = lambda q, k, v, w, gates, b=blocks: pallas.gated_linear_attention(q, k, v, gates, block_sizes=b)
         else:
-          fn = lambda q, k, v, b=blocks: pallas.delta_rule_recurrence(q, k, w, v, gates, block_sizes=b)
+          fn = lambda q, k, v, w, gates, b=blocks: pallas.delta_rule_recurrence(q, k, w, v, gates, block_sizes=b)
         row = dict(kind=kind, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name,
                    **dataclasses.asdict(blocks))
-        row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup))
+        row.update(timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup, aux=(w, gates)))
         rows.append(row)
         tqdm.write(json.dumps(row))
   return rows

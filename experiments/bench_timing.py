@@ -69,18 +69,21 @@ def environment() -> dict:
   return dict(jax=jax.__version__, backend=jax.default_backend(), device=getattr(dev, "device_kind", str(dev)))
 
 
-def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory: bool = False) -> dict:
-  """`fn(q, k, v)` compiled forward and forward+backward: `fwd_ms`, `fwd_bwd_ms` (medians), with
-  `memory` the forward+backward's `peak_bytes`, and `status`: "ok", "OOM", or the error's first line
-  (a failure is a result of the benchmark, not a crash of it)."""
+def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory: bool = False,
+                 aux: tuple = ()) -> dict:
+  """`fn(q, k, v, *aux)` compiled forward and forward+backward (gradients of q, k, v): `fwd_ms`,
+  `fwd_bwd_ms` (medians), with `memory` the forward+backward's `peak_bytes`, and `status`: "ok", "OOM",
+  or the error's first line (a failure is a result of the benchmark, not a crash of it). `aux` (gates,
+  beta, ...) are arguments of the compiled calls, not constants in them: XLA would fold work on
+  constants at compile time and leave it out of the timed call."""
   row = {}
   try:
     fwd = jax.jit(fn)
-    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+    fwd_bwd = jax.jit(lambda q, k, v, do, *aux: jax.vjp(lambda q, k, v: fn(q, k, v, *aux), q, k, v)[1](do))
     if memory:
-      row["peak_bytes"] = peak_bytes(fwd_bwd, (q, k, v, do))
-    row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v), repeats=repeats, warmup=warmup)
-    row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=repeats, warmup=warmup)
+      row["peak_bytes"] = peak_bytes(fwd_bwd, (q, k, v, do, *aux))
+    row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v, *aux), repeats=repeats, warmup=warmup)
+    row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do, *aux), repeats=repeats, warmup=warmup)
     row["status"] = "ok"
   except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result here
     row["status"] = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

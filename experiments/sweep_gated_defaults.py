@@ -62,11 +62,12 @@ def run(seq_lens, *, repeats: int, warmup: int, smoke: bool) -> list[dict]:
     # Smoke: the ungated row, the gated default and spans (of one chunk: a smoke run has few).
     variants = VARIANTS if not smoke else (VARIANTS[0], VARIANTS[1], ("gla-pallas", dict(span_chunks=1)))
     for name, over in tqdm(variants, desc=f"T={t}"):
-      fn = bench_gated.row_fn(name, t, n, on_gpu=on_gpu)
-      if fn is None:
+      made = bench_gated.row_fn(name, t, n, on_gpu=on_gpu)
+      if made is None:
         continue
+      fn, aux = made
       with overridden(over):
-        row = timed_passes(fn, q, k, v, do, repeats=repeats, warmup=warmup)
+        row = timed_passes(fn, q, k, v, do, repeats=repeats, warmup=warmup, aux=aux)
       row.update(row=name, seq_len=t, override=over)
       rows.append(row)
       tqdm.write(json.dumps(row))

@@ -132,8 +132,8 @@ def test_families_suite_runs_gla_and_the_delta_rule_on_the_suite_inputs():
   bench = load_experiment("bench_families")
   q, k, v = util.qkv(b=1, t=9, n=2, kh=2, h=4)
   for name in ("gla", "delta_rule"):
-    fn, is_causal = bench.family_fn(name, 9, 4, on_gpu=False, n=2)
-    out = fn(q, k, v)
+    fn, is_causal, aux = bench.family_fn(name, 9, 4, on_gpu=False, n=2)
+    out = fn(q, k, v, *aux)
     assert is_causal and out.shape == q.shape and bool(jnp.isfinite(out).all()), name
 
 
