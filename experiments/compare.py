@@ -88,6 +88,14 @@ FAMILIES = {
     "gated_delta_rule-pallas": Family("Gated DeltaNet (Pallas)", ("--attention", "delta_rule", "--gated",
                                                                   "--implementation", "pallas", "--chunk-size", "64"),
                                       accelerator_only=True),
+    # Hybrids on the kernels: GLA with per-step gates alternating with local attention (block-sparse
+    # Pallas), or with a global softmax layer (Pallas flash) after every two GLA layers.
+    "gla-step+local-pallas": Family("hybrid GLA (per-step) + local, Pallas",
+                                    ("--attention", "gla,local", "--gate", "step", "--implementation", "pallas",
+                                     "--chunk-size", "64"), accelerator_only=True),
+    "gla-step+softmax-pallas": Family("hybrid 2 GLA (per-step) : 1 softmax, Pallas",
+                                      ("--attention", "gla,gla,softmax", "--gate", "step", "--implementation",
+                                       "pallas", "--chunk-size", "64"), accelerator_only=True),
 }
 DEFAULT_FAMILIES = ("softmax", "softmax-pallas", "favor", "linear", "local", "linformer")
 
