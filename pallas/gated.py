@@ -1084,38 +1084,46 @@ def _factor_terms(refs, st: _Static):
   return a, r_v, r_k, decay, kk, head
 
 
-def _unit_lower_inverse(a, st: _Static):
+def _unit_lower_inverse(a, scratch, st: _Static):
   """`(I + A)^-1` of a strictly lower `[C, C]` block in float32, without products of A's powers
-  (`efficient_attention._delta.unit_lower_inverse` says why).
+  (`efficient_attention._delta.unit_lower_inverse` says why); `scratch` is a float32 `[C, C]` ref
+  (the kernel's inverse output), which ends holding the inverse.
 
-  Forward substitution inside the diagonal 16-row blocks, all blocks at once (step i makes row i
-  of every block: `T_r = e_r - A_r T`, one product over the block-diagonal part), then the blocks
-  below: with `T_d` the block-diagonal inverse and `N = T_d A_o` (A_o the part of A below the
-  diagonal blocks, so N is nilpotent over the blocks), `(I + A)^-1 = (I + N)^-1 T_d`, by Horner's
-  rule `X <- T_d - N X` once per block. Products at (near) float32 precision.
+  A is stored in `scratch` and read back in blocks. Forward substitution inverts each diagonal
+  16-row block (step i makes row i, `T_i = e_i - A_i T`, a 16 x 16 product; the blocks side by side
+  in one loop), then pairs of inverted blocks merge into blocks twice as large, 16 -> 32 -> ... -> C:
+  `[[T_1, 0], [A_21, T_2]]` -> `[[T_1, 0], [-T_2 A_21 T_1, T_2]]`, in place (A_21 is still A's there).
+  Products at (near) float32 precision; `log2(C / 16)` merge levels of small products, where one
+  substitution over the whole block took `C / 16 - 1` full `[C, C]` products more.
   """
   c = a.shape[0]
   nb = min(_SOLVE_BLOCK, c)
   exact = _exact_precision(st)
-  rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  same = (rows // nb) == (cols // nb)
-  diagonal = jnp.where(same, a, 0.0)
+  scratch[...] = a
+  _block_barrier(st)
+  rows = lax.broadcasted_iota(jnp.int32, (nb, nb), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (nb, nb), 1)
   eye = jnp.where(rows == cols, 1.0, 0.0)
+  starts = range(0, c, nb)
+  diagonal = tuple(scratch[pl.ds(o, nb), pl.ds(o, nb)] for o in starts)
 
-  def body(i, t):
-    step = (rows % nb) == i
-    # Rows not yet made are still rows of I; A_r is 0 there (strictly lower), so they add nothing.
-    return jnp.where(step, eye - dot(jnp.where(step, diagonal, 0.0), t, exact), t)
+  def body(i, ts):
+    step = rows == i
+    # Rows not yet made are still rows of I; A_i is 0 there (strictly lower), so they add nothing.
+    return tuple(jnp.where(step, eye - dot(jnp.where(step, d, 0.0), t, exact), t) for d, t in zip(diagonal, ts))
 
-  t_d = lax.fori_loop(1, nb, body, eye)
-  if nb == c:
-    return t_d
-  n = dot(t_d, jnp.where(same, 0.0, a), exact)
-  x = t_d
-  for _ in range(c // nb - 1):
-    x = t_d - dot(n, x, exact)
-  return x
+  for o, t in zip(starts, lax.fori_loop(1, nb, body, (eye,) * len(diagonal))):
+    scratch[pl.ds(o, nb), pl.ds(o, nb)] = t
+  size = nb
+  while size < c:
+    _block_barrier(st)
+    for o in range(0, c, 2 * size):
+      lo, hi = pl.ds(o, size), pl.ds(o + size, size)
+      below = dot(scratch[hi, lo], scratch[lo, lo], exact)
+      scratch[hi, lo] = -dot(scratch[hi, hi], below, exact)
+    size *= 2
+  _block_barrier(st)
+  return scratch[...]
 
 
 def _exact_precision(st: _Static):
@@ -1131,11 +1139,10 @@ def _factors_kernel(refs: dict, st: _Static):
   u `[C, V]` (k's dtype), inverse `[C, C]` (float32, for the gradient).
   """
   a, r_v, r_k, _, _, _ = _factor_terms(refs, st)
-  t = _unit_lower_inverse(a, st)
+  t = _unit_lower_inverse(a, refs["inverse"], st)
   operand = _factor_operand(refs, st)
   refs["u"][...] = dot(operand(t), operand(r_v), st.precision).astype(refs["u"].dtype)
   refs["w"][...] = dot(operand(t), operand(r_k), st.precision).astype(refs["w"].dtype)
-  refs["inverse"][...] = t
 
 
 def _factor_operand(refs, st: _Static):
