@@ -88,6 +88,14 @@ FAMILIES = {
     "gated_delta_rule-pallas": Family("Gated DeltaNet (Pallas)", ("--attention", "delta_rule", "--gated",
                                                                   "--implementation", "pallas", "--chunk-size", "64"),
                                       accelerator_only=True),
+    # Fewer, larger heads (2 of 256 at the GPU preset's width 512, as the GLA and Gated DeltaNet papers'
+    # 256-wide heads): the same projections, a recurrent state four times as large per layer.
+    "gla-step-pallas-h256": Family("GLA (per-step gates, Pallas, 2 heads of 256)",
+                                   ("--attention", "gla", "--gate", "step", "--implementation", "pallas",
+                                    "--chunk-size", "64", "--num-heads", "2"), accelerator_only=True),
+    "gated_delta_rule-pallas-h256": Family("Gated DeltaNet (Pallas, 2 heads of 256)",
+                                           ("--attention", "delta_rule", "--gated", "--implementation", "pallas",
+                                            "--chunk-size", "64", "--num-heads", "2"), accelerator_only=True),
     # Hybrids on the kernels: GLA with per-step gates alternating with local attention (block-sparse
     # Pallas), or with a global softmax layer (Pallas flash) after every two GLA layers.
     "gla-step+local-pallas": Family("hybrid GLA (per-step) + local, Pallas",

@@ -238,3 +238,15 @@ def test_train_lines_cover_every_step_once_with_deferred_logging(tmp_path):
   assert all(r["mfu"] is None for r in train)  # no known peak rate on a CPU
   seconds = [r["train_seconds"] for r in train]
   assert seconds == sorted(seconds)
+
+
+def test_every_compare_family_makes_a_valid_gpu_preset_config(tmp_path):
+  # The argument lists compare.py hands to train_lm.py, for every family, parse and pass train_lm's checks;
+  # a family's own flags win over the preset's (e.g. 2 heads of 256 against the preset's 8 of 64).
+  compare = load_experiment("compare")
+  cfg = compare.parse_args(["--preset", "gpu", "--families", *compare.FAMILIES])
+  for family in compare.FAMILIES:
+    args = train_lm.parse_args(compare.train_args(cfg, family, 1024, tmp_path / family))
+    assert args.families == tuple(compare.FAMILIES[family].args[1].split(",")), family
+    assert args.width == 512 and args.seq_len == 1024 and args.batch_size == 64, family
+    assert args.num_heads == (2 if family.endswith("-h256") else 8), family
