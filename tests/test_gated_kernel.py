@@ -280,6 +280,8 @@ def _chunk_factors_f64(k, v, beta, gates, segment_ids=None, chunk=CHUNK):
     pytest.param(13, False, "strong", jnp.float32, CHUNK, id="strong_short"),
     # 64-step chunks under weak decay: four 16-row diagonal blocks, the blocks below them far from 0.
     pytest.param(77, False, "weak", jnp.float32, 64, id="weak_chunk64"),
+    # 128-step chunks: three levels of merges of inverted blocks (16 -> 32 -> 64 -> 128).
+    pytest.param(150, True, "weak", jnp.float32, 128, id="weak_chunk128_segments", marks=slow),
     pytest.param(37, True, "mild", jnp.bfloat16, CHUNK, id="segments_bf16", marks=slow),
 ])
 def test_delta_factors_vs_f64(t, segments, gates, dtype, chunk):
