@@ -70,12 +70,14 @@ def environment() -> dict:
 
 
 def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory: bool = False,
-                 aux: tuple = ()) -> dict:
+                 aux: tuple = (), pipelined: bool = False) -> dict:
   """`fn(q, k, v, *aux)` compiled forward and forward+backward (gradients of q, k, v): `fwd_ms`,
   `fwd_bwd_ms` (medians), with `memory` the forward+backward's `peak_bytes`, and `status`: "ok", "OOM",
   or the error's first line (a failure is a result of the benchmark, not a crash of it). `aux` (gates,
   beta, ...) are arguments of the compiled calls, not constants in them: XLA would fold work on
-  constants at compile time and leave it out of the timed call."""
+  constants at compile time and leave it out of the timed call. With `pipelined`, also
+  `fwd_bwd_pipelined_ms`: forward+backward calls dispatched back to back (`pipelined_time`), the
+  device's time per call without the host's latency of waiting on each."""
   row = {}
   try:
     fwd = jax.jit(fn)
@@ -84,6 +86,8 @@ def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory
       row["peak_bytes"] = peak_bytes(fwd_bwd, (q, k, v, do, *aux))
     row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v, *aux), repeats=repeats, warmup=warmup)
     row["fwd_bwd_ms"] = 1e3 * median_time(fwd_bwd, (q, k, v, do, *aux), repeats=repeats, warmup=warmup)
+    if pipelined:
+      row["fwd_bwd_pipelined_ms"] = 1e3 * pipelined_time(fwd_bwd, (q, k, v, do, *aux), repeats=repeats, warmup=1)
     row["status"] = "ok"
   except Exception as e:  # noqa: BLE001 - OOM (or another failure) is a result here
     row["status"] = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

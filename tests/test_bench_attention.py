@@ -145,6 +145,7 @@ def test_gated_suite_times_the_kernels_and_states_the_targets(tmp_path):
   assert {r["row"] for r in data["rows"]} == {"gla-pallas", "delta-pallas", "gla-xla"}
   for row in data["rows"]:
     assert row["status"] == "ok" and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, row
+    assert row["fwd_bwd_pipelined_ms"] > 0, row
   # One length and no cuDNN here: every target is stated, none measured.
   assert len(data["targets"]) == 5 and all(t["met"] is None for t in data["targets"])
   table = (out / "gated.md").read_text()
