@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 import pallas
-from experiments.bench_timing import inputs, median_time
+from experiments.bench_timing import forward_backward, inputs, median_time
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -52,7 +52,7 @@ def block_sparse_suite(cfg: Config) -> dict:
 
   def timed(fn) -> dict:
     fwd = jax.jit(fn)
-    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+    fwd_bwd = jax.jit(forward_backward(fn))
     return dict(fwd_ms=1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup),
                 fwd_bwd_ms=1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup))
 

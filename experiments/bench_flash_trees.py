@@ -35,7 +35,7 @@ for (b, n, t, h) in shapes:
         fn = lambda q, k, v, be=backend: pallas.flash_attention(q, k, v, is_causal=causal, backend=be)
       for bwd in (False, True):
         if bwd:
-          f = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+          f = jax.jit(lambda q, k, v, do: (lambda o, pull: (o, pull(do)))(*jax.vjp(fn, q, k, v)))
         else:
           f = jax.jit(lambda q, k, v, do: fn(q, k, v))
         try:

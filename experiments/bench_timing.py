@@ -15,15 +15,22 @@ def inputs(key, b, t, n, h, dtype=jnp.bfloat16):
   kq, kk, kv, kd = jax.random.split(key, 4)
   return tuple(jax.random.normal(kx, (b, t, n, h), jnp.float32).astype(dtype) for kx in (kq, kk, kv, kd))
 
+def forward_backward(fn: Callable) -> Callable:
+  """`(q, k, v, do, *aux) -> (out, (dq, dk, dv))` of `fn(q, k, v, *aux)`: a training step's work for
+  one attention call. The output is returned too: where the backward does not read it (linear,
+  gated and FAVOR+ kernels, XLA's softmax), XLA would otherwise drop the pass that makes it."""
+
+  def fwd_bwd(q, k, v, do, *aux):
+    out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, *aux), q, k, v)
+    return out, pull(do)
+
+  return fwd_bwd
+
+
 def compile_pass(fn: Callable, is_causal: bool, backward: bool):
   if not backward:
     return jax.jit(lambda q, k, v, do: fn(q, k, v, is_causal))
-
-  def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, is_causal), q, k, v)
-    return vjp(do)
-
-  return jax.jit(fwd_bwd)
+  return jax.jit(forward_backward(lambda q, k, v: fn(q, k, v, is_causal)))
 
 def median_time(f: Callable, args, *, repeats: int, warmup: int) -> float:
   for _ in range(warmup):
@@ -71,7 +78,7 @@ def environment() -> dict:
 
 def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory: bool = False,
                  aux: tuple = (), pipelined: bool = False) -> dict:
-  """`fn(q, k, v, *aux)` compiled forward and forward+backward (gradients of q, k, v): `fwd_ms`,
+  """`fn(q, k, v, *aux)` compiled forward and forward+backward (`forward_backward`): `fwd_ms`,
   `fwd_bwd_ms` (medians), with `memory` the forward+backward's `peak_bytes`, and `status`: "ok", "OOM",
   or the error's first line (a failure is a result of the benchmark, not a crash of it). `aux` (gates,
   beta, ...) are arguments of the compiled calls, not constants in them: XLA would fold work on
@@ -81,7 +88,7 @@ def timed_passes(fn: Callable, q, k, v, do, *, repeats: int, warmup: int, memory
   row = {}
   try:
     fwd = jax.jit(fn)
-    fwd_bwd = jax.jit(lambda q, k, v, do, *aux: jax.vjp(lambda q, k, v: fn(q, k, v, *aux), q, k, v)[1](do))
+    fwd_bwd = jax.jit(forward_backward(fn))
     if memory:
       row["peak_bytes"] = peak_bytes(fwd_bwd, (q, k, v, do, *aux))
     row["fwd_ms"] = 1e3 * median_time(fwd, (q, k, v, *aux), repeats=repeats, warmup=warmup)

@@ -204,6 +204,8 @@ def tune_linear(cases, num_heads: int, out: pathlib.Path, repeats: int, budget_s
       blocks = LinearBlockSizes(chunk=chunk, block_c=block_c, span_chunks=span // chunk, num_warps=warps)
 
       def fwd_bwd(q, k, v, do, blocks=blocks, w=w, h=h):
+        # The gradients only: XLA drops the output pass (the backward does not read it); the sweep ranks
+        # tilings by the passes the gradients need, as its committed results were made.
         _, vjp = jax.vjp(lambda q, k, v: causal_favor_attention(q, k, v, w, scale=h**-0.5, block_sizes=blocks), q, k, v)
         return vjp(do)
 

@@ -2,7 +2,9 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests import util
@@ -190,3 +192,29 @@ def test_gated_defaults_sweep_writes_its_rows(tmp_path):
   table = (tmp_path / "sweep" / "sweep.md").read_text()
   assert "| gla-pallas | 80 | span_chunks=1 |" in table
   assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["rows"] == rows
+
+
+def test_forward_backward_keeps_the_output_pass():
+  # A training step needs the output and the gradients. The gated kernels' backward does not read the
+  # output, so a function returning the gradients alone would let XLA drop the output kernel: check on a
+  # CUDA lowering (made on this CPU) that the timed function keeps it, and that its values are the call's.
+  import pallas
+  from experiments.bench_timing import forward_backward
+
+  t = 80
+  q = jax.random.normal(jax.random.key(0), (1, t, 2, 16), jnp.float32).astype(jnp.bfloat16)
+  gates = jnp.full((1, t, 2), -0.1, jnp.float32)
+  gpu = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, interpret=False)
+  triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  module = jax.export.export(jax.jit(forward_backward(gpu)), platforms=["cuda"], disabled_checks=triton)(
+      q, q, q, q, gates).mlir_module()
+  assert "gated_linear_outputs" in module and "gated_linear_grads" in module
+  gradients_only = jax.export.export(jax.jit(lambda q, k, v, do, g: forward_backward(gpu)(q, k, v, do, g)[1]),
+                                     platforms=["cuda"], disabled_checks=triton)(q, q, q, q, gates).mlir_module()
+  assert "gated_linear_outputs" not in gradients_only  # what the earlier benchmarks timed
+  cpu = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, interpret=True)
+  out, grads = jax.jit(forward_backward(cpu))(q, q, q, q, gates)
+  want_out, pull = jax.vjp(lambda q, k, v: cpu(q, k, v, gates), q, q, q)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
+  for got, want in zip(grads, pull(q)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6)
