@@ -1093,8 +1093,9 @@ def _unit_lower_inverse(a, scratch, st: _Static):
   16-row block (step i makes row i, `T_i = e_i - A_i T`, a 16 x 16 product; the blocks side by side
   in one loop), then pairs of inverted blocks merge into blocks twice as large, 16 -> 32 -> ... -> C:
   `[[T_1, 0], [A_21, T_2]]` -> `[[T_1, 0], [-T_2 A_21 T_1, T_2]]`, in place (A_21 is still A's there).
-  Products at (near) float32 precision; `log2(C / 16)` merge levels of small products, where one
-  substitution over the whole block took `C / 16 - 1` full `[C, C]` products more.
+  Products at (near) float32 precision: 16 x 16 ones in the substitution and two per pair in each of
+  the `log2(C / 16)` merge levels, where the earlier form (substitution on the whole block-diagonal
+  `[C, C]` at once, then Horner's rule for the blocks below) made every product `[C, C]`.
   """
   c = a.shape[0]
   nb = min(_SOLVE_BLOCK, c)
