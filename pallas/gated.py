@@ -14,7 +14,7 @@ GLA with per-feature gates):
 
 `delta_rule_recurrence(q, k, w, u, gates)` runs the chunk recurrence of the delta
 rule's WY form from the per-chunk `W` and `U~` (`delta_rule_factors` makes them, one
-program per chunk: `A`, its unit lower inverse by forward substitution in float32, two
+program per chunk: `A`, its unit lower inverse by blocked substitution in float32, two
 products; `delta_rule` runs both): per chunk, with the state `S` entering it,
 
   U = U~ - W S,   O = (gamma Q) S + (D * Q K^T) U,   S' = gamma_C S + (D[C, :] K)^T U.
