@@ -218,3 +218,14 @@ def test_forward_backward_keeps_the_output_pass():
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want_out, np.float32))
   for got, want in zip(grads, pull(q)):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-6)
+
+
+def test_density_layouts_reach_the_targets_of_the_suite():
+  # T=16k in blocks of 128: two-sided windows + a global block give 6.9% for 6.25%; none lands near 3.125%
+  # (2.3% or 3.9%), so a one-sided window (a block and the one before it) + a global block: 508 live blocks.
+  bench = load_experiment("bench_block_sparse")
+  got = {d: bench.density_layout(16384, 128, d) for d in (0.0625, 0.03125)}
+  assert round(100 * got[0.0625].density, 2) == 6.91 and got[0.0625].blocks[5, 6]  # two-sided
+  low = got[0.03125]
+  assert int(low.blocks.sum()) == 508 and low.blocks[5, 4] and not low.blocks[5, 6]  # one-sided
+  assert low.blocks[0].all() and low.blocks[:, 0].all()  # the global block's row and column
