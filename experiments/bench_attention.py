@@ -8,6 +8,7 @@
     python experiments/bench_attention.py --suite favor          # causal FAVOR+ kernels (bench_favor.py)
     python experiments/bench_attention.py --suite gated          # gated linear / delta-rule kernels (bench_gated.py)
     python experiments/bench_attention.py --suite gated --tune --gated-seq-lens 16384  # their tilings
+    python experiments/bench_attention.py --suite gated --trace --gated-seq-lens 4096  # per-kernel GPU time
 
 Each suite writes `results/<run>/<suite>.{json,md,png}`; the suite's module says what it times.
 """
@@ -37,6 +38,7 @@ class Config:
   repeats: int = 20
   warmup: int = 3
   tune: bool = False
+  trace: bool = False  # --suite gated: per-kernel GPU time of each row's forward+backward (a profiler trace)
   suite: str = "softmax"  # one of SUITES
   family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
   families: tuple[str, ...] = ()  # --suite families: the families to time (empty: all of bench_families.FAMILIES)
@@ -74,6 +76,8 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--repeats", type=int, default=Config.repeats)
   parser.add_argument("--warmup", type=int, default=Config.warmup)
   parser.add_argument("--tune", action="store_true", help="--suite softmax / gated: sweep the kernels' tilings instead")
+  parser.add_argument("--trace", action="store_true",
+                      help="--suite gated: per-kernel GPU time of each row's forward+backward (a profiler trace) instead")
   parser.add_argument("--suite", choices=tuple(SUITES), default=Config.suite)
   parser.add_argument("--favor-seq-lens", type=int, nargs="+", default=Config.favor_seq_lens)
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)

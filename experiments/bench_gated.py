@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import efficient_attention as ea
-from experiments.bench_timing import inputs, timed_passes
+from experiments.bench_timing import forward_backward, inputs, timed_passes
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -248,9 +248,58 @@ def tune_markdown(rows: list[dict], header: str) -> str:
   return "\n".join(lines + [""])
 
 
+TRACE_CALLS, TRACE_KERNELS = 3, 8  # calls traced per row and length; kernels listed per row
+
+
+def trace(cfg: Config) -> list[dict]:
+  """Each row's forward+backward (`forward_backward`: the output and the gradients) under the profiler,
+  `TRACE_CALLS` calls after two warm-up calls: GPU busy ms per call, launches, and the kernels by time.
+  A CPU trace holds no device kernels: its rows are empty (busy 0)."""
+  from experiments.device_trace import kernel_summary, traced_kernels
+
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  rows = []
+  for t in cfg.gated_seq_lens:
+    q, k, v, do = inputs(jax.random.key(cfg.seed + 5), 1, t, n, h, dtype)
+    for name in tqdm(cfg.gated_rows or ROWS, desc=f"trace T={t}"):
+      made = row_fn(name, t, n, on_gpu=on_gpu)
+      if made is None:
+        continue
+      fn, aux = made
+      step = jax.jit(forward_backward(fn))
+      args = (q, k, v, do, *aux)
+      for _ in range(2):
+        jax.block_until_ready(step(*args))
+      summary = kernel_summary(traced_kernels(lambda: [jax.block_until_ready(step(*args))
+                                                       for _ in range(TRACE_CALLS)]), calls=TRACE_CALLS)
+      rows.append(dict(row=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name, **summary))
+  return rows
+
+
+def trace_markdown(rows: list[dict], header: str) -> str:
+  lines = [header, "", f"GPU time per forward+backward call (output and gradients), mean of {TRACE_CALLS} traced "
+           f"calls: busy = the union of the kernels' intervals; then the {TRACE_KERNELS} longest kernels (us per call, "
+           "launches per call).", "", "| row | T | busy (ms) | launches | kernels |", "|---|---:|---:|---:|---|"]
+  for r in rows:
+    kernels = "; ".join(f"{k['name'][:48]} {k['us']:.1f} (x{k['launches']:g})" for k in r["kernels"][:TRACE_KERNELS])
+    lines.append(f"| {r['row']} | {r['seq_len']} | {r['busy_ms']:.3f} | {r['launches']:g} | {kernels or '–'} |")
+  return "\n".join(lines + [""])
+
+
 def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
   """Writes `gated.{json,md,png}` under `out`, again after every sequence length (`--tune`:
-  `tune.{json,md}`, the tiling sweep)."""
+  `tune.{json,md}`, the tiling sweep; `--trace`: `trace.{json,md}`, per-kernel GPU time)."""
+  if cfg.trace:
+    rows = trace(cfg)
+    header = (f"# Per-kernel GPU time of the gated suite's rows — {env['device']}, JAX {env['jax']}, "
+              f"{rows[0]['dtype'] if rows else '–'}, B1 N{8 if not cfg.smoke else 2} H{128 if not cfg.smoke else 16}, causal")
+    (out / "trace.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    table = trace_markdown(rows, header)
+    (out / "trace.md").write_text(table)
+    print(table)
+    return
   if cfg.tune:
     rows = tune(cfg)
     r0 = rows[0]

@@ -229,3 +229,20 @@ def test_density_layouts_reach_the_targets_of_the_suite():
   low = got[0.03125]
   assert int(low.blocks.sum()) == 508 and low.blocks[5, 4] and not low.blocks[5, 6]  # one-sided
   assert low.blocks[0].all() and low.blocks[:, 0].all()  # the global block's row and column
+
+
+def test_gated_trace_writes_a_row_per_row_and_length(tmp_path):
+  # CPU: the profiler's trace holds no device kernels, so every row is there with nothing in it.
+  bench = load_experiment("bench_attention")
+  out = bench.main(["--smoke", "--suite", "gated", "--trace", "--out-dir", str(tmp_path), "--run", "trace",
+                    "--gated-rows", "gla-xla", "delta-xla"])
+  rows = json.loads((out / "trace.json").read_text())["rows"]
+  assert [(r["row"], r["seq_len"]) for r in rows] == [("gla-xla", 32), ("delta-xla", 32)]
+  assert all(r["busy_ms"] == 0 and r["kernels"] == [] for r in rows)
+  table = (out / "trace.md").read_text()
+  assert "| gla-xla | 32 | 0.000 | 0 | – |" in table
+  gated = load_experiment("bench_gated")
+  made = gated.trace_markdown([dict(row="delta-pallas", seq_len=4096, busy_ms=0.81, launches=22.0,
+                                    kernels=[{"name": "delta_rule_dstates", "us": 286.1, "launches": 1.0},
+                                             {"name": "wrapped_convert_1", "us": 22.0, "launches": 3.0}])], "# h")
+  assert "| delta-pallas | 4096 | 0.810 | 22 | delta_rule_dstates 286.1 (x1); wrapped_convert_1 22.0 (x3) |" in made
