@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 import pallas
-from experiments.bench_timing import forward_backward, inputs, median_time
+from experiments.bench_timing import inputs, timed_passes
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -45,7 +45,7 @@ def density_layout(t: int, block: int, density: float):
     return best
   rows, cols = np.arange(nq)[:, None], np.arange(nq)[None, :]
   bands = [ea.BlockLayout((rows - cols >= 0) & (rows - cols <= w), block, block) for w in range(nq)]
-  return min(candidates + [band | g for g in globals_ for band in bands], key=lambda layout: abs(layout.density - density))
+  return min([best, *(band | g for g in globals_ for band in bands)], key=lambda layout: abs(layout.density - density))
 
 def _agreeing_rows(layout, t: int) -> list[int]:
   """Query rows whose causal row of `layout` is the whole causal row (every key block up to the diagonal live)."""
@@ -64,10 +64,10 @@ def block_sparse_suite(cfg: Config) -> dict:
   dense_name = "cudnn" if on_gpu else "xla"
 
   def timed(fn) -> dict:
-    fwd = jax.jit(fn)
-    fwd_bwd = jax.jit(forward_backward(fn))
-    return dict(fwd_ms=1e3 * median_time(fwd, (q, k, v), repeats=cfg.repeats, warmup=cfg.warmup),
-                fwd_bwd_ms=1e3 * median_time(fwd_bwd, (q, k, v, do), repeats=cfg.repeats, warmup=cfg.warmup))
+    row = timed_passes(fn, q, k, v, do, repeats=cfg.repeats, warmup=cfg.warmup)
+    if row.pop("status") != "ok":
+      raise RuntimeError(f"block-sparse suite: a timed call failed: {row}")
+    return row
 
   def sparse(layout, is_causal=False):
     return lambda q, k, v: pallas.block_sparse_attention(q, k, v, layout, is_causal=is_causal)

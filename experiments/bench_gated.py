@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,16 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> tuple[Callable, tuple]
   raise ValueError(f"unknown row {name!r}; valid: {ROWS + KERNEL_ROWS}")
 
 
+def setting(smoke: bool) -> tuple[bool, Any, int, int]:
+  """(on_gpu, dtype, heads, head dim) of the suite: bf16 B1 N8 H128 on a GPU, float32 elsewhere,
+  N2 H16 for a smoke run."""
+  on_gpu = jax.default_backend() == "gpu"
+  return on_gpu, jnp.bfloat16 if on_gpu else jnp.float32, *((8, 128) if not smoke else (2, 16))
+
+
 def measure(cfg: Config, on_length_done: Callable[[list[dict]], None] | None = None) -> list[dict]:
   """Every row at every T; a row that runs out of memory is not run at longer T."""
-  on_gpu = jax.default_backend() == "gpu"
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  on_gpu, dtype, n, h = setting(cfg.smoke)
   rows, stopped = [], {}
   key = jax.random.key(cfg.seed + 5)
   for t in tqdm(cfg.gated_seq_lens, desc="gated"):
@@ -203,9 +208,7 @@ def tune(cfg: Config) -> list[dict]:
   import pallas
   from pallas.gated import GatedBlockSizes
 
-  on_gpu = jax.default_backend() == "gpu"
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  on_gpu, dtype, n, h = setting(cfg.smoke)
   grid = TUNE_GRID if not cfg.smoke else TUNE_GRID[:2]
   rows = []
   for t in cfg.gated_seq_lens:
@@ -257,9 +260,7 @@ def trace(cfg: Config) -> list[dict]:
   A CPU trace holds no device kernels: its rows are empty (busy 0)."""
   from experiments.device_trace import kernel_summary, traced_kernels
 
-  on_gpu = jax.default_backend() == "gpu"
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  n, h = (8, 128) if not cfg.smoke else (2, 16)
+  on_gpu, dtype, n, h = setting(cfg.smoke)
   rows = []
   for t in cfg.gated_seq_lens:
     q, k, v, do = inputs(jax.random.key(cfg.seed + 5), 1, t, n, h, dtype)
@@ -288,39 +289,37 @@ def trace_markdown(rows: list[dict], header: str) -> str:
   return "\n".join(lines + [""])
 
 
+def _write(out: pathlib.Path, stem: str, table: str, env: dict, cfg: Config, rows: list[dict], **extra) -> None:
+  """`<stem>.json` (environment, config, rows and `extra`) and `<stem>.md` (`table`) under `out`."""
+  (out / f"{stem}.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows, **extra),
+                                               indent=1))
+  (out / f"{stem}.md").write_text(table)
+
+
 def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
   """Writes `gated.{json,md,png}` under `out`, again after every sequence length (`--tune`:
   `tune.{json,md}`, the tiling sweep; `--trace`: `trace.{json,md}`, per-kernel GPU time)."""
-  if cfg.trace:
-    rows = trace(cfg)
-    header = (f"# Per-kernel GPU time of the gated suite's rows — {env['device']}, JAX {env['jax']}, "
-              f"{rows[0]['dtype'] if rows else '–'}, B1 N{8 if not cfg.smoke else 2} H{128 if not cfg.smoke else 16}, causal")
-    (out / "trace.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
-    table = trace_markdown(rows, header)
-    (out / "trace.md").write_text(table)
-    print(table)
-    return
-  if cfg.tune:
-    rows = tune(cfg)
-    r0 = rows[0]
-    header = (f"# Tiling of the gated kernels — {env['device']}, JAX {env['jax']}, {r0['dtype']}, "
-              f"B1 N{r0['num_heads']} H{r0['head_dim']}, median of {cfg.repeats}")
-    (out / "tune.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
-    table = tune_markdown(rows, header)
-    (out / "tune.md").write_text(table)
+  _, dtype, n, h = setting(cfg.smoke)
+  shape = f"{jnp.dtype(dtype).name}, B1 N{n} H{h}"
+  if cfg.trace or cfg.tune:
+    if cfg.trace:
+      stem, rows = "trace", trace(cfg)
+      table = trace_markdown(rows, f"# Per-kernel GPU time of the gated suite's rows — {env['device']}, "
+                                   f"JAX {env['jax']}, {shape}, causal")
+    else:
+      stem, rows = "tune", tune(cfg)
+      table = tune_markdown(rows, f"# Tiling of the gated kernels — {env['device']}, JAX {env['jax']}, {shape}, "
+                                  f"median of {cfg.repeats}")
+    _write(out, stem, table, env, cfg, rows)
     print(table)
     return
 
   def write(rows: list[dict]) -> str:
     if not rows:
       return ""
-    r0 = rows[0]
-    header = (f"# Gated linear attention and the delta rule — {env['device']}, JAX {env['jax']}, {r0['dtype']}, "
-              f"B1 N{r0['num_heads']} H{r0['head_dim']}, causal, median of {cfg.repeats}")
-    table = markdown(rows, header)
-    (out / "gated.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows,
-                                                    targets=targets(rows)), indent=1))
-    (out / "gated.md").write_text(table)
+    table = markdown(rows, f"# Gated linear attention and the delta rule — {env['device']}, JAX {env['jax']}, "
+                           f"{shape}, causal, median of {cfg.repeats}")
+    _write(out, "gated", table, env, cfg, rows, targets=targets(rows))
     plot(rows, out / "gated.png")
     return table
 

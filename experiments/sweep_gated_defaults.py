@@ -19,7 +19,6 @@ import pathlib
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from experiments import bench_gated
@@ -53,9 +52,7 @@ def overridden(over: dict):
 
 
 def run(seq_lens, *, repeats: int, warmup: int, smoke: bool) -> list[dict]:
-  on_gpu = jax.default_backend() == "gpu"
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  n, h = (8, 128) if not smoke else (2, 16)
+  on_gpu, dtype, n, h = bench_gated.setting(smoke)
   rows = []
   for t in seq_lens:
     q, k, v, do = inputs(jax.random.key(5), 1, t, n, h, dtype)

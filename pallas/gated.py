@@ -1169,7 +1169,8 @@ def _factor_grads_kernel(refs: dict, st: _Static):
   operand = _factor_operand(refs, st)
   a, r_v, r_k, decay, kk, head = _factor_terms(refs, st)
   t, beta = refs["inverse"][...], refs["beta"][...]
-  k, v = refs["k"][...].astype(f32), refs["v"][...].astype(f32)
+  k_op = operand(refs["k"][...])  # the product operand: as loaded when 16-bit (no float32 round trip)
+  k, v = k_op.astype(f32), refs["v"][...].astype(f32)
   dr_v = dot_tn(operand(t), operand(refs["du"][...]), p)
   dr_k = dot_tn(operand(t), operand(refs["dw"][...]), p)
   # dA = -(dR X^T) = -(dR R^T) T^T: one [C, C] product in place of making X again.
@@ -1181,7 +1182,7 @@ def _factor_grads_kernel(refs: dict, st: _Static):
   d_kk = operand(beta[:, None] * decay * d_a)
   pairs = d_a * a
   y = jnp.sum(dr_k * k, axis=1)  # dL/d(beta_t gamma_t)
-  refs["dk"][...] = dot(d_kk, operand(k), p) + dot_tn(d_kk, operand(k), p) + (beta * head)[:, None] * dr_k
+  refs["dk"][...] = dot(d_kk, k_op, p) + dot_tn(d_kk, k_op, p) + (beta * head)[:, None] * dr_k
   refs["dv"][...] = beta[:, None] * dr_v
   refs["dbeta"][...] = jnp.sum(decay * kk * d_a, axis=1) + jnp.sum(dr_v * v, axis=1) + head * y
   # dL/dg_i: g_i lies in the exponent of every pair s < i <= t, and of gamma_t for t >= i. Summed pair by
