@@ -766,7 +766,7 @@ def _gated_reference(phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, gates: ja
   n, kh = phi_q.shape[2], phi_k.shape[2]
   phi_k, v = (jnp.repeat(x, n // kh, axis=2) for x in (phi_k, v))
   t, s = phi_q.shape[1], phi_k.shape[1]
-  runs = None if segment_ids is None else run_labels(segment_ids)
+  runs = None if segment_ids is None else run_labels(carry_ids_over_masked(segment_ids, mask))
   live = dense_mask(t, s, is_causal=is_causal, mask=mask, segment_ids=None if runs is None else (runs, runs))
   if gates is None:
     scores = jnp.einsum("btnm,bsnm->bnts", phi_q, phi_k)

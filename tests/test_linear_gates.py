@@ -169,6 +169,20 @@ class GatedLinearTest(chex.TestCase):
       want = util.in_f64(lambda *a: recurrence(*a, normalize=normalize, **opts), q, k, v, gates)
       np.testing.assert_allclose(dense, want, rtol=1e-10, atol=1e-10, err_msg=kind)
 
+  def test_dense_reference_carries_ids_over_a_segment_no_head_attends(self):
+    # The last step starts its own segment and no head attends its key: it belongs to the run
+    # before it (the library's convention), in the dense reference as in the recurrence.
+    q, k, v = util.qkv(B, T, T, N, KH, H, hv=HV)
+    ids = jnp.broadcast_to(jnp.where(jnp.arange(T) < T - 1, jnp.where(jnp.arange(T) < 5, 0, 1), 2), (B, T))
+    mask = util.bernoulli(0.7, (B, N, 1, T)).at[..., T - 1].set(False).at[..., 0].set(True)
+    opts = dict(segment_ids=ids, mask=mask)
+    gates = log_gates(gate_shape("step"))
+    dense = util.in_f64(jax.jit(lambda q, k, v, g: ea.linear_attention_reference(
+        q, k, v, is_causal=True, gates=g, normalize="none", **opts)), q, k, v, gates)
+    want = util.in_f64(lambda *a: recurrence(*a, normalize="none", **opts), q, k, v, gates)
+    np.testing.assert_allclose(dense, want, rtol=1e-10, atol=1e-10)
+    self.assertGreater(float(np.abs(want[:, T - 1]).min()), 0.0)
+
   def test_step_by_step_equals_chunked(self):
     q, k, v = util.qkv(B, T, T, N, KH, H, hv=HV)
     for kind, normalize, feature_map in (("head", "denominator", "elu+1"), ("step", "none", "identity"),
