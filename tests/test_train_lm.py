@@ -250,3 +250,43 @@ def test_every_compare_family_makes_a_valid_gpu_preset_config(tmp_path):
     assert args.families == tuple(compare.FAMILIES[family].args[1].split(",")), family
     assert args.width == 512 and args.seq_len == 1024 and args.batch_size == 64, family
     assert args.num_heads == (2 if family.endswith("-h256") else 8), family
+
+
+def test_compare_seeds_train_each_family_per_seed_and_table_the_spread_and_paired_gap(tmp_path, monkeypatch):
+  compare = load_experiment("compare")
+  # Stand-in training runs: held-out bpc per (family, seed), so the table's arithmetic can be checked.
+  bpc = {("softmax", 5): 2.0, ("softmax", 6): 2.4, ("softmax", 7): 2.2,
+         ("linear", 5): 2.5, ("linear", 6): 2.6, ("linear", 7): None}  # seed 7 of linear failed
+  calls = []
+
+  def run_one(cfg, family, seq_len, out_dir, seed):
+    args = compare.train_args(cfg, family, seq_len, out_dir, seed)
+    calls.append((family, seed, out_dir.relative_to(tmp_path / "s").as_posix(), args[args.index("--seed") + 1]))
+    value = bpc[family, seed]
+    summary = None if value is None else dict(
+        eval=dict(bpc=value, bpc_by_position=[value] * 8), final_train_loss=1.0, tokens_per_s=1.0, mfu=None,
+        peak_memory_bytes=2**20, peak_memory_kind="host", params=10, train_seconds=1.0, compile_seconds=0.0,
+        device_kind="cpu")
+    records = [dict(kind="eval", step=s, bpc=value or 8.0, train_seconds=float(s)) for s in (0, 6)]
+    return dict(family=family, label=compare.FAMILIES[family].label, causal=True, seq_len=seq_len, seed=seed,
+                summary=summary, records=records, error=None if summary else "failed (exit code 1)", seconds=1.0)
+
+  monkeypatch.setattr(compare, "run_one", run_one)
+  result = compare.main(["--preset", "smoke", "--families", "softmax", "linear", "--seed", "5", "--seeds", "3",
+                         "--out-dir", str(tmp_path), "--run", "s"])
+  # Seed by seed; the first seed in the usual directories, the others beside them.
+  assert calls == [("softmax", 5, "T64/softmax", "5"), ("linear", 5, "T64/linear", "5"),
+                   ("softmax", 6, "T64/softmax-seed6", "6"), ("linear", 6, "T64/linear-seed6", "6"),
+                   ("softmax", 7, "T64/softmax-seed7", "7"), ("linear", 7, "T64/linear-seed7", "7")]
+  assert [r["seed"] for r in result["runs"]] == [5, 5, 6, 6, 7, 7]
+  table = (tmp_path / "s" / "table.md").read_text()
+  assert "seeds 5–7 (the tables of single runs: seed 5)" in table
+  assert table.count("\n| softmax | 1.443 | 2.000 |") == 1  # the single-run table: seed 5 only
+  # softmax: mean 2.2, sample std 0.2; linear: seeds 5 and 6 only, gaps +0.5 and +0.2.
+  assert "| softmax | 2.000 | 2.400 | 2.200 | 2.200 | 0.200 | – | – |" in table
+  assert "| linear (elu+1) | 2.500 | 2.600 | – | 2.550 | 0.071 | +0.350 | +0.200 – +0.500 |" in table
+  rows = (tmp_path / "s" / "metrics.csv").read_text().splitlines()
+  assert rows[0].endswith(",seed") and rows[-1].endswith(",7")
+  assert (tmp_path / "s" / "curves.png").stat().st_size > 10_000
+  with pytest.raises(SystemExit):
+    compare.parse_args(["--seeds", "0"])
