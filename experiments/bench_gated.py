@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 
 ROWS = ("softmax-cudnn", "linear-pallas", "gla-pallas", "gla-xla", "delta-pallas", "delta-xla")
 # Not in the default set: the ungated kernel called directly through one backend each (elu+1 features
-# made by XLA), to compare the Pallas-Triton lowering with the jax_triton kernels (GPU only).
-KERNEL_ROWS = ("linear-triton", "linear-jax_triton")
+# made by XLA), to compare the Pallas-Triton lowering with the jax_triton kernels; the delta rule's
+# kernels called directly (q and k normalised by XLA) with the default tiling and with its backward
+# walk split (`GatedBlockSizes.split_backward_walk`), side by side (GPU only).
+KERNEL_ROWS = ("linear-triton", "linear-jax_triton", "delta-kernel", "delta-kernel_split")
 # The targets (issue text): ratios of forward+backward times.
 GATED_VS_UNGATED_LEN, GATED_VS_UNGATED_MAX = 16384, 1.3
 CUDNN_FROM_LEN = 4096
@@ -50,7 +52,18 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> tuple[Callable, tuple]
   if name in KERNEL_ROWS:
     if not on_gpu:
       return None
-    from pallas import linear
+    from pallas import gated, linear
+
+    if base == "delta":
+      split = impl == "kernel_split"
+
+      def delta(q, k, v, beta, gates):
+        blocks = dataclasses.replace(gated.GatedBlockSizes.get_default(q.dtype), split_backward_walk=split)
+        q, k = (ea._delta.l2_normalize(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
+        q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(k.dtype)
+        return gated.delta_rule(q, k, v, beta, gates, block_sizes=blocks)
+
+      return delta, (jax.nn.sigmoid(logits[..., 0]), -jax.nn.softplus(logits[..., 1]))
 
     def kernel(q, k, v):
       phi_q, phi_k = (jax.nn.elu(x.astype(jnp.float32)) + 1.0 for x in (q, k))

@@ -97,8 +97,14 @@ class GatedBlockSizes:
   and XLA then adds each span's entering state (one contraction over the spans) to its
   chunks' states; None: one span (a single sequential walk). `num_warps` /
   `num_stages`: Triton launch settings; `factor_warps`: warps of the delta rule's
-  WY-factor launches (their float32 `[C, C]` and `[C, H]` tiles). Defaults:
-  `get_default` (the tiles a first guess, the stages from a sweep on an H200).
+  WY-factor launches (their float32 `[C, C]` and `[C, H]` tiles).
+  `split_backward_walk` (the delta rule): the backward walk over the chunks
+  keeps only the two products that read the state's cotangent; the chunk's other
+  terms (its queries' share and the pseudo-values' local cotangent, three
+  products) come from a parallel launch before it, and the gradient pass makes the
+  pseudo-values' cotangent from the walk's output. One more launch, a shorter
+  sequential chain. Defaults: `get_default` (the tiles a first guess, the stages
+  from a sweep on an H200; `split_backward_walk` off until measured).
   """
 
   chunk: int = 64
@@ -110,10 +116,13 @@ class GatedBlockSizes:
   sub_chunk: int = 16
   span_chunks: int | None = None
   factor_warps: int = 8
+  split_backward_walk: bool = False
 
   def __post_init__(self):
     check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out", "sub_chunk"),
                  positive=("num_warps", "num_stages", "span_chunks", "factor_warps"), optional=("span_chunks",))
+    if not isinstance(self.split_backward_walk, bool):
+      raise ValueError(f"split_backward_walk={self.split_backward_walk!r} must be a bool")
 
   @classmethod
   def get_default(cls, dtype: Any, chunk: int | None = None, *, scalar_gates: bool = False) -> GatedBlockSizes:
@@ -156,6 +165,7 @@ class _Static:
   sub_chunk: int = 16  # steps per sub-chunk with per-feature gates (<= chunk)
   span_chunks: int = 0  # chunks per span of the walks (0: one span)
   factor_warps: int = 8  # warps of the WY-factor launches
+  split_walk: bool = False  # the delta rule's backward walk with its state-independent terms made before it
 
   @property
   def spans(self) -> int:
@@ -379,7 +389,8 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
                precision=matmul_precision(dtype), features=features,
                sub_chunk=min(block_sizes.sub_chunk, chunk),
                span_chunks=0 if block_sizes.span_chunks is None or block_sizes.span_chunks >= chunks
-               else block_sizes.span_chunks, factor_warps=block_sizes.factor_warps)
+               else block_sizes.span_chunks, factor_warps=block_sizes.factor_warps,
+               split_walk=delta and block_sizes.split_backward_walk)
   if delta and block_sizes.span_chunks is not None:
     raise ValueError(f"span_chunks={block_sizes.span_chunks} applies to gated linear attention; the delta rule's "
                      "walk is not split into spans (its state transition is a matrix): leave it None")
@@ -491,7 +502,7 @@ def _delta_bwd(st: _Static, res, do):
   q, k, w, gc, flags, h, pseudo = res
   do = do.astype(q.dtype)
   dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
-  dq, dk, dG, _, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
+  dq, dk, dG, dpseudo, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
   kh = k.shape[2]
   dk, dw, du = (_sum_group(x, kh) for x in (dk, dw, dpseudo))
   # With U held fixed, O and the states are gated linear attention over (k, U): the kernel's dL/dG.
@@ -779,16 +790,45 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   if delta:
     inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
     inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
+  if st.split_walk:
+    # The chunks' state-independent terms, made in parallel; the walk reads no queries or output cotangents.
+    del inputs["q"], inputs["do"]
+    inputs["local"] = (_dstates_local(q, k, do, gc, w, flags, st),
+                       pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, r, j: (i, n, 0, 0, j)))
   spans = 1 if delta else st.spans
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
                     pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
-  if delta:
+  if delta and not st.split_walk:
     outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
   outs = _walk(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), spans, st, "dstates", reverse=True)
   if spans > 1:
     return outs.astype(q.dtype)
-  return (outs[0], outs[1]) if delta else outs[0]
+  if not delta:
+    return outs[0]
+  return (outs[0], None) if st.split_walk else (outs[0], outs[1])
+
+
+def _dstates_local(q, k, do, gc, w, flags, st: _Static):
+  """The delta rule's split backward walk: per query head and chunk, float32 `[B, N, U', M, V]`, the terms of the
+  entering state's cotangent that do not read the leaving one: `(exp(G) q)^T dO - W^T ((decay * q k^T)^T dO)`."""
+  b, t_pad, n, m = q.shape
+  hv = do.shape[3]
+  c = st.chunk
+  bv = min(st.block_v, hv)
+  kv = lambda n: idiv(n, st.group)
+  inputs = {
+      "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, n, 0))),
+      "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, kv(n), 0))),
+      "w": (w, pl.BlockSpec((None, c, None, m), lambda i, n, u, j: (i, u, kv(n), 0))),
+      "do": (do, pl.BlockSpec((None, c, None, bv), lambda i, n, u, j: (i, u, n, j))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, n, u, j: (i, kv(n), 0, u))),
+      **_flag_inputs(flags, c, lambda i, n, u, j: (i, u)),
+  }
+  outputs = {"local": (jax.ShapeDtypeStruct((b, n, _chunks_pad(st), m, hv), jnp.float32),
+                       pl.BlockSpec((None, None, None, m, bv), lambda i, n, u, j: (i, n, u, 0, j)))}
+  return _call(_dstates_local_kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st,
+               _launch_name("dstates_local", st))[0]
 
 
 def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
@@ -799,7 +839,7 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   hv = v.shape[3]
   c = st.chunk
   kv = lambda n: idiv(n, st.group)
-  delta = dpseudo is not None
+  delta = st.delta
   inputs = {
       "q": (q, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))),
       "k": (k, pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, kv(n), 0))),
@@ -811,7 +851,7 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
       "dh": (dh, pl.BlockSpec((None, None, None, m, hv), lambda i, n, u: (i, n, u, 0, 0))),
       **_flag_inputs(flags, c, lambda i, n, u: (i, u)),
   }
-  if delta:
+  if dpseudo is not None:
     inputs["dpseudo"] = (dpseudo, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
   f32 = jnp.float32
   spec_m = pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))
@@ -825,14 +865,15 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
                      pl.BlockSpec((None, None, c), lambda i, n, u: (i, n, u)))
   if delta:
     outputs["dw"] = (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)
-  else:
+  if not delta or dpseudo is None:
+    # The pseudo-values' (the delta rule's split walk) or the values' cotangent, made here.
     outputs["dv"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), f32),
                      pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
   kernel = _feature_grads_kernel if st.features else _grads_kernel
   outs = _call(kernel, inputs, outputs, (b, n, st.chunks), st, _launch_name("grads", st))
   if delta:
-    dq, dk, dG, dw = outs
-    return dq, dk, dG, dpseudo, dw
+    dq, dk, dG, dw, *made = outs
+    return dq, dk, dG, made[0] if dpseudo is None else dpseudo, dw
   return tuple(outs)
 
 
@@ -993,12 +1034,31 @@ def _dstates_kernel(refs: dict, st: _Static):
   chunk's queries' share to the cotangent of the state entering it.
 
   Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`,
-  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
+  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule). The delta
+  rule's split walk reads `local [U', M, bv]` (`_dstates_local`) instead of q and do, and writes dh alone.
   """
-  q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
+  dh_ref = refs["dh"]
   c = st.chunk
   f32 = jnp.float32
   first, count = _span_range(refs, st)
+
+  def split_body(i, ds):
+    u = first + count - 1 - i
+    at = pl.ds(pl.multiple_of(u * c, c), c)
+    dh_ref[u] = ds.astype(dh_ref.dtype)
+    _, _, tail, keep = _chunk_masks(c, refs, at)
+    k = refs["k"][at, :]
+    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+    # The pseudo-values' cotangent through the state handed on; its local part is in `local`.
+    through = dot(kt, ds.astype(k.dtype), st.precision)
+    return keep * ds + refs["local"][u] - dot_tn(refs["w"][at, :], through.astype(k.dtype), st.precision)
+
+  if st.split_walk:
+    bm, bv = dh_ref.shape[1], dh_ref.shape[2]
+    lax.fori_loop(0, count, split_body, jnp.zeros((bm, bv), f32))
+    return
+
+  q_ref, do_ref = refs["q"], refs["do"]
 
   def body(i, ds):
     u = first + count - 1 - i
@@ -1032,6 +1092,23 @@ def _dstates_kernel(refs: dict, st: _Static):
     refs["ends"][...] = end
 
 
+def _dstates_local_kernel(refs: dict, st: _Static):
+  """One chunk, one block of value columns, of the delta rule's split backward walk:
+  `(exp(G) q)^T dO - W^T ((decay * q k^T)^T dO)`, the state's cotangent terms that do not read it.
+
+  Refs: q, k, w `[C, M]`, do `[C, bv]`, gc `[2, C]`, labels / sees `[C]`; output local `[M, bv]`.
+  """
+  f32 = jnp.float32
+  p = st.precision
+  q, k, w, do = refs["q"][...], refs["k"][...], refs["w"][...], refs["do"][...]
+  decay, head, _, _ = _chunk_masks(st.chunk, refs)
+  scores = dot_nt(q, k, p) * decay
+  q_head = (q.astype(f32) * head[:, None]).astype(q.dtype)
+  # The pseudo-values' cotangent from the chunk's own queries (the walk adds the state's share).
+  own = dot_tn(scores.astype(do.dtype), do, p)
+  refs["local"][...] = dot_tn(q_head, do, p) - dot_tn(w, own.astype(w.dtype), p)
+
+
 def _grads_kernel(refs: dict, st: _Static):
   """One chunk of one query head: dq, dk and dv (delta rule: dq, dk and dW).
 
@@ -1060,13 +1137,15 @@ def _grads_kernel(refs: dict, st: _Static):
   pairs = d_scores * qk
   refs["dG"][...] = (jnp.sum(pairs, axis=1) - jnp.sum(pairs, axis=0)
                      + jnp.sum(q.astype(f32) * dq_state, axis=1) - jnp.sum(k.astype(f32) * dk_state, axis=1))
+  if "dv" in refs:
+    # The values' cotangent (the delta rule's split walk: the pseudo-values'), from the queries and the state.
+    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+    dv = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
+    refs["dv"][...] = dv
   if st.delta:
     # U = U~ - W S: dW = -dU S^T.
-    dpseudo = refs["dpseudo"][...]
+    dpseudo = dv if "dv" in refs else refs["dpseudo"][...]
     refs["dw"][...] = -dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)
-  else:
-    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
-    refs["dv"][...] = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
 
 
 def _factor_terms(refs, st: _Static):

@@ -248,3 +248,16 @@ def test_gated_trace_writes_a_row_per_row_and_length(tmp_path):
                                     kernels=[{"name": "delta_rule_dstates", "us": 286.1, "launches": 1.0},
                                              {"name": "wrapped_convert_1", "us": 22.0, "launches": 3.0}])], "# h")
   assert "| delta-pallas | 4096 | 0.810 | 22 | delta_rule_dstates 286.1 (x1); wrapped_convert_1 22.0 (x3) |" in made
+
+
+def test_delta_kernel_rows_match_the_library_row():
+  bench_gated = load_experiment("bench_gated")
+  # The GPU-only rows that call the delta rule's kernels directly (default tiling, and the split backward
+  # walk) compute what `delta-pallas` computes; here in Pallas' interpreter.
+  q, k, v = (util.normal((1, 40, 2, 16)) for _ in range(3))
+  want_fn, aux = bench_gated.row_fn("delta-pallas", 40, 2, on_gpu=False)
+  want = jax.jit(want_fn)(q, k, v, *aux)
+  for name in ("delta-kernel", "delta-kernel_split"):
+    fn, aux = bench_gated.row_fn(name, 40, 2, on_gpu=True)
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v, *aux), want, rtol=2e-5, atol=2e-5, err_msg=name)
+  assert bench_gated.row_fn("delta-kernel_split", 40, 2, on_gpu=False) is None
