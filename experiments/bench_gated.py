@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 ROWS = ("softmax-cudnn", "linear-pallas", "gla-pallas", "gla-xla", "delta-pallas", "delta-xla")
 # Not in the default set: the ungated kernel called directly through one backend each (elu+1 features
 # made by XLA), to compare the Pallas-Triton lowering with the jax_triton kernels; the delta rule's
-# kernels called directly (q and k normalised by XLA) with the default tiling and with its backward
-# walk split (`GatedBlockSizes.split_backward_walk`), side by side (GPU only).
-KERNEL_ROWS = ("linear-triton", "linear-jax_triton", "delta-kernel", "delta-kernel_split")
+# kernels called directly (q and k normalised by XLA) with the default tiling and with each of its
+# walks (`GatedBlockSizes.delta_walk`), side by side (GPU only).
+KERNEL_ROWS = ("linear-triton", "linear-jax_triton", "delta-kernel", "delta-kernel_split", "delta-kernel_transition")
 # The targets (issue text): ratios of forward+backward times.
 GATED_VS_UNGATED_LEN, GATED_VS_UNGATED_MAX = 16384, 1.3
 CUDNN_FROM_LEN = 4096
@@ -55,10 +55,10 @@ def row_fn(name: str, t: int, n: int, *, on_gpu: bool) -> tuple[Callable, tuple]
     from pallas import gated, linear
 
     if base == "delta":
-      split = impl == "kernel_split"
+      walk = impl.partition("_")[2] or "direct"
 
       def delta(q, k, v, beta, gates):
-        blocks = dataclasses.replace(gated.GatedBlockSizes.get_default(q.dtype), split_backward_walk=split)
+        blocks = dataclasses.replace(gated.GatedBlockSizes.get_default(q.dtype), delta_walk=walk)
         q, k = (ea._delta.l2_normalize(x.astype(jnp.float32)).astype(x.dtype) for x in (q, k))
         q = (q.astype(jnp.float32) * q.shape[-1] ** -0.5).astype(k.dtype)
         return gated.delta_rule(q, k, v, beta, gates, block_sizes=blocks)

@@ -82,6 +82,10 @@ from pallas import common
 from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, idiv, matmul_precision, pad_to, pow2_at_least, triton_params
 
 
+# The delta rule's walks (`GatedBlockSizes.delta_walk`).
+DELTA_WALKS = ("direct", "split", "transition")
+
+
 @dataclasses.dataclass(frozen=True)
 class GatedBlockSizes:
   """Tiling and launch settings of the gated and delta-rule kernels.
@@ -98,13 +102,18 @@ class GatedBlockSizes:
   chunks' states; None: one span (a single sequential walk). `num_warps` /
   `num_stages`: Triton launch settings; `factor_warps`: warps of the delta rule's
   WY-factor launches (their float32 `[C, C]` and `[C, H]` tiles).
-  `split_backward_walk` (the delta rule): the backward walk over the chunks
-  keeps only the two products that read the state's cotangent; the chunk's other
-  terms (its queries' share and the pseudo-values' local cotangent, three
-  products) come from a parallel launch before it, and the gradient pass makes the
-  pseudo-values' cotangent from the walk's output. One more launch, a shorter
-  sequential chain. Defaults: `get_default` (the tiles a first guess, the stages
-  from a sweep on an H200; `split_backward_walk` off until measured).
+  `delta_walk` (the delta rule's walks over the chunks): `"direct"` makes every
+  product of a chunk in the walk (two forward, five backward); `"split"` keeps in the
+  backward walk only the two that read the state's cotangent: the chunk's other
+  terms (its queries' share and the pseudo-values' local cotangent) come from a
+  parallel launch before it, and the gradient pass makes the pseudo-values'
+  cotangent from the walk's output; `"transition"` also makes each chunk's
+  transition `T = (exp(G_C - G) k)^T W` `[H, H]` and input `(exp(G_C - G) k)^T U~`
+  in a parallel launch, so each walk is one product a chunk (`S <- keep S - T S + B`,
+  `dS <- keep dS + local - T^T dS`) and the pseudo-values `U~ - W S` one batched
+  product in XLA. More launches and bytes, a shorter sequential chain. Defaults:
+  `get_default` (the tiles a first guess, the stages from a sweep on an H200;
+  `delta_walk="direct"` until the others are measured).
   """
 
   chunk: int = 64
@@ -116,13 +125,13 @@ class GatedBlockSizes:
   sub_chunk: int = 16
   span_chunks: int | None = None
   factor_warps: int = 8
-  split_backward_walk: bool = False
+  delta_walk: str = "direct"
 
   def __post_init__(self):
     check_tiling(self, pow2=("chunk", "block_m", "block_v", "block_v_out", "sub_chunk"),
                  positive=("num_warps", "num_stages", "span_chunks", "factor_warps"), optional=("span_chunks",))
-    if not isinstance(self.split_backward_walk, bool):
-      raise ValueError(f"split_backward_walk={self.split_backward_walk!r} must be a bool")
+    if self.delta_walk not in DELTA_WALKS:
+      raise ValueError(f"delta_walk={self.delta_walk!r} must be one of {', '.join(map(repr, DELTA_WALKS))}")
 
   @classmethod
   def get_default(cls, dtype: Any, chunk: int | None = None, *, scalar_gates: bool = False) -> GatedBlockSizes:
@@ -165,7 +174,16 @@ class _Static:
   sub_chunk: int = 16  # steps per sub-chunk with per-feature gates (<= chunk)
   span_chunks: int = 0  # chunks per span of the walks (0: one span)
   factor_warps: int = 8  # warps of the WY-factor launches
-  split_walk: bool = False  # the delta rule's backward walk with its state-independent terms made before it
+  delta_walk: str = "direct"  # the delta rule's walks (GatedBlockSizes.delta_walk); "direct" for the others
+
+  @property
+  def split_walk(self) -> bool:
+    """The delta rule's backward walk reads its state-independent terms from a launch before it."""
+    return self.delta_walk in ("split", "transition")
+
+  @property
+  def transition(self) -> bool:
+    return self.delta_walk == "transition"
 
   @property
   def spans(self) -> int:
@@ -390,7 +408,7 @@ def _prepare(dims: common.Dims, ids, block_sizes, interpret, dtype, *, delta: bo
                sub_chunk=min(block_sizes.sub_chunk, chunk),
                span_chunks=0 if block_sizes.span_chunks is None or block_sizes.span_chunks >= chunks
                else block_sizes.span_chunks, factor_warps=block_sizes.factor_warps,
-               split_walk=delta and block_sizes.split_backward_walk)
+               delta_walk=block_sizes.delta_walk if delta else "direct")
   if delta and block_sizes.span_chunks is not None:
     raise ValueError(f"span_chunks={block_sizes.span_chunks} applies to gated linear attention; the delta rule's "
                      "walk is not split into spans (its state transition is a matrix): leave it None")
@@ -493,15 +511,21 @@ def _delta_fwd(q, k, w, u, g, flags, st: _Static):
 
 
 def _delta_forward(q, k, w, u, gc, flags, st: _Static):
-  h, pseudo = _states(k, u, gc, flags, st, w=w)
+  transitions = None
+  if st.transition:
+    transitions, inputs = _transitions(k, w, u, gc, flags, st)
+    h = _states_by_transitions(transitions, inputs, gc, flags, st)
+    pseudo = _pseudo_values(w, u, h, st)
+  else:
+    h, pseudo = _states(k, u, gc, flags, st, w=w)
   out = _outputs(q, k, pseudo, gc, h, flags, st)
-  return out, (q, k, w, gc, flags, h, pseudo)
+  return out, (q, k, w, gc, flags, h, pseudo, transitions)
 
 
 def _delta_bwd(st: _Static, res, do):
-  q, k, w, gc, flags, h, pseudo = res
+  q, k, w, gc, flags, h, pseudo, transitions = res
   do = do.astype(q.dtype)
-  dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
+  dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w, transitions=transitions)
   dq, dk, dG, dpseudo, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
   kh = k.shape[2]
   dk, dw, du = (_sum_group(x, kh) for x in (dk, dw, dpseudo))
@@ -552,7 +576,7 @@ def _delta_rule_fwd(q, k, v, beta, g, flags, st: _Static):
 
 def _delta_rule_bwd(st: _Static, res, do):
   res, v, beta, inverse = res
-  _, k, _, gc, flags, _, _ = res
+  _, k, _, gc, flags, *_ = res
   dq, dk, dw, du, dg, _ = _delta_bwd(st, res, do)
   dk_factors, dv, dbeta, dg_factors = _factor_grads(k, v, beta, gc, flags, inverse, dw, du, st)
   dk = (dk.astype(jnp.float32) + dk_factors).astype(k.dtype)
@@ -669,6 +693,56 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   return (outs[0], outs[1]) if delta else outs[0]
 
 
+def _transitions(k, w, u, gc, flags, st: _Static):
+  """The delta rule's transition walks: per chunk of each key/value head, `T = (exp(G_C - G) k)^T W`
+  `[B, K, U', H, H]` in k's dtype and `B = (exp(G_C - G) k)^T U~` `[B, K, U', H, V]` float32, so that the
+  state leaving the chunk is `keep S - T S + B`."""
+  b, t_pad, kh, m = k.shape
+  hv, c = u.shape[3], st.chunk
+  u_pad = _chunks_pad(st)
+  inputs = {
+      "k": (k, _factor_spec(c, m)),
+      "w": (w, _factor_spec(c, m)),
+      "u": (u, _factor_spec(c, hv)),
+      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))),
+      **_flag_inputs(flags, c, lambda i, j, u: (i, u)),
+  }
+  outputs = {
+      "transitions": (jax.ShapeDtypeStruct((b, kh, u_pad, m, m), k.dtype),
+                      pl.BlockSpec((None, None, None, m, m), lambda i, j, u: (i, j, u, 0, 0))),
+      "inputs": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), jnp.float32),
+                 pl.BlockSpec((None, None, None, m, hv), lambda i, j, u: (i, j, u, 0, 0))),
+  }
+  return tuple(_call(_transitions_kernel, inputs, outputs, (b, kh, st.chunks),
+                     dataclasses.replace(st, num_warps=st.factor_warps), _launch_name("transitions", st)))
+
+
+def _states_by_transitions(transitions, inputs, gc, flags, st: _Static):
+  """The state entering each chunk `h [B, K, U', H, V]` in the transitions' dtype, one product a chunk."""
+  b, kh, u_pad, m, hv = inputs.shape
+  bv = min(st.block_v, hv)
+  t_pad = st.chunks * st.chunk
+  ins = {
+      "transitions": (transitions, pl.BlockSpec((None, None, u_pad, m, m), lambda i, h, j: (i, h, 0, 0, 0))),
+      "inputs": (inputs, pl.BlockSpec((None, None, u_pad, m, bv), lambda i, h, j: (i, h, 0, 0, j))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, h, j: (i, h, 0, 0))),
+      **_flag_inputs(flags, t_pad, lambda i, h, j: (i, 0)),
+  }
+  outputs = {"h": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), transitions.dtype),
+                   pl.BlockSpec((None, None, u_pad, m, bv), lambda i, h, j: (i, h, 0, 0, j)))}
+  return _call(_transition_states_kernel, ins, outputs, (b, kh, hv // bv), st, _launch_name("states", st))[0]
+
+
+def _pseudo_values(w, u, h, st: _Static):
+  """`U = U~ - W S` `[B, T', K, V]` in u's dtype, S the state entering each step's chunk (one batched product)."""
+  b, t_pad, kh, m = w.shape
+  c = st.chunk
+  chunks = w.reshape(b, st.chunks, c, kh, m)
+  read = jnp.einsum("buckm,bkumv->buckv", chunks, h[:, :, :st.chunks], precision=st.precision,
+                    preferred_element_type=jnp.float32)
+  return (u.astype(jnp.float32) - read.reshape(u.shape)).astype(u.dtype)
+
+
 def _walk(kernel, inputs: dict, outputs: dict, grid: tuple, spans: int, st: _Static, part: str, *, reverse: bool):
   """Launches a walk over the chunks; with spans, on a grid with a span axis, and returns the joined
   float32 states (`_join_spans`) instead of the launch's outputs."""
@@ -767,7 +841,7 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
   return _call(kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st, _launch_name("outputs", st))[0]
 
 
-def _dstates(q, k, do, gc, flags, st: _Static, w=None):
+def _dstates(q, k, do, gc, flags, st: _Static, w=None, transitions=None):
   """Per query head, the cotangent of the state leaving each chunk `dh [B, N, U', M, V]` in q's dtype
   (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32)."""
   b, t_pad, n, m = q.shape
@@ -795,6 +869,11 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
     del inputs["q"], inputs["do"]
     inputs["local"] = (_dstates_local(q, k, do, gc, w, flags, st),
                        pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, r, j: (i, n, 0, 0, j)))
+  if st.transition:
+    # The chunks' transitions replace their keys and W in the walk.
+    del inputs["k"], inputs["w"]
+    inputs["transitions"] = (transitions, pl.BlockSpec((None, None, u_pad, m, m),
+                                                       lambda i, n, r, j: (i, kv(n), 0, 0, 0)))
   spans = 1 if delta else st.spans
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
                     pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
@@ -1002,6 +1081,32 @@ def _states_kernel(refs: dict, st: _Static):
     refs["ends"][...] = end
 
 
+def _transitions_kernel(refs: dict, st: _Static):
+  """One chunk of one key/value head: `T = kt^T W` `[H, H]` and `B = kt^T U~` `[H, V]`, `kt = exp(G_C - G) k`
+  (0 for keys not handed on). Refs: k, w `[C, H]`, u `[C, V]`, gc `[2, C]`, labels / sees `[C]`."""
+  _, _, tail, _ = _chunk_masks(st.chunk, refs)
+  k = refs["k"][...]
+  kt = (k.astype(jnp.float32) * tail[:, None]).astype(k.dtype)
+  refs["transitions"][...] = dot_tn(kt, refs["w"][...], st.precision).astype(refs["transitions"].dtype)
+  refs["inputs"][...] = dot_tn(kt, refs["u"][...], st.precision)
+
+
+def _transition_states_kernel(refs: dict, st: _Static):
+  """Walks the chunks in order: writes the state entering each, then `S <- keep S - T S + B`.
+
+  Refs: transitions `[U', H, H]`, inputs `[U', H, bv]`, gc `[2, T']`, labels / sees `[T']`; output h `[U', H, bv]`."""
+  h_ref, c = refs["h"], st.chunk
+
+  def body(u, s):
+    at = pl.ds(pl.multiple_of(u * c, c), c)
+    h_ref[u] = s.astype(h_ref.dtype)
+    _, _, _, keep = _chunk_masks(c, refs, at)
+    moved = dot(refs["transitions"][u], s.astype(h_ref.dtype), st.precision)
+    return keep * s - moved + refs["inputs"][u]
+
+  lax.fori_loop(0, st.chunks, body, jnp.zeros(h_ref.shape[1:], jnp.float32))
+
+
 def _span_range(refs, st: _Static):
   """The first chunk and the number of chunks of this program's span (every chunk without spans)."""
   if "ends" not in refs:
@@ -1047,6 +1152,10 @@ def _dstates_kernel(refs: dict, st: _Static):
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
     _, _, tail, keep = _chunk_masks(c, refs, at)
+    if st.transition:
+      # -W^T kt dS = -T^T dS.
+      moved = dot_tn(refs["transitions"][u], ds.astype(dh_ref.dtype), st.precision)
+      return keep * ds + refs["local"][u] - moved
     k = refs["k"][at, :]
     kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
     # The pseudo-values' cotangent through the state handed on; its local part is in `local`.

@@ -239,26 +239,31 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
 
 
-@pytest.mark.parametrize("gates,t", [pytest.param("mild", 37, id="segments_odd_t"),
+@pytest.mark.parametrize("walk", ["direct", "split", "transition"])
+@pytest.mark.parametrize("gates,t", [pytest.param("weak", 37, id="segments_odd_t"),
                                      pytest.param("strong", 37, id="strong_decay")])
-def test_delta_split_backward_walk_vs_f64(gates, t):
-  # The backward walk with its state-independent terms made in a parallel launch before it
-  # (`split_backward_walk`): the same values and gradients against the float64 recurrence,
-  # with GQA, segment ids and an odd length over three chunks.
+def test_delta_walks_vs_f64(walk, gates, t):
+  # The walks of `GatedBlockSizes.delta_walk`: the default ("direct"), the backward walk with its state-independent terms
+  # made in a parallel launch before it ("split"), and both walks by per-chunk transitions
+  # ("transition"): the same values and gradients against the float64 recurrence, with GQA,
+  # segment ids and an odd length over three chunks. Weak decay (log gates in [-0.1, 0]): the state
+  # and its correction `W S` carry across chunks (with gates in [-3, 0] they fade within one).
   q, k, v, beta, log_g = delta_inputs(t=t)
+  if gates == "weak":
+    log_g = draw_gates((B, t, KH), low=-0.1)
   if gates == "strong":
     log_g = draw_gates((B, t, KH), low=-20.0).at[:, ::2].set(-20.0)
   q, k = (ea._delta.l2_normalize(x) for x in (q, k))
   ids = util.packed_segment_ids(B, t, 3)
-  blocks = pallas.GatedBlockSizes(chunk=CHUNK, split_backward_walk=True)
+  blocks = pallas.GatedBlockSizes(chunk=CHUNK, delta_walk=walk)
   fn = lambda *a: pallas.delta_rule(*a, segment_ids=ids, block_sizes=blocks)
   ref = lambda *a: delta_rule_f64(*a, scale=1.0, qk_norm=False, segment_ids=ids)[0]
   out, grads = util.check_against_f64(fn, ref, (q, k, v, beta, log_g), argnums=(0, 1, 2, 3, 4),
                                       norm_tol=2e-5 if gates == "strong" else None, **util.TOL[jnp.float32])
   chex.assert_shape(out, (B, t, N, HV))
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
-  with pytest.raises(ValueError, match="split_backward_walk=1 must be a bool"):
-    pallas.GatedBlockSizes(split_backward_walk=1)
+  with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split', 'transition'"):
+    pallas.GatedBlockSizes(delta_walk="fused")
 
 
 class DeltaRuleKernelTest(chex.TestCase):
@@ -327,7 +332,8 @@ def test_delta_factors_vs_f64(t, segments, gates, dtype, chunk):
 
 
 @pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "delta_rule_factors",
-                                    "gated_linear_spans", "gated_linear_feature_spans", "delta_rule_split"])
+                                    "gated_linear_spans", "gated_linear_feature_spans", "delta_rule_split",
+                                    "delta_rule_transition"])
 def test_kernels_lower_to_triton_for_a_gpu(kernel):
   # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
   # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
@@ -339,8 +345,8 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
     gates = jnp.full((1, t, 2, 128), -0.1, jnp.float32)
   # The spanned walks: 300 steps are five 64-step chunks, in spans of two.
   blocks = dict(block_sizes=pallas.GatedBlockSizes(span_chunks=2)) if kernel.endswith("spans") else {}
-  if kernel == "delta_rule_split":
-    blocks = dict(block_sizes=pallas.GatedBlockSizes(split_backward_walk=True))
+  if kernel in ("delta_rule_split", "delta_rule_transition"):
+    blocks = dict(block_sizes=pallas.GatedBlockSizes(delta_walk=kernel.rpartition("_")[2]))
   if kernel.startswith("gated_linear"):
     f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False, **blocks)
   elif kernel.startswith("delta_rule") and kernel != "delta_rule_factors":
@@ -359,8 +365,10 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
     assert calls == [1, 2], calls
     return
   # Forward: states and outputs; gradient: states, the backward walk and the gradient pass
-  # (the split walk: and the parallel launch of its state-independent terms before it).
-  assert calls == [2, 4 if kernel == "delta_rule_split" else 3], calls
+  # (the split walk: and the parallel launch of its state-independent terms before it; the
+  # transition walks: and the launch of the chunks' transitions before the forward walk).
+  want = {"delta_rule_split": [2, 4], "delta_rule_transition": [3, 5]}.get(kernel, [2, 3])
+  assert calls == want, calls
 
 
 def test_default_tiling_follows_the_dtype():
