@@ -240,9 +240,12 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
 
 
 @pytest.mark.parametrize("walk", ["direct", "split", "transition"])
-@pytest.mark.parametrize("gates,t", [pytest.param("weak", 37, id="segments_odd_t"),
-                                     pytest.param("strong", 37, id="strong_decay")])
-def test_delta_walks_vs_f64(walk, gates, t):
+@pytest.mark.parametrize("gates,t,dtype", [
+    pytest.param("weak", 37, jnp.float32, id="segments_odd_t"),
+    pytest.param("strong", 37, jnp.float32, id="strong_decay"),
+    # 16-bit operands (T, the states and the pseudo-values stored in bf16, as on a GPU).
+    pytest.param("weak", 37, jnp.bfloat16, id="segments_bf16", marks=slow)])
+def test_delta_walks_vs_f64(walk, gates, t, dtype):
   # The walks of `GatedBlockSizes.delta_walk`: the default ("direct"), the backward walk with its state-independent terms
   # made in a parallel launch before it ("split"), and both walks by per-chunk transitions
   # ("transition"): the same values and gradients against the float64 recurrence, with GQA,
@@ -251,16 +254,19 @@ def test_delta_walks_vs_f64(walk, gates, t):
   q, k, v, beta, log_g = delta_inputs(t=t)
   if gates == "weak":
     log_g = draw_gates((B, t, KH), low=-0.1)
+  # Normalised in float32, then cast: the kernels take prepared inputs.
   if gates == "strong":
     log_g = draw_gates((B, t, KH), low=-20.0).at[:, ::2].set(-20.0)
-  q, k = (ea._delta.l2_normalize(x) for x in (q, k))
+  q, k = (ea._delta.l2_normalize(x).astype(dtype) for x in (q, k))
+  v = v.astype(dtype)
   ids = util.packed_segment_ids(B, t, 3)
   blocks = pallas.GatedBlockSizes(chunk=CHUNK, delta_walk=walk)
   fn = lambda *a: pallas.delta_rule(*a, segment_ids=ids, block_sizes=blocks)
   ref = lambda *a: delta_rule_f64(*a, scale=1.0, qk_norm=False, segment_ids=ids)[0]
   out, grads = util.check_against_f64(fn, ref, (q, k, v, beta, log_g), argnums=(0, 1, 2, 3, 4),
-                                      norm_tol=2e-5 if gates == "strong" else None, **util.TOL[jnp.float32])
+                                      norm_tol=2e-5 if gates == "strong" else None, **util.TOL[dtype])
   chex.assert_shape(out, (B, t, N, HV))
+  assert out.dtype == dtype
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
   with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split', 'transition'"):
     pallas.GatedBlockSizes(delta_walk="fused")
