@@ -843,7 +843,8 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
 
 def _dstates(q, k, do, gc, flags, st: _Static, w=None, transitions=None):
   """Per query head, the cotangent of the state leaving each chunk `dh [B, N, U', M, V]` in q's dtype
-  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32)."""
+  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32, or None where the split walk
+  leaves it to the gradient pass; `transitions`: the chunks' `T` of the transition walk)."""
   b, t_pad, n, m = q.shape
   hv = do.shape[3]
   delta = w is not None
