@@ -13,7 +13,9 @@ Linformer and block-sparse local attention by default; `--families` adds the
 other kernels, LSH (Reformer) attention, GLA, DeltaNet, Gated DeltaNet, a
 hybrid of GLA and local layers (`gla+local`), and GLA (per-feature or per-step gates)
 and Gated DeltaNet on the Pallas kernels (`gla-pallas`, `gla-step-pallas`,
-`gated_delta_rule-pallas`). Linformer has no causal form: its
+`gated_delta_rule-pallas`, `-h256`: 2 heads of 256), and hybrids of them with local
+or softmax layers on the kernels (`gla-step+local-pallas`, `gla-step+softmax-pallas`
+(2 : 1), `gla-step+softmax-1to1-pallas`, `gated_delta_rule+softmax-pallas`). Linformer has no causal form: its
 model sees the byte it predicts, so its loss is no language-model loss; it is
 trained and tabled for speed and memory, marked, and left out of the curves.
 
@@ -114,6 +116,14 @@ FAMILIES = {
     "gla-step+softmax-pallas": Family("hybrid 2 GLA (per-step) : 1 softmax, Pallas",
                                       ("--attention", "gla,gla,softmax", "--gate", "step", "--implementation",
                                        "pallas", "--chunk-size", "64"), accelerator_only=True),
+    # Half the layers softmax (GLA and softmax alternating), and Gated DeltaNet in the 2 : 1 stack.
+    "gla-step+softmax-1to1-pallas": Family("hybrid GLA (per-step) : softmax 1:1, Pallas",
+                                           ("--attention", "gla,softmax", "--gate", "step", "--implementation",
+                                            "pallas", "--chunk-size", "64"), accelerator_only=True),
+    "gated_delta_rule+softmax-pallas": Family("hybrid 2 Gated DeltaNet : 1 softmax, Pallas",
+                                              ("--attention", "delta_rule,delta_rule,softmax", "--gated",
+                                               "--implementation", "pallas", "--chunk-size", "64"),
+                                              accelerator_only=True),
 }
 DEFAULT_FAMILIES = ("softmax", "softmax-pallas", "favor", "linear", "local", "linformer")
 
