@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_attention import _checks
-from efficient_attention._masking import carry_ids_over_masked, drop_masked, split_heads
+from efficient_attention._masking import attended_runs, carry_ids_over_masked, drop_masked, split_heads
 from pallas import gated, linear
 from pallas.common import dense_mask, run_labels, safe_divide, segment_starts
 
@@ -766,7 +766,7 @@ def _gated_reference(phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, gates: ja
   n, kh = phi_q.shape[2], phi_k.shape[2]
   phi_k, v = (jnp.repeat(x, n // kh, axis=2) for x in (phi_k, v))
   t, s = phi_q.shape[1], phi_k.shape[1]
-  runs = None if segment_ids is None else run_labels(carry_ids_over_masked(segment_ids, mask))
+  runs = attended_runs(segment_ids, mask)
   live = dense_mask(t, s, is_causal=is_causal, mask=mask, segment_ids=None if runs is None else (runs, runs))
   if gates is None:
     scores = jnp.einsum("btnm,bsnm->bnts", phi_q, phi_k)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 # The families and the LM use these from here.
-from pallas.common import carry_ids_over_masked, dense_mask, int32_segment_ids, run_labels, segment_starts  # noqa: F401
+from pallas.common import attended_runs, carry_ids_over_masked, dense_mask, int32_segment_ids, run_labels, segment_starts  # noqa: F401
 
 
 def split_heads(x: jax.Array, num_kv_heads: int, group: int) -> jax.Array:

@@ -35,7 +35,7 @@ from flax import nnx
 from efficient_attention import _checks, _linear
 from efficient_attention._delta import DeltaRuleState, delta_rule_attention, delta_rule_step, init_delta_rule_state
 from efficient_attention._linear import LinearState, init_state, linear_attention, linear_attention_step
-from efficient_attention._masking import carry_ids_over_masked, run_labels
+from efficient_attention._masking import attended_runs
 from efficient_attention._module_base import AttentionModule
 
 # GLA's forget gates are log_sigmoid(...) / GATE_NORMALIZER (GLA paper, sec. 4.4: 16).
@@ -226,7 +226,7 @@ class GatedRecurrentModule(AttentionModule):
     mask = _checks.check_mask(mask, _checks.check_qkv(q, k, v))
     # [B|1, T]: positions some query attends.
     live = None if mask is None else jnp.any(mask, axis=(1, 2))
-    runs = None if segment_ids is None else run_labels(carry_ids_over_masked(segment_ids, mask))
+    runs = attended_runs(segment_ids, mask)
     return tuple(conv(x, live=live, runs=runs) for conv, x in ((self.q_conv, q), (self.k_conv, k), (self.v_conv, v)))
 
   def gate_output(self, out: jax.Array, x: jax.Array) -> jax.Array:

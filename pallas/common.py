@@ -199,6 +199,12 @@ def run_labels(ids: jax.Array) -> jax.Array:
   return jnp.cumsum(segment_starts(ids).astype(jnp.int32), axis=1)
 
 
+def attended_runs(ids: jax.Array | None, mask: jax.Array | None) -> jax.Array | None:
+  """Run labels `[B, T]` of the segment ids after `carry_ids_over_masked` (None without ids): the
+  segments of the families whose runs of equal ids are read by position (linear, FAVOR+, gated)."""
+  return None if ids is None else run_labels(carry_ids_over_masked(ids, mask))
+
+
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   """`num / den`, and 0 with 0 gradient where `den == 0` (a `where` on both sides)."""
   empty = den == 0

@@ -525,7 +525,10 @@ def _delta_forward(q, k, w, u, gc, flags, st: _Static):
 def _delta_bwd(st: _Static, res, do):
   q, k, w, gc, flags, h, pseudo, transitions = res
   do = do.astype(q.dtype)
-  dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w, transitions=transitions)
+  if st.split_walk:
+    dh, dpseudo = _split_dstates(q, k, do, gc, w, flags, st, transitions), None
+  else:
+    dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
   dq, dk, dG, dpseudo, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
   kh = k.shape[2]
   dk, dw, du = (_sum_group(x, kh) for x in (dk, dw, dpseudo))
@@ -841,10 +844,9 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
   return _call(kernel, inputs, outputs, (b, n, st.chunks, hv // bv), st, _launch_name("outputs", st))[0]
 
 
-def _dstates(q, k, do, gc, flags, st: _Static, w=None, transitions=None):
+def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   """Per query head, the cotangent of the state leaving each chunk `dh [B, N, U', M, V]` in q's dtype
-  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32, or None where the split walk
-  leaves it to the gradient pass; `transitions`: the chunks' `T` of the transition walk)."""
+  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32)."""
   b, t_pad, n, m = q.shape
   hv = do.shape[3]
   delta = w is not None
@@ -865,28 +867,42 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None, transitions=None):
   if delta:
     inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
     inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, r, j: (i, 0, kv(n), 0)))
-  if st.split_walk:
-    # The chunks' state-independent terms, made in parallel; the walk reads no queries or output cotangents.
-    del inputs["q"], inputs["do"]
-    inputs["local"] = (_dstates_local(q, k, do, gc, w, flags, st),
-                       pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, r, j: (i, n, 0, 0, j)))
-  if st.transition:
-    # The chunks' transitions replace their keys and W in the walk.
-    del inputs["k"], inputs["w"]
-    inputs["transitions"] = (transitions, pl.BlockSpec((None, None, u_pad, m, m),
-                                                       lambda i, n, r, j: (i, kv(n), 0, 0, 0)))
   spans = 1 if delta else st.spans
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
                     pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
-  if delta and not st.split_walk:
+  if delta:
     outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
   outs = _walk(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), spans, st, "dstates", reverse=True)
   if spans > 1:
     return outs.astype(q.dtype)
-  if not delta:
-    return outs[0]
-  return (outs[0], None) if st.split_walk else (outs[0], outs[1])
+  return (outs[0], outs[1]) if delta else outs[0]
+
+
+def _split_dstates(q, k, do, gc, w, flags, st: _Static, transitions=None):
+  """The delta rule's split backward walk (`delta_walk` "split" / "transition"): per query head, the
+  cotangent of the state leaving each chunk `dh [B, N, U', H, V]` in q's dtype; the chunks' terms that
+  do not read it come from `_dstates_local`, the pseudo-values' cotangent from the gradient pass."""
+  b, t_pad, n, m = q.shape
+  hv = do.shape[3]
+  bv = min(st.block_v, hv)
+  u_pad = _chunks_pad(st)
+  kv = lambda n: idiv(n, st.group)
+  inputs = {
+      "local": (_dstates_local(q, k, do, gc, w, flags, st),
+                pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, j: (i, n, 0, 0, j))),
+      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, n, j: (i, kv(n), 0, 0))),
+      **_flag_inputs(flags, t_pad, lambda i, n, j: (i, 0)),
+  }
+  if st.transition:
+    inputs["transitions"] = (transitions, pl.BlockSpec((None, None, u_pad, m, m),
+                                                       lambda i, n, j: (i, kv(n), 0, 0, 0)))
+  else:
+    inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0)))
+    inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0)))
+  outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype),
+                    pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, j: (i, n, 0, 0, j)))}
+  return _call(_split_dstates_kernel, inputs, outputs, (b, n, hv // bv), st, _launch_name("dstates", st))[0]
 
 
 def _dstates_local(q, k, do, gc, w, flags, st: _Static):
@@ -1140,35 +1156,12 @@ def _dstates_kernel(refs: dict, st: _Static):
   chunk's queries' share to the cotangent of the state entering it.
 
   Refs: q `[T', bm]`, do `[T', bv]`, gc `[2, T']` (per-feature gates: `[2, T', bm]`), labels / sees `[T']`,
-  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule). The delta
-  rule's split walk reads `local [U', M, bv]` (`_dstates_local`) instead of q and do, and writes dh alone.
+  k and w `[T', M]` (delta rule); outputs dh `[U', bm, bv]`, dpseudo `[T', bv]` (delta rule).
   """
-  dh_ref = refs["dh"]
+  q_ref, do_ref, dh_ref = refs["q"], refs["do"], refs["dh"]
   c = st.chunk
   f32 = jnp.float32
   first, count = _span_range(refs, st)
-
-  def split_body(i, ds):
-    u = first + count - 1 - i
-    at = pl.ds(pl.multiple_of(u * c, c), c)
-    dh_ref[u] = ds.astype(dh_ref.dtype)
-    _, _, tail, keep = _chunk_masks(c, refs, at)
-    if st.transition:
-      # -W^T kt dS = -T^T dS.
-      moved = dot_tn(refs["transitions"][u], ds.astype(dh_ref.dtype), st.precision)
-      return keep * ds + refs["local"][u] - moved
-    k = refs["k"][at, :]
-    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
-    # The pseudo-values' cotangent through the state handed on; its local part is in `local`.
-    through = dot(kt, ds.astype(k.dtype), st.precision)
-    return keep * ds + refs["local"][u] - dot_tn(refs["w"][at, :], through.astype(k.dtype), st.precision)
-
-  if st.split_walk:
-    bm, bv = dh_ref.shape[1], dh_ref.shape[2]
-    lax.fori_loop(0, count, split_body, jnp.zeros((bm, bv), f32))
-    return
-
-  q_ref, do_ref = refs["q"], refs["do"]
 
   def body(i, ds):
     u = first + count - 1 - i
@@ -1200,6 +1193,32 @@ def _dstates_kernel(refs: dict, st: _Static):
   end = lax.fori_loop(0, count, body, jnp.zeros((bm, bv), f32))
   if "ends" in refs:
     refs["ends"][...] = end
+
+
+def _split_dstates_kernel(refs: dict, st: _Static):
+  """Walks the chunks backwards: writes the cotangent dS of the state leaving each, then
+  `dS <- keep dS + local - W^T (kt dS)` (the transition walk: `- T^T dS`, the same product).
+
+  Refs: local `[U', H, bv]`, gc `[2, T']`, labels / sees `[T']`, and k, w `[T', H]` or transitions
+  `[U', H, H]`; output dh `[U', H, bv]`."""
+  dh_ref, c, f32 = refs["dh"], st.chunk, jnp.float32
+
+  def body(i, ds):
+    u = st.chunks - 1 - i
+    at = pl.ds(pl.multiple_of(u * c, c), c)
+    dh_ref[u] = ds.astype(dh_ref.dtype)
+    _, _, tail, keep = _chunk_masks(c, refs, at)
+    if st.transition:
+      moved = dot_tn(refs["transitions"][u], ds.astype(dh_ref.dtype), st.precision)
+    else:
+      k = refs["k"][at, :]
+      kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+      # The pseudo-values' cotangent through the state handed on; its local part is in `local`.
+      through = dot(kt, ds.astype(k.dtype), st.precision)
+      moved = dot_tn(refs["w"][at, :], through.astype(k.dtype), st.precision)
+    return keep * ds + refs["local"][u] - moved
+
+  lax.fori_loop(0, st.chunks, body, jnp.zeros(dh_ref.shape[1:], f32))
 
 
 def _dstates_local_kernel(refs: dict, st: _Static):

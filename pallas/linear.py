@@ -706,7 +706,7 @@ def kernel_attention_reference(phi_q, phi_k, v, *, is_causal=False, mask=None, s
   n, kh = phi_q.shape[2], phi_k.shape[2]
   phi_k = jnp.repeat(phi_k, n // kh, axis=2)
   v = jnp.repeat(v, n // kh, axis=2)
-  runs = None if segment_ids is None else common.run_labels(common.carry_ids_over_masked(segment_ids, mask))
+  runs = common.attended_runs(segment_ids, mask)
   live = common.dense_mask(
       phi_q.shape[1], phi_k.shape[1], is_causal=is_causal, mask=mask,
       segment_ids=None if runs is None else (runs, runs),

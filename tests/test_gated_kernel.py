@@ -269,13 +269,14 @@ def test_delta_walks_vs_f64(walk, gates, t, dtype):
   blocks = pallas.GatedBlockSizes(chunk=CHUNK, delta_walk=walk)
   fn = lambda *a: pallas.delta_rule(*a, segment_ids=ids, block_sizes=blocks)
   ref = lambda *a: delta_rule_f64(*a, scale=1.0, qk_norm=False, segment_ids=ids)[0]
+  # bf16: the gates' gradient, a sum of pair terms that largely cancel, as in test_delta_value_and_grad_vs_f64
+  # (3e-2 there); here up to 1.07e-2 over eight draws of the three walks.
+  norm_tol = 3e-2 if dtype == jnp.bfloat16 else 2e-5 if gates == "strong" else None
   out, grads = util.check_against_f64(fn, ref, (q, k, v, beta, log_g), argnums=(0, 1, 2, 3, 4),
-                                      norm_tol=2e-5 if gates == "strong" else None, **util.TOL[dtype])
+                                      norm_tol=norm_tol, **util.TOL[dtype])
   chex.assert_shape(out, (B, t, N, HV))
   assert out.dtype == dtype
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
-  with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split', 'transition'"):
-    pallas.GatedBlockSizes(delta_walk="fused")
 
 
 class DeltaRuleKernelTest(chex.TestCase):
@@ -284,6 +285,8 @@ class DeltaRuleKernelTest(chex.TestCase):
     q, k, v, beta, gates = delta_inputs()
     with pytest.raises(ValueError, match="power-of-two chunk_size >= 16, got chunk_size=4"):
       ea.delta_rule_attention(q, k, v, beta, chunk_size=4, implementation="pallas")
+    with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split', 'transition'"):
+      pallas.GatedBlockSizes(delta_walk="fused")
     with pytest.raises(ValueError, match=r"w must have k's shape"):
       pallas.delta_rule_recurrence(q, k, k[..., :2], v, gates)
     with jax.enable_x64(True):
