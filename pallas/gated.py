@@ -871,7 +871,8 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype if spans == 1 else jnp.float32),
                     pl.BlockSpec((None, None, u_pad, bm, bv), lambda i, n, r, j, *_: (i, n, 0, r, j)))}
   if delta:
-    outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), jnp.float32),
+    # Read only after a cast to q's dtype: stored in it where no GQA group sums it first.
+    outputs["dpseudo"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), q.dtype if st.group == 1 else jnp.float32),
                           pl.BlockSpec((None, t_pad, None, bv), lambda i, n, r, j: (i, 0, n, j)))
   outs = _walk(_dstates_kernel, inputs, outputs, (b, n, m // bm, hv // bv), spans, st, "dstates", reverse=True)
   if spans > 1:
@@ -950,9 +951,15 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
   if dpseudo is not None:
     inputs["dpseudo"] = (dpseudo, pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
   f32 = jnp.float32
+  # Without GQA nothing is summed after the kernel: the cotangents leave in the inputs' dtypes (the same
+  # rounding as a cast in XLA, without a float32 round trip through memory). dk and dW of the delta rule
+  # stay float32 (dk is added to the factors' dk, dW read by the gates' gradient), and dk of per-feature
+  # gates (accumulated in place).
+  own = st.group == 1
+  wide_dk = delta or st.features
   spec_m = pl.BlockSpec((None, c, None, m), lambda i, n, u: (i, u, n, 0))
-  outputs = {"dq": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m),
-             "dk": (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)}
+  outputs = {"dq": (jax.ShapeDtypeStruct((b, t_pad, n, m), q.dtype if own else f32), spec_m),
+             "dk": (jax.ShapeDtypeStruct((b, t_pad, n, m), k.dtype if own and not wide_dk else f32), spec_m)}
   if st.features:
     outputs["dG"] = (jax.ShapeDtypeStruct((b, n, t_pad, m), f32),
                      pl.BlockSpec((None, None, c, m), lambda i, n, u: (i, n, u, 0)))
@@ -963,7 +970,7 @@ def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
     outputs["dw"] = (jax.ShapeDtypeStruct((b, t_pad, n, m), f32), spec_m)
   if not delta or dpseudo is None:
     # The pseudo-values' (the delta rule's split walk) or the values' cotangent, made here.
-    outputs["dv"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), f32),
+    outputs["dv"] = (jax.ShapeDtypeStruct((b, t_pad, n, hv), v.dtype if own else f32),
                      pl.BlockSpec((None, c, None, hv), lambda i, n, u: (i, u, n, 0)))
   kernel = _feature_grads_kernel if st.features else _grads_kernel
   outs = _call(kernel, inputs, outputs, (b, n, st.chunks), st, _launch_name("grads", st))
@@ -1184,7 +1191,7 @@ def _dstates_kernel(refs: dict, st: _Static):
       scores = dot_nt(q, k, st.precision) * decay
       kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
       dpseudo = dot_tn(scores.astype(do.dtype), do, st.precision) + dot(kt, ds.astype(k.dtype), st.precision)
-      refs["dpseudo"][at, :] = dpseudo
+      refs["dpseudo"][at, :] = dpseudo.astype(refs["dpseudo"].dtype)
       # U = U~ - W S: the state entering the chunk gets -W^T dU.
       new = new - dot_tn(refs["w"][at, :], dpseudo.astype(k.dtype), st.precision)
     return new
@@ -1258,8 +1265,8 @@ def _grads_kernel(refs: dict, st: _Static):
   # dk: through the chunk's queries, and through the state handed on.
   dk_state = dot_nt(v, dh.astype(v.dtype), p) * tail[:, None]
   dk = dot_tn(d_scores.astype(q.dtype), q, p) + dk_state
-  refs["dq"][...] = dq
-  refs["dk"][...] = dk
+  refs["dq"][...] = dq.astype(refs["dq"].dtype)
+  refs["dk"][...] = dk.astype(refs["dk"].dtype)
   # dL/dG_t: each pair (t, s) weighs exp(G_t - G_s), so it adds its share (dA * A)_ts to row t and
   # takes it from column s; the state's reads and writes likewise. The diagonal cancels exactly here,
   # where q . dq - k . dk would leave its rounding (large beside the off-diagonal terms under strong decay).
@@ -1270,11 +1277,11 @@ def _grads_kernel(refs: dict, st: _Static):
     # The values' cotangent (the delta rule's split walk: the pseudo-values'), from the queries and the state.
     kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
     dv = dot_tn(scores.astype(do.dtype), do, p) + dot(kt, dh.astype(k.dtype), p)
-    refs["dv"][...] = dv
+    refs["dv"][...] = dv.astype(refs["dv"].dtype)
   if st.delta:
     # U = U~ - W S: dW = -dU S^T.
     dpseudo = dv if "dv" in refs else refs["dpseudo"][...]
-    refs["dw"][...] = -dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)
+    refs["dw"][...] = (-dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)).astype(refs["dw"].dtype)
 
 
 def _factor_terms(refs, st: _Static):
@@ -1578,14 +1585,14 @@ def _feature_grads_kernel(refs: dict, st: _Static):
     # the pairs with later sub-chunks and the state handed on, which follow.
     refs["dG"][rows, :] = qf * dq - k_rows * dk
     d_same = jnp.sum(do.astype(f32) * refs["v"][rows, :].astype(f32), axis=1)[:, None]
-    refs["dq"][rows, :] = dq + d_same * k_rows
+    refs["dq"][rows, :] = (dq + d_same * k_rows).astype(refs["dq"].dtype)
     refs["dk"][rows, :] = dk + d_same * qf
   dk = dk_pairs + dk_state
   # The rows just stored by sub-chunk are read back whole, by other threads: wait for the stores.
   _block_barrier(st)
   refs["dk"][...] += dk
   refs["dG"][...] -= k.astype(f32) * dk
-  refs["dv"][...] = dv
+  refs["dv"][...] = dv.astype(refs["dv"].dtype)
 
 
 def _block_barrier(st: _Static) -> None:
