@@ -113,7 +113,8 @@ class GatedBlockSizes:
   `dS <- keep dS + local - T^T dS`) and the pseudo-values `U~ - W S` one batched
   product in XLA. More launches and bytes, a shorter sequential chain. Defaults:
   `get_default` (the tiles a first guess, the stages from a sweep on an H200;
-  `delta_walk="direct"` until the others are measured).
+  `delta_walk="direct"`: on an H100 at T 4k-16k, B1 N8 H128 bf16, neither other walk was
+  faster — results/h100/gated/walks.md).
   """
 
   chunk: int = 64
