@@ -9,6 +9,7 @@
     python experiments/bench_attention.py --suite gated          # gated linear / delta-rule kernels (bench_gated.py)
     python experiments/bench_attention.py --suite gated --tune --gated-seq-lens 16384  # their tilings
     python experiments/bench_attention.py --suite gated --trace --gated-seq-lens 4096  # per-kernel GPU time
+    python experiments/bench_attention.py --suite block_sparse --trace                 # the same, per density
 
 Each suite writes `results/<run>/<suite>.{json,md,png}`; the suite's module says what it times.
 """
@@ -38,7 +39,7 @@ class Config:
   repeats: int = 20
   warmup: int = 3
   tune: bool = False
-  trace: bool = False  # --suite gated: per-kernel GPU time of each row's forward+backward (a profiler trace)
+  trace: bool = False  # --suite gated / block_sparse: per-kernel GPU time (a profiler trace)
   suite: str = "softmax"  # one of SUITES
   family_seq_lens: tuple[int, ...] = tuple(512 * 2**i for i in range(9))  # 512 .. 128k
   families: tuple[str, ...] = ()  # --suite families: the families to time (empty: all of bench_families.FAMILIES)
@@ -77,7 +78,8 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--warmup", type=int, default=Config.warmup)
   parser.add_argument("--tune", action="store_true", help="--suite softmax / gated: sweep the kernels' tilings instead")
   parser.add_argument("--trace", action="store_true",
-                      help="--suite gated: per-kernel GPU time of each row's forward+backward (a profiler trace) instead")
+                      help="--suite gated / block_sparse: per-kernel GPU time of each row's passes (a profiler trace) "
+                           "instead")
   parser.add_argument("--suite", choices=tuple(SUITES), default=Config.suite)
   parser.add_argument("--favor-seq-lens", type=int, nargs="+", default=Config.favor_seq_lens)
   parser.add_argument("--family-seq-lens", type=int, nargs="+", default=Config.family_seq_lens)
@@ -91,6 +93,9 @@ def parse_args(argv=None) -> Config:
   parser.add_argument("--run", default=Config.run)
   parser.add_argument("--out-dir", default=Config.out_dir)
   args = parser.parse_args(argv)
+  for flag, suites in (("tune", ("softmax", "gated")), ("trace", ("gated", "block_sparse"))):
+    if getattr(args, flag) and args.suite not in suites:
+      parser.error(f"--{flag} applies to --suite {' / '.join(suites)}, not --suite {args.suite}")
   cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
   if cfg.smoke:
     cfg = dataclasses.replace(cfg, seq_lens=(64,), head_dims=(16,), tokens=128, width=32,

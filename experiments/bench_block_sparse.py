@@ -2,7 +2,8 @@
 forward and forward+backward at 100%, 50%, 25%, 12.5%, 6.25% and 3.1% live blocks (a local window | a
 few global blocks; 100% = every block), relative to its own all-live time, then a Longformer
 layout (window 512 each side + 64 global tokens) against dense cuDNN causal attention in the same
-run, checking the outputs agree on the rows where the masks do.
+run, checking the outputs agree on the rows where the masks do. With `--trace`, instead: the GPU
+time of each kernel of the forward and forward+backward at each density (`trace.{json,md}`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 import pallas
-from experiments.bench_timing import inputs, timed_passes
+from experiments.bench_timing import forward_backward, inputs, timed_passes
+from experiments.device_trace import kernels_cell, trace_step
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -171,8 +173,49 @@ def block_sparse_plot(res: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+TRACE_CALLS, TRACE_KERNELS = 3, 8  # calls traced per density and pass; kernels listed per row
+
+
+def trace(cfg: Config) -> list[dict]:
+  """Per density of the suite and pass (forward; forward+backward with the output), the kernels' GPU time
+  over `TRACE_CALLS` calls after two warm-up calls: busy ms per call, launches, and the kernels by time.
+  A CPU trace holds no device kernels: its rows are empty (busy 0)."""
+  on_gpu = jax.default_backend() == "gpu"
+  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  t, n, h, block = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block
+  q, k, v, do = inputs(jax.random.key(cfg.seed + 3), 1, t, n, h, dtype)
+  rows = []
+  for target in tqdm(cfg.densities, desc="trace block-sparse density"):
+    layout = density_layout(t, block, target)
+    fn = lambda q, k, v, layout=layout: pallas.block_sparse_attention(q, k, v, layout)
+    for name, step, args in (("fwd", jax.jit(fn), (q, k, v)), ("fwd+bwd", jax.jit(forward_backward(fn)), (q, k, v, do))):
+      rows.append(dict(target=target, density=layout.density, live_blocks=int(layout.blocks.sum()), passes=name,
+                       seq_len=t, num_heads=n, head_dim=h, block=block, dtype=jnp.dtype(dtype).name,
+                       **trace_step(step, args, calls=TRACE_CALLS)))
+  return rows
+
+
+def trace_markdown(rows: list[dict], header: str) -> str:
+  lines = [header, "", f"GPU time per call, mean of {TRACE_CALLS} traced calls: busy = the union of the kernels' "
+           f"intervals; then the {TRACE_KERNELS} longest kernels (us per call, launches per call).", "",
+           "| density | live blocks | pass | busy (ms) | launches | kernels |", "|---:|---:|---|---:|---:|---|"]
+  for r in rows:
+    lines.append(f"| {100 * r['density']:.2f}% | {r['live_blocks']} | {r['passes']} | {r['busy_ms']:.3f} | "
+                 f"{r['launches']:g} | {kernels_cell(r, TRACE_KERNELS)} |")
+  return "\n".join(lines + [""])
+
+
 def run(cfg: Config, out: pathlib.Path, env: dict) -> None:
-  """Writes `block_sparse.{json,md,png}` under `out`."""
+  """Writes `block_sparse.{json,md,png}` under `out` (`--trace`: `trace.{json,md}`, per-kernel GPU time)."""
+  if cfg.trace:
+    rows = trace(cfg)
+    table = trace_markdown(rows, f"# Per-kernel GPU time of the block-sparse kernel — {env['device']}, JAX "
+                                 f"{env['jax']}, T={cfg.sparse_seq_len}, B1 N{cfg.sparse_heads} H{cfg.sparse_head_dim}, "
+                                 f"layout blocks {cfg.sparse_block}, non-causal")
+    (out / "trace.json").write_text(json.dumps(dict(env=env, config=dataclasses.asdict(cfg), rows=rows), indent=1))
+    (out / "trace.md").write_text(table)
+    print(table)
+    return
   res = block_sparse_suite(cfg)
   header = (f"# Block-sparse kernel — {env['device']}, JAX {env['jax']}, {res['dtype']}, T={res['seq_len']}, "
             f"B1 N{res['num_heads']} H{res['head_dim']}, layout blocks {res['block']}, median of {cfg.repeats}")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 from experiments.bench_timing import forward_backward, inputs, timed_passes
+from experiments.device_trace import kernels_cell, trace_step
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -271,8 +272,6 @@ def trace(cfg: Config) -> list[dict]:
   """Each row's forward+backward (`forward_backward`: the output and the gradients) under the profiler,
   `TRACE_CALLS` calls after two warm-up calls: GPU busy ms per call, launches, and the kernels by time.
   A CPU trace holds no device kernels: its rows are empty (busy 0)."""
-  from experiments.device_trace import kernel_summary, traced_kernels
-
   on_gpu, dtype, n, h = setting(cfg.smoke)
   rows = []
   for t in cfg.gated_seq_lens:
@@ -282,12 +281,7 @@ def trace(cfg: Config) -> list[dict]:
       if made is None:
         continue
       fn, aux = made
-      step = jax.jit(forward_backward(fn))
-      args = (q, k, v, do, *aux)
-      for _ in range(2):
-        jax.block_until_ready(step(*args))
-      summary = kernel_summary(traced_kernels(lambda: [jax.block_until_ready(step(*args))
-                                                       for _ in range(TRACE_CALLS)]), calls=TRACE_CALLS)
+      summary = trace_step(jax.jit(forward_backward(fn)), (q, k, v, do, *aux), calls=TRACE_CALLS)
       rows.append(dict(row=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name, **summary))
   return rows
 
@@ -297,8 +291,8 @@ def trace_markdown(rows: list[dict], header: str) -> str:
            f"calls: busy = the union of the kernels' intervals; then the {TRACE_KERNELS} longest kernels (us per call, "
            "launches per call).", "", "| row | T | busy (ms) | launches | kernels |", "|---|---:|---:|---:|---|"]
   for r in rows:
-    kernels = "; ".join(f"{k['name'][:48]} {k['us']:.1f} (x{k['launches']:g})" for k in r["kernels"][:TRACE_KERNELS])
-    lines.append(f"| {r['row']} | {r['seq_len']} | {r['busy_ms']:.3f} | {r['launches']:g} | {kernels or '–'} |")
+    lines.append(f"| {r['row']} | {r['seq_len']} | {r['busy_ms']:.3f} | {r['launches']:g} | "
+                 f"{kernels_cell(r, TRACE_KERNELS)} |")
   return "\n".join(lines + [""])
 
 

@@ -2,6 +2,7 @@
 
     events = traced_kernels(lambda: jax.block_until_ready(fn(*args)))   # (name, start_ns, end_ns)
     summary = kernel_summary(events, calls=1)                           # per call: busy ms, launches, kernels
+    summary = trace_step(step, args, calls=3)                           # the same, after warm-up calls
 
 A CPU run's trace holds no device kernels: `traced_kernels` then returns [].
 """
@@ -65,3 +66,16 @@ def kernel_summary(events: list[tuple[str, int, int]], calls: int) -> dict:
                    key=lambda k: -k["us"])
   return {"busy_ms": busy_ns(events) / calls / 1e6, "launches": len(events) / calls,
           "kernel_ms": sum(k["us"] for k in kernels) / 1e3, "kernels": kernels}
+
+
+def trace_step(step: Callable, args: tuple, *, calls: int, warmup: int = 2) -> dict:
+  """`kernel_summary` of `calls` calls of `step(*args)` (each waited for) after `warmup` untraced ones."""
+  for _ in range(warmup):
+    jax.block_until_ready(step(*args))
+  return kernel_summary(traced_kernels(lambda: [jax.block_until_ready(step(*args)) for _ in range(calls)]),
+                        calls=calls)
+
+
+def kernels_cell(summary: dict, count: int) -> str:
+  """The `count` slowest kernels of a `kernel_summary` for a table cell: `name us (xlaunches); ...`, or –."""
+  return "; ".join(f"{k['name'][:48]} {k['us']:.1f} (x{k['launches']:g})" for k in summary["kernels"][:count]) or "–"

@@ -261,3 +261,26 @@ def test_delta_kernel_rows_match_the_library_row():
     fn, aux = bench_gated.row_fn(name, 40, 2, on_gpu=True)
     np.testing.assert_allclose(jax.jit(fn)(q, k, v, *aux), want, rtol=2e-5, atol=2e-5, err_msg=name)
   assert bench_gated.row_fn("delta-kernel_split", 40, 2, on_gpu=False) is None
+
+
+def test_block_sparse_trace_writes_a_row_per_density_and_pass(tmp_path):
+  # CPU: the profiler's trace holds no device kernels, so every row is there with nothing in it.
+  bench = load_experiment("bench_attention")
+  out = bench.main(["--smoke", "--suite", "block_sparse", "--trace", "--out-dir", str(tmp_path), "--run", "trace"])
+  rows = json.loads((out / "trace.json").read_text())["rows"]
+  densities = bench.Config.densities
+  assert [(r["target"], r["passes"]) for r in rows] == [(d, p) for d in densities for p in ("fwd", "fwd+bwd")]
+  assert rows[0]["live_blocks"] == 256 and all(r["busy_ms"] == 0 and r["kernels"] == [] for r in rows)
+  table = (out / "trace.md").read_text()
+  assert "| 100.00% | 256 | fwd | 0.000 | 0 | – |" in table
+  made = load_experiment("bench_block_sparse").trace_markdown(
+      [dict(density=0.031, live_blocks=508, passes="fwd+bwd", busy_ms=1.2, launches=9.0,
+            kernels=[{"name": "block_sparse_dkdv", "us": 512.4, "launches": 1.0}])], "# h")
+  assert "| 3.10% | 508 | fwd+bwd | 1.200 | 9 | block_sparse_dkdv 512.4 (x1) |" in made
+
+
+@pytest.mark.parametrize("args", [["--suite", "families", "--trace"], ["--suite", "favor", "--tune"]])
+def test_trace_and_tune_name_the_suites_they_apply_to(args):
+  bench = load_experiment("bench_attention")
+  with pytest.raises(SystemExit):
+    bench.parse_args(args)
