@@ -847,7 +847,7 @@ def _outputs(q, k, v, gc, h, flags, st: _Static):
 
 def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   """Per query head, the cotangent of the state leaving each chunk `dh [B, N, U', M, V]` in q's dtype
-  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`, float32)."""
+  (and, with w, the pseudo-values' cotangent `[B, T', N, V]`: q's dtype without GQA, else float32)."""
   b, t_pad, n, m = q.shape
   hv = do.shape[3]
   delta = w is not None
@@ -930,9 +930,11 @@ def _dstates_local(q, k, do, gc, w, flags, st: _Static):
 
 
 def _grads(q, k, v, do, gc, h, dh, flags, st: _Static, dpseudo=None):
-  """Per query head, float32: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dL/dG `[B, N, T']` (per-feature
-  gates: `[B, N, T', M]`), dv `[B, T', N, V]` (delta rule, with `dpseudo`: dq, dk, dL/dG, the
-  pseudo-values' cotangent unchanged, and dW `[B, T', N, M]`)."""
+  """Per query head: dq `[B, T', N, M]`, dk `[B, T', N, M]`, dL/dG `[B, N, T']` (per-feature gates:
+  `[B, N, T', M]`), dv `[B, T', N, V]` (delta rule, with `dpseudo`: dq, dk, dL/dG, the pseudo-values'
+  cotangent unchanged, and dW `[B, T', N, M]`). dL/dG and dW in float32; dq, dk and dv in the inputs'
+  dtypes without GQA (dk of the delta rule and of per-feature gates in float32), else float32 (summed
+  over each group after the kernel)."""
   b, t_pad, n, m = q.shape
   hv = v.shape[3]
   c = st.chunk
@@ -1282,7 +1284,7 @@ def _grads_kernel(refs: dict, st: _Static):
   if st.delta:
     # U = U~ - W S: dW = -dU S^T.
     dpseudo = dv if "dv" in refs else refs["dpseudo"][...]
-    refs["dw"][...] = (-dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)).astype(refs["dw"].dtype)
+    refs["dw"][...] = -dot_nt(dpseudo.astype(q.dtype), h.astype(q.dtype), p)
 
 
 def _factor_terms(refs, st: _Static):

@@ -346,6 +346,44 @@ def test_delta_factors_vs_f64(t, segments, gates, dtype, chunk):
   assert all(float(jnp.abs(g).max()) > 0 for g in grads)
 
 
+def _launch_outputs(fn, *args) -> dict:
+  """{launch name: output dtypes} of the pallas_calls in the jaxpr of `fn(*args)`, nested jaxprs included."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found[str(eqn.params["name"])] = [v.aval.dtype.name for v in eqn.outvars]
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None:
+          walk(getattr(inner, "jaxpr", inner))
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_gradient_pass_writes_cotangents_in_the_inputs_dtype_without_gqa(group):
+  # Without GQA nothing sums the gradient pass's cotangents after it: dq, dk, dv (gated linear) and dq, the
+  # pseudo-values' cotangent (the delta rule) leave the kernels in bf16, with no float32 copy cast in XLA;
+  # with GQA they stay float32 for the sum over each group. dL/dG, and the delta rule's dk and dW, stay float32.
+  t, kh = 40, 2
+  q = util.normal((1, t, kh * group, 16)).astype(jnp.bfloat16)
+  k, v = (util.normal((1, t, kh, 16)).astype(jnp.bfloat16) for _ in range(2))
+  gates = jnp.full((1, t, kh), -0.1, jnp.float32)
+  loss = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  narrow = "bfloat16" if group == 1 else "float32"
+  gla = _launch_outputs(loss(lambda q, k, v: pallas.gated_linear_attention(q, k, v, gates)), q, k, v)
+  grads = next(dtypes for name, dtypes in gla.items() if name.endswith("grads"))
+  assert grads == [narrow, narrow, "float32", narrow], gla  # dq, dk, dL/dG, dv
+  delta = _launch_outputs(loss(lambda q, k, v: pallas.delta_rule_recurrence(q, k, k, v, gates)), q, k, v)
+  dstates = next(dtypes for name, dtypes in delta.items() if name.endswith("dstates"))
+  grads = next(dtypes for name, dtypes in delta.items() if name.endswith("grads"))
+  assert dstates == ["bfloat16", narrow], delta  # dh, the pseudo-values' cotangent
+  assert grads == [narrow, "float32", "float32", "float32"], delta  # dq, dk, dL/dG, dW
+
+
 @pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "delta_rule_factors",
                                     "gated_linear_spans", "gated_linear_feature_spans", "delta_rule_split",
                                     "delta_rule_transition"])
