@@ -21,7 +21,7 @@ from tqdm import tqdm
 import efficient_attention as ea
 import pallas
 from experiments.bench_timing import forward_backward, inputs, timed_passes
-from experiments.device_trace import kernels_cell, trace_step
+from experiments.device_trace import kernels_cell, trace_legend, trace_step
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -55,14 +55,18 @@ def _agreeing_rows(layout, t: int) -> list[int]:
   return [r for i in range(layout.grid[0]) if layout.blocks[i, : i * b // layout.block_k + 1].all()
           for r in range(i * b, min((i + 1) * b, t))]
 
-def block_sparse_suite(cfg: Config) -> dict:
-  """Forward and forward+backward time of `pallas.block_sparse_attention` vs density, and Longformer vs dense."""
-  import numpy as np
-
+def _suite_inputs(cfg: Config) -> tuple[bool, jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(on a GPU, q, k, v, dO) of the suite: B1, T, N, H of `cfg`, bf16 on a GPU, else float32."""
   on_gpu = jax.default_backend() == "gpu"
   dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  t, n, h, block = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block
-  q, k, v, do = inputs(jax.random.key(cfg.seed + 3), 1, t, n, h, dtype)
+  return on_gpu, *inputs(jax.random.key(cfg.seed + 3), 1, cfg.sparse_seq_len, cfg.sparse_heads,
+                         cfg.sparse_head_dim, dtype)
+
+
+def block_sparse_suite(cfg: Config) -> dict:
+  """Forward and forward+backward time of `pallas.block_sparse_attention` vs density, and Longformer vs dense."""
+  on_gpu, q, k, v, do = _suite_inputs(cfg)
+  t, n, h, block, dtype = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block, q.dtype
   dense_name = "cudnn" if on_gpu else "xla"
 
   def timed(fn) -> dict:
@@ -173,35 +177,29 @@ def block_sparse_plot(res: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-TRACE_CALLS, TRACE_KERNELS = 3, 8  # calls traced per density and pass; kernels listed per row
-
-
 def trace(cfg: Config) -> list[dict]:
   """Per density of the suite and pass (forward; forward+backward with the output), the kernels' GPU time
-  over `TRACE_CALLS` calls after two warm-up calls: busy ms per call, launches, and the kernels by time.
-  A CPU trace holds no device kernels: its rows are empty (busy 0)."""
-  on_gpu = jax.default_backend() == "gpu"
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
+  over `device_trace.TRACE_CALLS` calls after two warm-up calls: busy ms per call, launches, and the kernels by
+  time. A CPU trace holds no device kernels: its rows are empty (busy 0)."""
+  _, q, k, v, do = _suite_inputs(cfg)
   t, n, h, block = cfg.sparse_seq_len, cfg.sparse_heads, cfg.sparse_head_dim, cfg.sparse_block
-  q, k, v, do = inputs(jax.random.key(cfg.seed + 3), 1, t, n, h, dtype)
   rows = []
   for target in tqdm(cfg.densities, desc="trace block-sparse density"):
     layout = density_layout(t, block, target)
     fn = lambda q, k, v, layout=layout: pallas.block_sparse_attention(q, k, v, layout)
     for name, step, args in (("fwd", jax.jit(fn), (q, k, v)), ("fwd+bwd", jax.jit(forward_backward(fn)), (q, k, v, do))):
       rows.append(dict(target=target, density=layout.density, live_blocks=int(layout.blocks.sum()), passes=name,
-                       seq_len=t, num_heads=n, head_dim=h, block=block, dtype=jnp.dtype(dtype).name,
-                       **trace_step(step, args, calls=TRACE_CALLS)))
+                       seq_len=t, num_heads=n, head_dim=h, block=block, dtype=jnp.dtype(q.dtype).name,
+                       **trace_step(step, args)))
   return rows
 
 
 def trace_markdown(rows: list[dict], header: str) -> str:
-  lines = [header, "", f"GPU time per call, mean of {TRACE_CALLS} traced calls: busy = the union of the kernels' "
-           f"intervals; then the {TRACE_KERNELS} longest kernels (us per call, launches per call).", "",
+  lines = [header, "", trace_legend("call"), "",
            "| density | live blocks | pass | busy (ms) | launches | kernels |", "|---:|---:|---|---:|---:|---|"]
   for r in rows:
     lines.append(f"| {100 * r['density']:.2f}% | {r['live_blocks']} | {r['passes']} | {r['busy_ms']:.3f} | "
-                 f"{r['launches']:g} | {kernels_cell(r, TRACE_KERNELS)} |")
+                 f"{r['launches']:g} | {kernels_cell(r)} |")
   return "\n".join(lines + [""])
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import efficient_attention as ea
 from experiments.bench_timing import forward_backward, inputs, timed_passes
-from experiments.device_trace import kernels_cell, trace_step
+from experiments.device_trace import kernels_cell, trace_legend, trace_step
 
 if TYPE_CHECKING:
   from experiments.bench_attention import Config
@@ -34,7 +34,7 @@ ROWS = ("softmax-cudnn", "linear-pallas", "gla-pallas", "gla-xla", "delta-pallas
 # made by XLA), to compare the Pallas-Triton lowering with the jax_triton kernels; the delta rule's
 # kernels called directly (q and k normalised by XLA) with the default tiling and with each of its
 # walks (`GatedBlockSizes.delta_walk`), side by side (GPU only).
-KERNEL_ROWS = ("linear-triton", "linear-jax_triton", "delta-kernel", "delta-kernel_split", "delta-kernel_transition")
+KERNEL_ROWS = ("linear-triton", "linear-jax_triton", "delta-kernel", "delta-kernel_split")
 # The targets (issue text): ratios of forward+backward times.
 GATED_VS_UNGATED_LEN, GATED_VS_UNGATED_MAX = 16384, 1.3
 CUDNN_FROM_LEN = 4096
@@ -265,12 +265,9 @@ def tune_markdown(rows: list[dict], header: str) -> str:
   return "\n".join(lines + [""])
 
 
-TRACE_CALLS, TRACE_KERNELS = 3, 8  # calls traced per row and length; kernels listed per row
-
-
 def trace(cfg: Config) -> list[dict]:
   """Each row's forward+backward (`forward_backward`: the output and the gradients) under the profiler,
-  `TRACE_CALLS` calls after two warm-up calls: GPU busy ms per call, launches, and the kernels by time.
+  `device_trace.TRACE_CALLS` calls after two warm-up calls: GPU busy ms per call, launches, and the kernels by time.
   A CPU trace holds no device kernels: its rows are empty (busy 0)."""
   on_gpu, dtype, n, h = setting(cfg.smoke)
   rows = []
@@ -281,18 +278,17 @@ def trace(cfg: Config) -> list[dict]:
       if made is None:
         continue
       fn, aux = made
-      summary = trace_step(jax.jit(forward_backward(fn)), (q, k, v, do, *aux), calls=TRACE_CALLS)
+      summary = trace_step(jax.jit(forward_backward(fn)), (q, k, v, do, *aux))
       rows.append(dict(row=name, seq_len=t, num_heads=n, head_dim=h, dtype=jnp.dtype(dtype).name, **summary))
   return rows
 
 
 def trace_markdown(rows: list[dict], header: str) -> str:
-  lines = [header, "", f"GPU time per forward+backward call (output and gradients), mean of {TRACE_CALLS} traced "
-           f"calls: busy = the union of the kernels' intervals; then the {TRACE_KERNELS} longest kernels (us per call, "
-           "launches per call).", "", "| row | T | busy (ms) | launches | kernels |", "|---|---:|---:|---:|---|"]
+  lines = [header, "", trace_legend("forward+backward call (output and gradients)"), "",
+           "| row | T | busy (ms) | launches | kernels |", "|---|---:|---:|---:|---|"]
   for r in rows:
     lines.append(f"| {r['row']} | {r['seq_len']} | {r['busy_ms']:.3f} | {r['launches']:g} | "
-                 f"{kernels_cell(r, TRACE_KERNELS)} |")
+                 f"{kernels_cell(r)} |")
   return "\n".join(lines + [""])
 
 

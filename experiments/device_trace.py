@@ -68,7 +68,11 @@ def kernel_summary(events: list[tuple[str, int, int]], calls: int) -> dict:
           "kernel_ms": sum(k["us"] for k in kernels) / 1e3, "kernels": kernels}
 
 
-def trace_step(step: Callable, args: tuple, *, calls: int, warmup: int = 2) -> dict:
+# What the benchmark suites' `--trace` tables hold: calls traced per row, kernels listed per row.
+TRACE_CALLS, TRACE_KERNELS = 3, 8
+
+
+def trace_step(step: Callable, args: tuple, *, calls: int = TRACE_CALLS, warmup: int = 2) -> dict:
   """`kernel_summary` of `calls` calls of `step(*args)` (each waited for) after `warmup` untraced ones."""
   for _ in range(warmup):
     jax.block_until_ready(step(*args))
@@ -76,6 +80,12 @@ def trace_step(step: Callable, args: tuple, *, calls: int, warmup: int = 2) -> d
                         calls=calls)
 
 
-def kernels_cell(summary: dict, count: int) -> str:
+def trace_legend(call: str) -> str:
+  """The sentence under a `--trace` table's title: what its busy time, launches and kernels are, per `call`."""
+  return (f"GPU time per {call}, mean of {TRACE_CALLS} traced calls: busy = the union of the kernels' intervals; "
+          f"then the {TRACE_KERNELS} longest kernels (us per call, launches per call).")
+
+
+def kernels_cell(summary: dict, count: int = TRACE_KERNELS) -> str:
   """The `count` slowest kernels of a `kernel_summary` for a table cell: `name us (xlaunches); ...`, or –."""
   return "; ".join(f"{k['name'][:48]} {k['us']:.1f} (x{k['launches']:g})" for k in summary["kernels"][:count]) or "–"

@@ -83,7 +83,7 @@ from pallas.tiling import check_tiling, dot, dot_nt, dot_tn, idiv, matmul_precis
 
 
 # The delta rule's walks (`GatedBlockSizes.delta_walk`).
-DELTA_WALKS = ("direct", "split", "transition")
+DELTA_WALKS = ("direct", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +107,10 @@ class GatedBlockSizes:
   backward walk only the two that read the state's cotangent: the chunk's other
   terms (its queries' share and the pseudo-values' local cotangent) come from a
   parallel launch before it, and the gradient pass makes the pseudo-values'
-  cotangent from the walk's output; `"transition"` also makes each chunk's
-  transition `T = (exp(G_C - G) k)^T W` `[H, H]` and input `(exp(G_C - G) k)^T U~`
-  in a parallel launch, so each walk is one product a chunk (`S <- keep S - T S + B`,
-  `dS <- keep dS + local - T^T dS`) and the pseudo-values `U~ - W S` one batched
-  product in XLA. More launches and bytes, a shorter sequential chain. Defaults:
-  `get_default` (the tiles a first guess, the stages from a sweep on an H200;
-  `delta_walk="direct"`: on an H100 at T 4k-16k, B1 N8 H128 bf16, neither other walk was
-  faster — results/h100/gated/walks.md).
+  cotangent from the walk's output. One more launch and more bytes, a shorter
+  sequential chain. Defaults: `get_default` (the tiles a first guess, the stages
+  from a sweep on an H200; `delta_walk="direct"`: on an H100 at T 4k-16k, B1 N8 H128
+  bf16, the split walk was level with it — results/h100/gated/walks.md).
   """
 
   chunk: int = 64
@@ -180,11 +176,7 @@ class _Static:
   @property
   def split_walk(self) -> bool:
     """The delta rule's backward walk reads its state-independent terms from a launch before it."""
-    return self.delta_walk in ("split", "transition")
-
-  @property
-  def transition(self) -> bool:
-    return self.delta_walk == "transition"
+    return self.delta_walk == "split"
 
   @property
   def spans(self) -> int:
@@ -512,22 +504,16 @@ def _delta_fwd(q, k, w, u, g, flags, st: _Static):
 
 
 def _delta_forward(q, k, w, u, gc, flags, st: _Static):
-  transitions = None
-  if st.transition:
-    transitions, inputs = _transitions(k, w, u, gc, flags, st)
-    h = _states_by_transitions(transitions, inputs, gc, flags, st)
-    pseudo = _pseudo_values(w, u, h, st)
-  else:
-    h, pseudo = _states(k, u, gc, flags, st, w=w)
+  h, pseudo = _states(k, u, gc, flags, st, w=w)
   out = _outputs(q, k, pseudo, gc, h, flags, st)
-  return out, (q, k, w, gc, flags, h, pseudo, transitions)
+  return out, (q, k, w, gc, flags, h, pseudo)
 
 
 def _delta_bwd(st: _Static, res, do):
-  q, k, w, gc, flags, h, pseudo, transitions = res
+  q, k, w, gc, flags, h, pseudo = res
   do = do.astype(q.dtype)
   if st.split_walk:
-    dh, dpseudo = _split_dstates(q, k, do, gc, w, flags, st, transitions), None
+    dh, dpseudo = _split_dstates(q, k, do, gc, w, flags, st), None
   else:
     dh, dpseudo = _dstates(q, k, do, gc, flags, st, w=w)
   dq, dk, dG, dpseudo, dw = _grads(q, k, pseudo, do, gc, h, dh, flags, st, dpseudo=dpseudo)
@@ -697,56 +683,6 @@ def _states(k, v, gc, flags, st: _Static, w=None):
   return (outs[0], outs[1]) if delta else outs[0]
 
 
-def _transitions(k, w, u, gc, flags, st: _Static):
-  """The delta rule's transition walks: per chunk of each key/value head, `T = (exp(G_C - G) k)^T W`
-  `[B, K, U', H, H]` in k's dtype and `B = (exp(G_C - G) k)^T U~` `[B, K, U', H, V]` float32, so that the
-  state leaving the chunk is `keep S - T S + B`."""
-  b, t_pad, kh, m = k.shape
-  hv, c = u.shape[3], st.chunk
-  u_pad = _chunks_pad(st)
-  inputs = {
-      "k": (k, _factor_spec(c, m)),
-      "w": (w, _factor_spec(c, m)),
-      "u": (u, _factor_spec(c, hv)),
-      "gc": (gc, pl.BlockSpec((None, None, 2, c), lambda i, j, u: (i, j, 0, u))),
-      **_flag_inputs(flags, c, lambda i, j, u: (i, u)),
-  }
-  outputs = {
-      "transitions": (jax.ShapeDtypeStruct((b, kh, u_pad, m, m), k.dtype),
-                      pl.BlockSpec((None, None, None, m, m), lambda i, j, u: (i, j, u, 0, 0))),
-      "inputs": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), jnp.float32),
-                 pl.BlockSpec((None, None, None, m, hv), lambda i, j, u: (i, j, u, 0, 0))),
-  }
-  return tuple(_call(_transitions_kernel, inputs, outputs, (b, kh, st.chunks),
-                     dataclasses.replace(st, num_warps=st.factor_warps), _launch_name("transitions", st)))
-
-
-def _states_by_transitions(transitions, inputs, gc, flags, st: _Static):
-  """The state entering each chunk `h [B, K, U', H, V]` in the transitions' dtype, one product a chunk."""
-  b, kh, u_pad, m, hv = inputs.shape
-  bv = min(st.block_v, hv)
-  t_pad = st.chunks * st.chunk
-  ins = {
-      "transitions": (transitions, pl.BlockSpec((None, None, u_pad, m, m), lambda i, h, j: (i, h, 0, 0, 0))),
-      "inputs": (inputs, pl.BlockSpec((None, None, u_pad, m, bv), lambda i, h, j: (i, h, 0, 0, j))),
-      "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, h, j: (i, h, 0, 0))),
-      **_flag_inputs(flags, t_pad, lambda i, h, j: (i, 0)),
-  }
-  outputs = {"h": (jax.ShapeDtypeStruct((b, kh, u_pad, m, hv), transitions.dtype),
-                   pl.BlockSpec((None, None, u_pad, m, bv), lambda i, h, j: (i, h, 0, 0, j)))}
-  return _call(_transition_states_kernel, ins, outputs, (b, kh, hv // bv), st, _launch_name("states", st))[0]
-
-
-def _pseudo_values(w, u, h, st: _Static):
-  """`U = U~ - W S` `[B, T', K, V]` in u's dtype, S the state entering each step's chunk (one batched product)."""
-  b, t_pad, kh, m = w.shape
-  c = st.chunk
-  chunks = w.reshape(b, st.chunks, c, kh, m)
-  read = jnp.einsum("buckm,bkumv->buckv", chunks, h[:, :, :st.chunks], precision=st.precision,
-                    preferred_element_type=jnp.float32)
-  return (u.astype(jnp.float32) - read.reshape(u.shape)).astype(u.dtype)
-
-
 def _walk(kernel, inputs: dict, outputs: dict, grid: tuple, spans: int, st: _Static, part: str, *, reverse: bool):
   """Launches a walk over the chunks; with spans, on a grid with a span axis, and returns the joined
   float32 states (`_join_spans`) instead of the launch's outputs."""
@@ -881,8 +817,8 @@ def _dstates(q, k, do, gc, flags, st: _Static, w=None):
   return (outs[0], outs[1]) if delta else outs[0]
 
 
-def _split_dstates(q, k, do, gc, w, flags, st: _Static, transitions=None):
-  """The delta rule's split backward walk (`delta_walk` "split" / "transition"): per query head, the
+def _split_dstates(q, k, do, gc, w, flags, st: _Static):
+  """The delta rule's split backward walk (`delta_walk="split"`): per query head, the
   cotangent of the state leaving each chunk `dh [B, N, U', H, V]` in q's dtype; the chunks' terms that
   do not read it come from `_dstates_local`, the pseudo-values' cotangent from the gradient pass."""
   b, t_pad, n, m = q.shape
@@ -894,14 +830,10 @@ def _split_dstates(q, k, do, gc, w, flags, st: _Static, transitions=None):
       "local": (_dstates_local(q, k, do, gc, w, flags, st),
                 pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, j: (i, n, 0, 0, j))),
       "gc": (gc, pl.BlockSpec((None, None, 2, t_pad), lambda i, n, j: (i, kv(n), 0, 0))),
+      "k": (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0))),
+      "w": (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0))),
       **_flag_inputs(flags, t_pad, lambda i, n, j: (i, 0)),
   }
-  if st.transition:
-    inputs["transitions"] = (transitions, pl.BlockSpec((None, None, u_pad, m, m),
-                                                       lambda i, n, j: (i, kv(n), 0, 0, 0)))
-  else:
-    inputs["k"] = (k, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0)))
-    inputs["w"] = (w, pl.BlockSpec((None, t_pad, None, m), lambda i, n, j: (i, 0, kv(n), 0)))
   outputs = {"dh": (jax.ShapeDtypeStruct((b, n, u_pad, m, hv), q.dtype),
                     pl.BlockSpec((None, None, u_pad, m, bv), lambda i, n, j: (i, n, 0, 0, j)))}
   return _call(_split_dstates_kernel, inputs, outputs, (b, n, hv // bv), st, _launch_name("dstates", st))[0]
@@ -1108,32 +1040,6 @@ def _states_kernel(refs: dict, st: _Static):
     refs["ends"][...] = end
 
 
-def _transitions_kernel(refs: dict, st: _Static):
-  """One chunk of one key/value head: `T = kt^T W` `[H, H]` and `B = kt^T U~` `[H, V]`, `kt = exp(G_C - G) k`
-  (0 for keys not handed on). Refs: k, w `[C, H]`, u `[C, V]`, gc `[2, C]`, labels / sees `[C]`."""
-  _, _, tail, _ = _chunk_masks(st.chunk, refs)
-  k = refs["k"][...]
-  kt = (k.astype(jnp.float32) * tail[:, None]).astype(k.dtype)
-  refs["transitions"][...] = dot_tn(kt, refs["w"][...], st.precision).astype(refs["transitions"].dtype)
-  refs["inputs"][...] = dot_tn(kt, refs["u"][...], st.precision)
-
-
-def _transition_states_kernel(refs: dict, st: _Static):
-  """Walks the chunks in order: writes the state entering each, then `S <- keep S - T S + B`.
-
-  Refs: transitions `[U', H, H]`, inputs `[U', H, bv]`, gc `[2, T']`, labels / sees `[T']`; output h `[U', H, bv]`."""
-  h_ref, c = refs["h"], st.chunk
-
-  def body(u, s):
-    at = pl.ds(pl.multiple_of(u * c, c), c)
-    h_ref[u] = s.astype(h_ref.dtype)
-    _, _, _, keep = _chunk_masks(c, refs, at)
-    moved = dot(refs["transitions"][u], s.astype(h_ref.dtype), st.precision)
-    return keep * s - moved + refs["inputs"][u]
-
-  lax.fori_loop(0, st.chunks, body, jnp.zeros(h_ref.shape[1:], jnp.float32))
-
-
 def _span_range(refs, st: _Static):
   """The first chunk and the number of chunks of this program's span (every chunk without spans)."""
   if "ends" not in refs:
@@ -1207,10 +1113,9 @@ def _dstates_kernel(refs: dict, st: _Static):
 
 def _split_dstates_kernel(refs: dict, st: _Static):
   """Walks the chunks backwards: writes the cotangent dS of the state leaving each, then
-  `dS <- keep dS + local - W^T (kt dS)` (the transition walk: `- T^T dS`, the same product).
+  `dS <- keep dS + local - W^T (kt dS)`.
 
-  Refs: local `[U', H, bv]`, gc `[2, T']`, labels / sees `[T']`, and k, w `[T', H]` or transitions
-  `[U', H, H]`; output dh `[U', H, bv]`."""
+  Refs: local `[U', H, bv]`, gc `[2, T']`, labels / sees `[T']`, k, w `[T', H]`; output dh `[U', H, bv]`."""
   dh_ref, c, f32 = refs["dh"], st.chunk, jnp.float32
 
   def body(i, ds):
@@ -1218,15 +1123,11 @@ def _split_dstates_kernel(refs: dict, st: _Static):
     at = pl.ds(pl.multiple_of(u * c, c), c)
     dh_ref[u] = ds.astype(dh_ref.dtype)
     _, _, tail, keep = _chunk_masks(c, refs, at)
-    if st.transition:
-      moved = dot_tn(refs["transitions"][u], ds.astype(dh_ref.dtype), st.precision)
-    else:
-      k = refs["k"][at, :]
-      kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
-      # The pseudo-values' cotangent through the state handed on; its local part is in `local`.
-      through = dot(kt, ds.astype(k.dtype), st.precision)
-      moved = dot_tn(refs["w"][at, :], through.astype(k.dtype), st.precision)
-    return keep * ds + refs["local"][u] - moved
+    k = refs["k"][at, :]
+    kt = (k.astype(f32) * tail[:, None]).astype(k.dtype)
+    # The pseudo-values' cotangent through the state handed on; its local part is in `local`.
+    through = dot(kt, ds.astype(k.dtype), st.precision)
+    return keep * ds + refs["local"][u] - dot_tn(refs["w"][at, :], through.astype(k.dtype), st.precision)
 
   lax.fori_loop(0, st.chunks, body, jnp.zeros(dh_ref.shape[1:], f32))
 

@@ -245,7 +245,7 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
 
 
-@pytest.mark.parametrize("walk", ["direct", "split", "transition"])
+@pytest.mark.parametrize("walk", ["direct", "split"])
 @pytest.mark.parametrize("gates,t,dtype", [
     pytest.param("weak", 37, jnp.float32, id="segments_odd_t"),
     pytest.param("strong", 37, jnp.float32, id="strong_decay"),
@@ -253,8 +253,8 @@ def test_delta_value_and_grad_vs_f64(gates, qk_norm, case, t, dtype):
     pytest.param("weak", 37, jnp.bfloat16, id="segments_bf16", marks=slow)])
 def test_delta_walks_vs_f64(walk, gates, t, dtype):
   # The walks of `GatedBlockSizes.delta_walk`: the default ("direct"), the backward walk with its state-independent terms
-  # made in a parallel launch before it ("split"), and both walks by per-chunk transitions
-  # ("transition"): the same values and gradients against the float64 recurrence, with GQA,
+  # made in a parallel launch before it ("split"): the same values and gradients against the float64
+  # recurrence, with GQA,
   # segment ids and an odd length over three chunks. Weak decay (log gates in [-0.1, 0]): the state
   # and its correction `W S` carry across chunks (with gates in [-3, 0] they fade within one).
   q, k, v, beta, log_g = delta_inputs(t=t)
@@ -270,7 +270,7 @@ def test_delta_walks_vs_f64(walk, gates, t, dtype):
   fn = lambda *a: pallas.delta_rule(*a, segment_ids=ids, block_sizes=blocks)
   ref = lambda *a: delta_rule_f64(*a, scale=1.0, qk_norm=False, segment_ids=ids)[0]
   # bf16: the gates' gradient, a sum of pair terms that largely cancel, as in test_delta_value_and_grad_vs_f64
-  # (3e-2 there); here up to 1.07e-2 over eight draws of the three walks.
+  # (3e-2 there); here up to 1.07e-2 over eight draws of the walks.
   norm_tol = 3e-2 if dtype == jnp.bfloat16 else 2e-5 if gates == "strong" else None
   out, grads = util.check_against_f64(fn, ref, (q, k, v, beta, log_g), argnums=(0, 1, 2, 3, 4),
                                       norm_tol=norm_tol, **util.TOL[dtype])
@@ -285,7 +285,7 @@ class DeltaRuleKernelTest(chex.TestCase):
     q, k, v, beta, gates = delta_inputs()
     with pytest.raises(ValueError, match="power-of-two chunk_size >= 16, got chunk_size=4"):
       ea.delta_rule_attention(q, k, v, beta, chunk_size=4, implementation="pallas")
-    with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split', 'transition'"):
+    with pytest.raises(ValueError, match="delta_walk='fused' must be one of 'direct', 'split'"):
       pallas.GatedBlockSizes(delta_walk="fused")
     with pytest.raises(ValueError, match=r"w must have k's shape"):
       pallas.delta_rule_recurrence(q, k, k[..., :2], v, gates)
@@ -385,8 +385,7 @@ def test_gradient_pass_writes_cotangents_in_the_inputs_dtype_without_gqa(group):
 
 
 @pytest.mark.parametrize("kernel", ["gated_linear", "gated_linear_feature", "delta_rule", "delta_rule_factors",
-                                    "gated_linear_spans", "gated_linear_feature_spans", "delta_rule_split",
-                                    "delta_rule_transition"])
+                                    "gated_linear_spans", "gated_linear_feature_spans", "delta_rule_split"])
 def test_kernels_lower_to_triton_for_a_gpu(kernel):
   # Cross-lowering on this CPU: Pallas' Triton lowering of every launch (forward, and the backward's
   # walk and gradient pass) for a CUDA target, at the benchmark's head width, GQA and segment ids.
@@ -398,8 +397,8 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
     gates = jnp.full((1, t, 2, 128), -0.1, jnp.float32)
   # The spanned walks: 300 steps are five 64-step chunks, in spans of two.
   blocks = dict(block_sizes=pallas.GatedBlockSizes(span_chunks=2)) if kernel.endswith("spans") else {}
-  if kernel in ("delta_rule_split", "delta_rule_transition"):
-    blocks = dict(block_sizes=pallas.GatedBlockSizes(delta_walk=kernel.rpartition("_")[2]))
+  if kernel == "delta_rule_split":
+    blocks = dict(block_sizes=pallas.GatedBlockSizes(delta_walk="split"))
   if kernel.startswith("gated_linear"):
     f = lambda q, k, v, g: pallas.gated_linear_attention(q, k, v, g, segment_ids=ids, interpret=False, **blocks)
   elif kernel.startswith("delta_rule") and kernel != "delta_rule_factors":
@@ -418,9 +417,8 @@ def test_kernels_lower_to_triton_for_a_gpu(kernel):
     assert calls == [1, 2], calls
     return
   # Forward: states and outputs; gradient: states, the backward walk and the gradient pass
-  # (the split walk: and the parallel launch of its state-independent terms before it; the
-  # transition walks: and the launch of the chunks' transitions before the forward walk).
-  want = {"delta_rule_split": [2, 4], "delta_rule_transition": [3, 5]}.get(kernel, [2, 3])
+  # (the split walk: and the parallel launch of its state-independent terms before it).
+  want = {"delta_rule_split": [2, 4]}.get(kernel, [2, 3])
   assert calls == want, calls
 
 
